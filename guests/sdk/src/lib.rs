@@ -1,0 +1,68 @@
+//! Rust bindings for the Cordon plugin contract (`cordon:plugin`, `wit/`).
+//!
+//! One module per world. A plugin crate (a `cdylib` built for
+//! `wasm32-wasip2`) implements the `Guest` traits of its world's exports and
+//! registers its type with that module's export macro:
+//!
+//! ```ignore
+//! use cordon_sdk::executor::{self, exports::cordon::plugin::{executor::Guest, stages}};
+//! struct Wait;
+//! impl stages::Guest for Wait { /* defined_stages */ }
+//! impl Guest for Wait { /* execute_stage */ }
+//! cordon_sdk::executor::export_executor!(Wait);
+//! ```
+
+/// The `executor` world: performs stages, may call the stage host services.
+pub mod executor {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "executor",
+        pub_export_macro: true,
+        export_macro_name: "export_executor",
+        default_bindings_module: "cordon_sdk::executor",
+    });
+
+    use exports::cordon::plugin::{execution::StageResult, stages::StageDefinition};
+    use cordon::plugin::types::StageStatus;
+
+    /// A stage definition, for `defined_stages`.
+    pub fn stage(name: &str, description: &str) -> StageDefinition {
+        StageDefinition { name: name.to_string(), description: description.to_string() }
+    }
+
+    /// A finished stage with a one-line reason.
+    pub fn finish(status: StageStatus, message: impl Into<String>) -> StageResult {
+        StageResult { status, message: message.into() }
+    }
+}
+
+/// Outgoing HTTP through `wasi:http`, the only way a plugin reaches the
+/// network over HTTP. The host checks every request (and so every redirect
+/// hop, which is a new request) against the plugin's network grant.
+pub mod http;
+
+/// Declares a plugin that defines exactly one stage, run by `run`:
+///
+/// ```ignore
+/// cordon_sdk::single_stage!("HELLO", "Says hello", run);
+/// fn run(request: StageRequest) -> StageResult { ... }
+/// ```
+#[macro_export]
+macro_rules! single_stage {
+    ($name:literal, $description:literal, $run:path) => {
+        struct CordonSingleStage;
+        impl $crate::executor::exports::cordon::plugin::stages::Guest for CordonSingleStage {
+            fn defined_stages() -> ::std::vec::Vec<$crate::executor::exports::cordon::plugin::stages::StageDefinition> {
+                ::std::vec![$crate::executor::stage($name, $description)]
+            }
+        }
+        impl $crate::executor::exports::cordon::plugin::execution::Guest for CordonSingleStage {
+            fn execute_stage(
+                request: $crate::executor::exports::cordon::plugin::execution::StageRequest,
+            ) -> $crate::executor::exports::cordon::plugin::execution::StageResult {
+                $run(request)
+            }
+        }
+        $crate::executor::export_executor!(CordonSingleStage);
+    };
+}

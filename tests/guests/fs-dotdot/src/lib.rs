@@ -1,0 +1,24 @@
+//! `FS_DOTDOT`: reads outside its mounts through ...
+//!
+//! A hostile guest: it attempts the breach and reports honestly. Success
+//! means the sandbox let the breach through, so the tests expect a failure
+//! whose message names what stopped it.
+#![allow(unused_imports)]
+use std::io::{Read, Write};
+
+use cordon_sdk::executor::{cordon::plugin::types::StageStatus, exports::cordon::plugin::execution::{StageRequest, StageResult}, finish};
+
+cordon_sdk::single_stage!("FS_DOTDOT", "reads outside its mounts through ..", run);
+
+fn run(request: StageRequest) -> StageResult {
+    match attempt(&request) {
+        Ok(breach) => finish(StageStatus::Success, format!("BREACH: {breach}")),
+        Err(denied) => finish(StageStatus::Failure, denied),
+    }
+}
+
+
+fn attempt(request: &StageRequest) -> Result<String, String> {
+    let path = format!("{}/../../../../etc/hostname", request.sources.target);
+    std::fs::read_to_string(&path).map(|s| format!("read {path}: {s}")).map_err(|e| format!("read {path}: {e}"))
+}

@@ -1,0 +1,25 @@
+//! `NET_LOOKUP`: resolves a host name without the name-lookup grant.
+//!
+//! A hostile guest: it attempts the breach and reports honestly. Success
+//! means the sandbox let the breach through, so the tests expect a failure
+//! whose message names what stopped it.
+#![allow(unused_imports)]
+use std::io::{Read, Write};
+
+use cordon_sdk::executor::{cordon::plugin::types::StageStatus, exports::cordon::plugin::execution::{StageRequest, StageResult}, finish};
+
+cordon_sdk::single_stage!("NET_LOOKUP", "resolves a host name without the name-lookup grant", run);
+
+fn run(request: StageRequest) -> StageResult {
+    match attempt(&request) {
+        Ok(breach) => finish(StageStatus::Success, format!("BREACH: {breach}")),
+        Err(denied) => finish(StageStatus::Failure, denied),
+    }
+}
+
+
+fn attempt(_request: &StageRequest) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    let name = "localhost:80";
+    name.to_socket_addrs().map(|a| format!("resolved {name}: {:?}", a.collect::<Vec<_>>())).map_err(|e| format!("lookup {name}: {e}"))
+}
