@@ -1,0 +1,14 @@
+//! Cordon runs deployment-stage plugins as WebAssembly components, each
+//! confined to what its operator granted.
+//!
+//! Data flows one way: the agent config ([`plugin`]) names plugins and their
+//! grants; the [`engine`] compiles and caches components; the [`sandbox`]
+//! turns a grant into a fresh store per call; the [`runner`] performs one
+//! call and turns every way it can end into an outcome with a reason.
+
+pub mod cli;
+pub mod contract;
+pub mod engine;
+pub mod plugin;
+pub mod runner;
+pub mod sandbox;

@@ -1,0 +1,205 @@
+//! Shared helpers of the end-to-end tests: the guests built by `make
+//! guests`, one runtime per test binary, agent configs written on the fly,
+//! a log collector and tiny loopback servers.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cordon::engine::{Runtime, RuntimeOptions};
+use cordon::plugin::{AgentConfig, Plugin};
+use cordon::runner::{self, Deployment, Outcome, Stage, StageCall, Trigger};
+use cordon::sandbox::output::{LogSink, Source};
+use cordon::sandbox::{MemoryServices, RunDirs};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A guest component built by `make guests` (crate names use `_`).
+pub fn guest(name: &str) -> PathBuf {
+    let path = root().join("guests/target/wasm32-wasip2/release").join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(path.exists(), "{} is missing: run `make guests` (or `make test`, which builds them)", path.display());
+    path
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// One runtime per test binary, with a compile cache shared by its tests.
+pub fn runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    static CACHE: OnceLock<tempfile::TempDir> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        let cache = CACHE.get_or_init(|| tempfile::tempdir().unwrap());
+        Runtime::new(RuntimeOptions { cache_dir: Some(cache.path().to_path_buf()), ..Default::default() }).unwrap()
+    })
+}
+
+/// Writes an agent config with one plugin (`extra` is YAML for its
+/// `grants:`/`limits:` keys, indented by four spaces) and parses it.
+pub fn agent_config(dir: &Path, name: &str, file: &Path, world: &str, extra: &str) -> anyhow::Result<AgentConfig> {
+    let yaml = format!(
+        "state-dir: state\nplugins:\n  - name: {name}\n    path: {}\n    sha256: {}\n    world: {world}\n{extra}",
+        file.display(),
+        sha256_file(file),
+    );
+    let path = dir.join("agent.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    AgentConfig::load(&path)
+}
+
+/// Loads the guest `guest_name` as plugin `name` with the given extra YAML.
+pub async fn load(guest_name: &str, extra: &str) -> anyhow::Result<Plugin> {
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(dir.path(), guest_name, &guest(guest_name), "executor", extra)?;
+    Plugin::load(runtime(), &config.plugins[0]).await
+}
+
+/// Collects log lines.
+#[derive(Default)]
+pub struct Collect(pub Mutex<Vec<(Source, String)>>);
+
+impl LogSink for Collect {
+    fn line(&self, source: Source, text: &str) {
+        self.0.lock().unwrap().push((source, text.to_string()));
+    }
+}
+
+impl Collect {
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().iter().map(|(s, t)| format!("{s}: {t}\n")).collect()
+    }
+    pub fn bytes(&self) -> usize {
+        self.0.lock().unwrap().iter().map(|(_, t)| t.len() + 1).sum()
+    }
+}
+
+/// A stage call with a synthetic deployment.
+pub fn call(stage: &str, options: &str, dirs: RunDirs, sink: Arc<Collect>) -> StageCall {
+    StageCall {
+        deployment: Deployment {
+            id: "d-1".into(),
+            application_id: "app-1".into(),
+            application_name: "app".into(),
+            labels: vec![],
+            trigger: Trigger { commit_hash: String::new(), commit_message: String::new(), commander: "test".into() },
+            created_at: 0,
+        },
+        stage: Stage { id: "s-1".into(), name: stage.into(), desc: String::new(), index: 0, rollback: false, options: options.into() },
+        app_config: "{}".into(),
+        dirs,
+        services: Arc::new(MemoryServices::default()),
+        sink,
+        timeout: None,
+    }
+}
+
+/// The per-run directories of a test: a target source with an
+/// `index.html`, and a scratch directory.
+pub struct Dirs {
+    pub source: tempfile::TempDir,
+    pub scratch: tempfile::TempDir,
+}
+
+impl Dirs {
+    pub fn new() -> Self {
+        let source = tempfile::tempdir().unwrap();
+        std::fs::write(source.path().join("index.html"), "original").unwrap();
+        Self { source, scratch: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn run_dirs(&self) -> RunDirs {
+        RunDirs {
+            target: Some(self.source.path().to_path_buf()),
+            running: None,
+            scratch: Some(self.scratch.path().to_path_buf()),
+        }
+    }
+
+    /// Names and contents of the source's files, for before/after checks.
+    pub fn snapshot(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(self.source.path())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let content = std::fs::read(e.path()).unwrap_or_default();
+                (e.file_name().to_string_lossy().into_owned(), content)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl Default for Dirs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Runs `stage` of `plugin` and returns the outcome and the log.
+pub async fn run(plugin: &Plugin, stage: &str, options: &str, dirs: RunDirs) -> (Outcome, Arc<Collect>) {
+    let sink = Arc::new(Collect::default());
+    let outcome = runner::execute_stage(runtime(), plugin, call(stage, options, dirs, sink.clone())).await;
+    (outcome, sink)
+}
+
+/// A loopback HTTP server answering every request with `response` (a full
+/// HTTP/1.1 response); counts connections. Ends with the test's runtime.
+pub struct Server {
+    pub port: u16,
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl Server {
+    pub async fn start(response: impl Fn(u16) -> String + Send + Sync + 'static) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        let response = Arc::new(response);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let response = response.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut seen = Vec::new();
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = socket.write_all(response(port).as_bytes()).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        Server { port, connections }
+    }
+
+    /// A server that answers `200 OK` with `body`.
+    pub async fn ok(body: &'static str) -> Server {
+        Server::start(move |_| {
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+        })
+        .await
+    }
+
+    pub fn hits(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// The `cordon` binary (built by `make test` before the tests run).
+pub fn cordon_bin() -> PathBuf {
+    let path = root().join("target/debug/cordon");
+    assert!(path.exists(), "{} is missing: run `cargo build -p cordon` (make test does)", path.display());
+    path
+}

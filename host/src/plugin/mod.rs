@@ -1,0 +1,149 @@
+//! Plugins: loading a component named by the agent config, with every check
+//! that must pass before its code is compiled, and routing stage names to
+//! the one plugin that defines them.
+//!
+//! Loading order, each step refusing with an error that names the plugin,
+//! the file and the fix: read the file → compare its sha256 with the pin
+//! (a tampered file is refused before it is compiled) → check it is a
+//! component of the declared world and contract version → compile (or take
+//! from the cache) → pre-link against the host imports → for stage
+//! plugins, ask which stages it defines.
+
+pub mod config;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+use wasmtime::component::InstancePre;
+
+use crate::contract::bindings::executor::ExecutorPre;
+use crate::contract::{self, World};
+use crate::engine::{Origin, Runtime};
+use crate::runner;
+use crate::sandbox::{RunState, Sandbox};
+pub use config::{AgentConfig, PluginConfig};
+
+/// A stage a plugin defines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageInfo {
+    pub name: String,
+    pub description: String,
+}
+
+/// A loaded, verified and pre-linked plugin.
+pub struct Plugin {
+    pub name: String,
+    pub world: World,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub sandbox: Sandbox,
+    pub origin: Origin,
+    pub stages: Vec<StageInfo>,
+    pre: InstancePre<RunState>,
+    executor: Option<ExecutorPre<RunState>>,
+}
+
+impl Plugin {
+    pub fn instance_pre(&self) -> &InstancePre<RunState> {
+        &self.pre
+    }
+
+    /// Typed entry points for stage plugins; `None` for other worlds.
+    pub fn executor(&self) -> Option<&ExecutorPre<RunState>> {
+        self.executor.as_ref()
+    }
+
+    /// Loads the plugin `config` describes.
+    pub async fn load(runtime: &Runtime, config: &PluginConfig) -> Result<Plugin> {
+        let name = &config.name;
+        let file = config.path.display();
+        let bytes = std::fs::read(&config.path).with_context(|| {
+            format!("plugin `{name}`: cannot read {file}; build the component or fix `path` in the agent config")
+        })?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if sha256 != config.sha256 {
+            bail!(
+                "plugin `{name}`: {file} has sha256 {sha256}, but the agent config pins {}; refusing to compile it. \
+                 If you rebuilt or upgraded the plugin on purpose, check it and pin the new digest",
+                config.sha256
+            );
+        }
+        let summary = contract::summarize(&bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
+        summary.check(config.world).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
+        let (component, origin) = runtime
+            .load(&bytes, &sha256)
+            .with_context(|| format!("plugin `{name}`: cannot compile {file}"))?;
+        let pre = runtime.instance_pre(&component).map_err(|e| {
+            anyhow::anyhow!("plugin `{name}`: {file} needs an import this host does not provide: {e:#}")
+        })?;
+        let executor = if config.world.executes_stages() {
+            Some(ExecutorPre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| format!("plugin `{name}`: {file} does not match world `executor`"))?)
+        } else {
+            None
+        };
+        let mut plugin = Plugin {
+            name: name.clone(),
+            world: config.world,
+            path: config.path.clone(),
+            sha256,
+            sandbox: Sandbox::new(config.grants.clone(), config.limits.clone()),
+            origin,
+            stages: Vec::new(),
+            pre,
+            executor,
+        };
+        if config.world.executes_stages() {
+            plugin.stages = runner::defined_stages(runtime, &plugin)
+                .await
+                .with_context(|| format!("plugin `{name}`: cannot list the stages it defines"))?;
+        }
+        Ok(plugin)
+    }
+}
+
+/// Every configured plugin, loaded, with stage routing.
+pub struct Plugins {
+    plugins: Vec<Arc<Plugin>>,
+    routes: BTreeMap<String, Arc<Plugin>>,
+}
+
+impl Plugins {
+    /// Loads every plugin of `config`. Two plugins defining the same stage
+    /// is an error naming both, never "last one wins".
+    pub async fn load(runtime: &Runtime, config: &AgentConfig) -> Result<Plugins> {
+        let mut plugins = Vec::new();
+        let mut routes: BTreeMap<String, Arc<Plugin>> = BTreeMap::new();
+        for plugin_config in &config.plugins {
+            let plugin = Arc::new(Plugin::load(runtime, plugin_config).await?);
+            for stage in &plugin.stages {
+                if let Some(other) = routes.get(&stage.name) {
+                    bail!(
+                        "{}: stage `{}` is defined by both plugin `{}` and plugin `{}`; remove one of them from the agent config",
+                        config.source.display(),
+                        stage.name,
+                        other.name,
+                        plugin.name
+                    );
+                }
+                routes.insert(stage.name.clone(), plugin.clone());
+            }
+            plugins.push(plugin);
+        }
+        Ok(Plugins { plugins, routes })
+    }
+
+    pub fn all(&self) -> &[Arc<Plugin>] {
+        &self.plugins
+    }
+
+    /// The plugin that performs `stage`.
+    pub fn route(&self, stage: &str) -> Result<&Arc<Plugin>> {
+        self.routes.get(stage).with_context(|| {
+            let known: Vec<&str> = self.routes.keys().map(String::as_str).collect();
+            format!("no plugin defines stage `{stage}` (defined: {})", known.join(", "))
+        })
+    }
+}

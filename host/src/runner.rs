@@ -1,0 +1,249 @@
+//! Performs one call of a plugin in a fresh sandbox and turns every way it
+//! can end — a result, a trap, a breached limit, a timeout, a refused
+//! import — into an [`Outcome`] with a one-line reason.
+//!
+//! Nothing a guest does escapes its call: a trap or panic fails that call
+//! only, the store is dropped, and the next call starts from a fresh
+//! instance.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use wasmtime::{Trap, WasmBacktrace};
+
+use crate::contract::bindings::executor::{
+    cordon::plugin::types,
+    exports::cordon::plugin::execution::{StageRequest, StageResult},
+};
+use crate::engine::Runtime;
+use crate::plugin::{Plugin, StageInfo};
+use crate::sandbox::output::NullSink;
+use crate::sandbox::{LogSink, MemoryServices, RunContext, RunDirs, StageLog, StageServices, Violation};
+
+pub use types::{Deployment, Sources, Stage, Trigger};
+
+/// How a stage ended, as the host records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    Success,
+    Failure,
+    Cancelled,
+    Skipped,
+    /// Success, and the pipeline stops.
+    Exited,
+}
+
+impl Status {
+    pub fn is_success(self) -> bool {
+        matches!(self, Status::Success | Status::Exited | Status::Skipped)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Success => "success",
+            Status::Failure => "failure",
+            Status::Cancelled => "cancelled",
+            Status::Skipped => "skipped",
+            Status::Exited => "exited",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<types::StageStatus> for Status {
+    fn from(s: types::StageStatus) -> Self {
+        match s {
+            types::StageStatus::Success => Status::Success,
+            types::StageStatus::Failure => Status::Failure,
+            types::StageStatus::Cancelled => Status::Cancelled,
+            types::StageStatus::Skipped => Status::Skipped,
+            types::StageStatus::Exited => Status::Exited,
+        }
+    }
+}
+
+/// The result of one stage call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub status: Status,
+    /// Why, in one line; empty on a plain success.
+    pub message: String,
+}
+
+impl Outcome {
+    fn failure(message: String) -> Self {
+        Self { status: Status::Failure, message }
+    }
+}
+
+/// Everything one stage call needs.
+pub struct StageCall {
+    pub deployment: Deployment,
+    pub stage: Stage,
+    /// The plugin's settings for the application, as JSON text.
+    pub app_config: String,
+    pub dirs: RunDirs,
+    pub services: Arc<dyn StageServices>,
+    pub sink: Arc<dyn LogSink>,
+    /// The stage's own timeout; the plugin's limit caps it.
+    pub timeout: Option<Duration>,
+}
+
+/// Innermost frames of one function that make a trap a runaway recursion.
+const RECURSION_FRAMES: usize = 16;
+
+/// Whether the innermost frames of a trap are all the same function.
+fn is_recursion(backtrace: &WasmBacktrace) -> bool {
+    let frames = backtrace.frames();
+    frames.len() >= RECURSION_FRAMES
+        && frames[..RECURSION_FRAMES].iter().all(|f| f.func_index() == frames[0].func_index() && f.module().name() == frames[0].module().name())
+}
+
+/// Finds a value of type `E` anywhere in an error's chain.
+fn find<E: std::error::Error + 'static>(e: &wasmtime::Error) -> Option<&E> {
+    e.chain().find_map(|c| c.downcast_ref::<E>())
+}
+
+/// Turns a failed call into a reason that names the cause.
+fn explain(e: &wasmtime::Error, timeout: Duration, log: &StageLog) -> String {
+    if let Some(v) = find::<Violation>(e) {
+        return v.to_string();
+    }
+    match find::<Trap>(e) {
+        Some(Trap::Interrupt) => Violation::Timeout(timeout).to_string(),
+        Some(Trap::StackOverflow) => "stack overflow: the plugin recursed deeper than its 1 MiB wasm stack allows".to_string(),
+        Some(Trap::UnreachableCodeReached) => {
+            let tail = log.stderr_tail();
+            match tail.iter().position(|l| l.contains("panicked at")) {
+                Some(i) => {
+                    let message: Vec<&str> = tail[i + 1..]
+                        .iter()
+                        .map(String::as_str)
+                        .take_while(|l| !l.starts_with("note: run with"))
+                        .collect();
+                    format!("plugin panicked: {} {}", tail[i].trim(), message.join(" ").trim())
+                }
+                None => "plugin trapped: it reached an `unreachable` instruction (an abort)".to_string(),
+            }
+        }
+        Some(Trap::MemoryOutOfBounds) if e.downcast_ref::<WasmBacktrace>().is_some_and(is_recursion) => {
+            // Rust and C guests keep a shadow stack at the bottom of linear
+            // memory; running off its end is an out-of-bounds access deep
+            // inside a recursion rather than a native stack overflow.
+            "stack overflow: the plugin recursed without bound and ran off the end of its stack (an out-of-bounds memory access)".to_string()
+        }
+        Some(trap) => format!("plugin trapped: {trap}"),
+        None => format!("{e:#}"),
+    }
+}
+
+/// Appends what the sandbox refused during the call.
+fn with_denials(message: String, log: &StageLog) -> String {
+    let denials = log.denials();
+    if denials.is_empty() {
+        return message;
+    }
+    let joined = denials.join("; ");
+    if message.is_empty() { format!("sandbox denied {joined}") } else { format!("{message} (sandbox denied {joined})") }
+}
+
+/// Runs `call` under the wall-clock limit and maps every failure to a reason.
+async fn guarded<T>(
+    log: &StageLog,
+    timeout: Duration,
+    call: impl Future<Output = wasmtime::Result<T>>,
+) -> Result<T, String> {
+    let result = match tokio::time::timeout(timeout, call).await {
+        Err(_) => Err(Violation::Timeout(timeout).to_string()),
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(explain(&e, timeout, log)),
+    };
+    log.flush();
+    result.map_err(|reason| with_denials(reason, log))
+}
+
+/// Performs one stage in a fresh sandbox.
+pub async fn execute_stage(runtime: &Runtime, plugin: &Plugin, call: StageCall) -> Outcome {
+    let Some(pre) = plugin.executor() else {
+        return Outcome::failure(format!("plugin `{}` is a {} plugin and performs no stages", plugin.name, plugin.world));
+    };
+    let timeout = plugin.sandbox.timeout(call.timeout);
+    let sources = call.dirs_sources();
+    let context = RunContext { dirs: call.dirs, services: call.services, sink: call.sink, timeout: Some(timeout) };
+    let mut store = match plugin.sandbox.store(runtime.engine(), context) {
+        Ok(store) => store,
+        Err(e) => return Outcome::failure(format!("cannot prepare the sandbox: {e:#}")),
+    };
+    let log = store.data().log().clone();
+    let request = StageRequest { deployment: call.deployment, stage: call.stage, sources, app_config: call.app_config };
+    let result = guarded(&log, timeout, async {
+        let bindings = pre.instantiate_async(&mut store).await?;
+        bindings.cordon_plugin_execution().call_execute_stage(&mut store, &request).await
+    })
+    .await;
+    match result {
+        Err(reason) => Outcome::failure(reason),
+        Ok(StageResult { status, message }) => {
+            let limit = plugin.sandbox.limits().result_bytes.as_u64();
+            if message.len() as u64 > limit {
+                let v = Violation::ResultBytes { size: message.len() as u64, limit };
+                log.host_line(&v.to_string());
+                return Outcome::failure(with_denials(v.to_string(), &log));
+            }
+            let status = Status::from(status);
+            let message = log.mask(&message);
+            let message = if status.is_success() { message } else { with_denials(message, &log) };
+            Outcome { status, message }
+        }
+    }
+}
+
+impl StageCall {
+    /// Where the run's directories appear inside the sandbox.
+    fn dirs_sources(&self) -> Sources {
+        use crate::sandbox::fs::{RUNNING, SCRATCH, TARGET};
+        Sources {
+            target: TARGET.to_string(),
+            running: self.dirs.running.as_ref().map(|_| RUNNING.to_string()),
+            scratch: SCRATCH.to_string(),
+        }
+    }
+}
+
+/// Asks a stage plugin which stages it defines.
+pub async fn defined_stages(runtime: &Runtime, plugin: &Plugin) -> Result<Vec<StageInfo>> {
+    let pre = plugin.executor().ok_or_else(|| anyhow::anyhow!("not a stage plugin"))?;
+    let timeout = plugin.sandbox.timeout(Some(Duration::from_secs(10)));
+    let context = RunContext {
+        dirs: RunDirs::default(),
+        services: Arc::new(MemoryServices::default()),
+        sink: Arc::new(NullSink),
+        timeout: Some(timeout),
+    };
+    let mut store = plugin.sandbox.store(runtime.engine(), context)?;
+    let log = store.data().log().clone();
+    let stages = guarded(&log, timeout, async {
+        let bindings = pre.instantiate_async(&mut store).await?;
+        bindings.cordon_plugin_stages().call_defined_stages(&mut store).await
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let limit = plugin.sandbox.limits().result_bytes.as_u64();
+    let size: usize = stages.iter().map(|s| s.name.len() + s.description.len()).sum();
+    if size as u64 > limit {
+        anyhow::bail!(Violation::ResultBytes { size: size as u64, limit });
+    }
+    for stage in &stages {
+        if stage.name.is_empty() || !stage.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            anyhow::bail!("stage name {:?} must be non-empty ASCII letters, digits, '_' or '-'", stage.name);
+        }
+    }
+    Ok(stages.into_iter().map(|s| StageInfo { name: s.name, description: s.description }).collect())
+}

@@ -1,0 +1,92 @@
+//! The `cordon` binary as a user runs it: `plugin inspect` on every guest,
+//! `stage run` exit codes, and one clear error (exit 2) for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use cordon_tests::{agent_config, cordon_bin, guest, root};
+
+fn cordon(args: &[&str]) -> Output {
+    Command::new(cordon_bin()).args(args).env_remove("CORDON_LOG").output().unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+#[test]
+fn inspect_works_on_every_guest() {
+    let dir = root().join("guests/target/wasm32-wasip2/release");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "wasm") {
+            continue;
+        }
+        let out = cordon(&["plugin", "inspect", path.to_str().unwrap()]);
+        let t = text(&out);
+        assert!(out.status.success(), "{}: {t}", path.display());
+        assert!(t.contains("sha256:") && t.contains("size:") && t.contains("contract:  cordon:plugin"), "{t}");
+        seen += 1;
+    }
+    assert!(seen >= 20, "only {seen} guests found in {}", dir.display());
+
+    let t = text(&cordon(&["plugin", "inspect", guest("wait").to_str().unwrap()]));
+    assert!(t.contains("worlds:    executor") && t.contains("WAIT") && t.contains("cordon:plugin/execution@0.1.0"), "{t}");
+    let t = text(&cordon(&["plugin", "inspect", guest("newer-contract").to_str().unwrap()]));
+    assert!(t.contains("0.2.0 (NOT compatible with this host's 0.1.0)"), "{t}");
+}
+
+fn config(dir: &Path, guest_name: &str) -> String {
+    agent_config(dir, guest_name, &guest(guest_name), "executor", "    limits: { timeout: 20s }\n").unwrap();
+    dir.join("agent.yaml").to_str().unwrap().to_string()
+}
+
+#[test]
+fn stage_run_exits_with_the_stage_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "wait");
+    let out = cordon(&["stage", "run", "--config", &cfg, "--plugin", "wait", "--stage", "WAIT", "--with", r#"{"duration": 0.2}"#]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("waiting 0.2s") && t.contains("WAIT: success"), "{t}");
+
+    let out = cordon(&["stage", "run", "--config", &cfg, "--plugin", "wait", "--stage", "WAIT", "--with", r#"{"duration": -1}"#]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("WAIT: failure") && text(&out).contains("duration must be a non-negative"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "panic");
+    let out = cordon(&["stage", "run", "--config", &cfg, "--plugin", "panic", "--stage", "PANIC"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("hostile guest panicked on purpose"));
+}
+
+#[test]
+fn bad_input_gets_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "wait");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["stage", "run", "--config", "/nonexistent/agent.yaml", "--plugin", "wait", "--stage", "WAIT"], "cannot read agent config /nonexistent/agent.yaml"),
+        (vec!["stage", "run", "--config", &cfg, "--plugin", "nope", "--stage", "WAIT"], "no plugin named `nope` (configured: wait)"),
+        (vec!["stage", "run", "--config", &cfg, "--plugin", "wait", "--stage", "NOPE"], "does not define stage `NOPE` (it defines: WAIT)"),
+        (vec!["stage", "run", "--config", &cfg, "--plugin", "wait", "--stage", "WAIT", "--with", "{oops"], "--with \"{oops\" is not valid JSON"),
+        (vec!["stage", "run", "--config", &cfg, "--plugin", "wait", "--stage", "WAIT", "--source", "/nonexistent"], "--source /nonexistent is not a directory"),
+        (vec!["plugin", "inspect", "/nonexistent.wasm"], "cannot read /nonexistent.wasm"),
+    ];
+    for (args, expected) in cases {
+        let out = cordon(&args);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {t}");
+        assert!(t.contains(expected), "expected {expected:?} for {args:?}, got: {t}");
+        assert_eq!(t.matches("error:").count(), 1, "one error, not several: {t}");
+    }
+
+    // A pin that does not match: refused, exit 2, nothing compiled.
+    let yaml = std::fs::read_to_string(&cfg).unwrap();
+    let sha = cordon_tests::sha256_file(&guest("wait"));
+    std::fs::write(&cfg, yaml.replace(&sha, &"ab".repeat(32))).unwrap();
+    let out = cordon(&["stage", "run", "--config", &cfg, "--plugin", "wait", "--stage", "WAIT"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("refusing to compile"), "{}", text(&out));
+}

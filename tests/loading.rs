@@ -1,0 +1,142 @@
+//! Loading refuses bad plugins before their code runs — and, for a
+//! tampered file, before it is compiled — with one error naming the plugin,
+//! the file and the fix. Also: the compiled-component cache.
+
+use std::path::Path;
+
+use cordon::engine::{Origin, Runtime, RuntimeOptions};
+use cordon::plugin::{AgentConfig, Plugin, Plugins};
+use cordon_tests::{agent_config, guest, runtime, sha256_file};
+
+async fn load_err(name: &str, file: &Path, world: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(dir.path(), name, file, world, "").unwrap();
+    match Plugin::load(runtime(), &config.plugins[0]).await {
+        Ok(_) => panic!("{} loaded as {world}", file.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[tokio::test]
+async fn missing_file_names_plugin_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "state-dir: s\nplugins:\n  - {{name: ghost, path: nowhere.wasm, sha256: {}, world: executor}}\n",
+        "0".repeat(64)
+    );
+    std::fs::write(dir.path().join("agent.yaml"), yaml).unwrap();
+    let config = AgentConfig::load(&dir.path().join("agent.yaml")).unwrap();
+    let err = format!("{:#}", Plugin::load(runtime(), &config.plugins[0]).await.err().unwrap());
+    assert!(err.contains("plugin `ghost`") && err.contains("nowhere.wasm") && err.contains("build the component"), "{err}");
+}
+
+#[tokio::test]
+async fn tampered_component_is_refused_before_compiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = guest("noop");
+    let tampered = dir.path().join("noop.wasm");
+    let mut bytes = std::fs::read(&original).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&tampered, &bytes).unwrap();
+    let yaml = format!(
+        "state-dir: state\nplugins:\n  - {{name: noop, path: noop.wasm, sha256: {}, world: executor}}\n",
+        sha256_file(&original)
+    );
+    std::fs::write(dir.path().join("agent.yaml"), yaml).unwrap();
+    let config = AgentConfig::load(&dir.path().join("agent.yaml")).unwrap();
+    // A runtime of its own, so its cache shows whether anything was compiled.
+    let runtime = Runtime::new(RuntimeOptions { cache_dir: Some(config.cache_dir()), pooling: false, ..Default::default() }).unwrap();
+    let err = format!("{:#}", Plugin::load(&runtime, &config.plugins[0]).await.err().unwrap());
+    assert!(err.contains("plugin `noop`") && err.contains("refusing to compile") && err.contains(&sha256_file(&original)), "{err}");
+    assert_eq!(std::fs::read_dir(config.cache_dir()).unwrap().count(), 0, "something was compiled");
+}
+
+#[tokio::test]
+async fn non_wasm_and_core_modules_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.wasm");
+    std::fs::write(&text, "not wasm at all").unwrap();
+    let err = load_err("notes", &text, "executor").await;
+    assert!(err.contains("is not a WebAssembly file"), "{err}");
+
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let err = load_err("core", &core, "executor").await;
+    assert!(err.contains("core WebAssembly module, not a component") && err.contains("wasm32-wasip2"), "{err}");
+}
+
+#[tokio::test]
+async fn wrong_world_names_the_missing_export() {
+    let err = load_err("noop", &guest("noop"), "planner").await;
+    assert!(err.contains("does not implement world `planner`") && err.contains("cordon:plugin/planning@0.1.0"), "{err}");
+    let err = load_err("noop", &guest("noop"), "key-filter").await;
+    assert!(err.contains("cordon:plugin/key-selection@0.1.0"), "{err}");
+}
+
+#[tokio::test]
+async fn newer_contract_version_names_both_versions() {
+    let err = load_err("newer", &guest("newer-contract"), "executor").await;
+    assert!(err.contains("cordon:plugin@0.2.0") && err.contains("cordon:plugin@0.1.0"), "{err}");
+}
+
+#[tokio::test]
+async fn a_stage_defined_twice_names_both_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let noop = guest("noop");
+    let sha = sha256_file(&noop);
+    let yaml = format!(
+        "state-dir: s\nplugins:\n  - {{name: first, path: {p}, sha256: {sha}, world: executor}}\n  - {{name: second, path: {p}, sha256: {sha}, world: executor}}\n",
+        p = noop.display()
+    );
+    std::fs::write(dir.path().join("agent.yaml"), yaml).unwrap();
+    let config = AgentConfig::load(&dir.path().join("agent.yaml")).unwrap();
+    let err = format!("{:#}", Plugins::load(runtime(), &config).await.err().unwrap());
+    assert!(err.contains("stage `NOOP` is defined by both plugin `first` and plugin `second`"), "{err}");
+}
+
+#[tokio::test]
+async fn routes_stages_to_their_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (noop, wait) = (guest("noop"), guest("wait"));
+    let yaml = format!(
+        "state-dir: s\nplugins:\n  - {{name: noop, path: {}, sha256: {}, world: executor}}\n  - {{name: wait, path: {}, sha256: {}, world: executor}}\n",
+        noop.display(),
+        sha256_file(&noop),
+        wait.display(),
+        sha256_file(&wait)
+    );
+    std::fs::write(dir.path().join("agent.yaml"), yaml).unwrap();
+    let config = AgentConfig::load(&dir.path().join("agent.yaml")).unwrap();
+    let plugins = Plugins::load(runtime(), &config).await.unwrap();
+    assert_eq!(plugins.route("WAIT").unwrap().name, "wait");
+    assert_eq!(plugins.route("NOOP").unwrap().name, "noop");
+    let err = format!("{:#}", plugins.route("DEPLOY").err().unwrap());
+    assert!(err.contains("no plugin defines stage `DEPLOY`") && err.contains("NOOP, WAIT"), "{err}");
+}
+
+#[tokio::test]
+async fn cache_is_reused_and_a_corrupt_entry_is_recompiled() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(dir.path(), "noop", &guest("noop"), "executor", "").unwrap();
+    let options = || RuntimeOptions { cache_dir: Some(config.cache_dir()), pooling: false, ..Default::default() };
+    let first = Runtime::new(options()).unwrap();
+    assert_eq!(Plugin::load(&first, &config.plugins[0]).await.unwrap().origin, Origin::Compiled);
+    let second = Runtime::new(options()).unwrap();
+    assert_eq!(Plugin::load(&second, &config.plugins[0]).await.unwrap().origin, Origin::Cache);
+
+    // Corrupt the compiled code: the digest check catches it and it is rebuilt.
+    let entry = std::fs::read_dir(config.cache_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .unwrap();
+    let mut code = std::fs::read(&entry).unwrap();
+    let last = code.len() - 1;
+    code[last] ^= 0xff;
+    std::fs::write(&entry, code).unwrap();
+    let third = Runtime::new(options()).unwrap();
+    assert_eq!(Plugin::load(&third, &config.plugins[0]).await.unwrap().origin, Origin::Compiled);
+    let fourth = Runtime::new(options()).unwrap();
+    assert_eq!(Plugin::load(&fourth, &config.plugins[0]).await.unwrap().origin, Origin::Cache);
+}

@@ -1,0 +1,223 @@
+//! Adversarial tests: each hostile guest attempts one breach and must fail
+//! its own stage with a reason naming the cause, while the host keeps
+//! running and a following stage of another plugin succeeds. The positive
+//! side — granted access works — is shown with the `probe` guest.
+
+use cordon::runner::{Outcome, Status};
+use cordon_tests::{Dirs, Server, load, run};
+
+/// The stage failed, with a reason containing `expected`, and was not a
+/// breach; then a well-behaved plugin still runs fine.
+async fn assert_contained(outcome: &Outcome, expected: &[&str]) {
+    eprintln!("reason: {}", outcome.message);
+    assert_eq!(outcome.status, Status::Failure, "breach not stopped: {outcome:?}");
+    assert!(!outcome.message.contains("BREACH"), "{outcome:?}");
+    for e in expected {
+        assert!(outcome.message.contains(e), "expected {e:?} in the reason: {:?}", outcome.message);
+    }
+    let neighbour = load("noop", "").await.unwrap();
+    let (after, _) = run(&neighbour, "NOOP", "{}", Dirs::new().run_dirs()).await;
+    assert_eq!(after.status, Status::Success, "the next stage must still run: {after:?}");
+}
+
+#[tokio::test]
+async fn dotdot_cannot_leave_the_source() {
+    let plugin = load("fs-dotdot", "").await.unwrap();
+    let dirs = Dirs::new();
+    let (outcome, _) = run(&plugin, "FS_DOTDOT", "{}", dirs.run_dirs()).await;
+    assert_contained(&outcome, &["/source/../../../../etc/hostname", "not permitted"]).await;
+}
+
+#[tokio::test]
+async fn absolute_paths_do_not_exist() {
+    let plugin = load("fs-absolute", "").await.unwrap();
+    let (outcome, _) = run(&plugin, "FS_ABSOLUTE", "{}", Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &["read /etc/hostname"]).await;
+}
+
+#[tokio::test]
+async fn planted_symlinks_do_not_lead_outside() {
+    let plugin = load("fs-symlink", "").await.unwrap();
+    let dirs = Dirs::new();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret.txt"), "host secret").unwrap();
+    let src = dirs.source.path();
+    std::os::unix::fs::symlink(outside.path(), src.join("escape")).unwrap();
+    std::os::unix::fs::symlink("escape", src.join("chain")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret.txt"), src.join("trailing")).unwrap();
+    let (outcome, _) = run(&plugin, "FS_SYMLINK", "{}", dirs.run_dirs()).await;
+    assert_contained(&outcome, &["escape/secret.txt", "chain/secret.txt", "trailing/"]).await;
+    assert!(!outcome.message.contains("host secret"));
+}
+
+/// Runs a guest that attacks the read-only source and checks the source is
+/// byte-for-byte what it was.
+async fn read_only_attack(guest: &str, stage: &str, expected: &[&str]) {
+    let plugin = load(guest, "").await.unwrap();
+    let dirs = Dirs::new();
+    let before = dirs.snapshot();
+    let (outcome, _) = run(&plugin, stage, "{}", dirs.run_dirs()).await;
+    assert_eq!(dirs.snapshot(), before, "the read-only source changed: {outcome:?}");
+    assert_contained(&outcome, expected).await;
+}
+
+#[tokio::test]
+async fn read_only_source_refuses_writes() {
+    read_only_attack("ro-write", "RO_WRITE", &["create /source/planted.txt", "append /source/index.html", "mkdir /source/newdir"]).await;
+}
+
+#[tokio::test]
+async fn read_only_source_refuses_truncation() {
+    read_only_attack("ro-truncate", "RO_TRUNCATE", &["open /source/index.html with truncate", "set_len /source/index.html"]).await;
+}
+
+#[tokio::test]
+async fn read_only_source_refuses_renames() {
+    read_only_attack("ro-rename", "RO_RENAME", &["/scratch/mine.txt -> /source/index.html", "/source/index.html -> /source/moved.html", "/source/index.html -> /scratch/stolen.html"]).await;
+}
+
+#[tokio::test]
+async fn read_only_source_refuses_hard_links() {
+    read_only_attack("ro-hardlink", "RO_HARDLINK", &["/scratch/mine.txt -> /source/linked.txt", "/source/index.html -> /scratch/index-link.html"]).await;
+}
+
+#[tokio::test]
+async fn tcp_needs_a_grant() {
+    let server = Server::ok("hello").await;
+    let target = format!("\"127.0.0.1:{}\"", server.port);
+    // No network grant at all: sockets cannot even be created.
+    let plugin = load("net-connect", "").await.unwrap();
+    let (outcome, _) = run(&plugin, "NET_CONNECT", &target, Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &[&format!("connect 127.0.0.1:{}", server.port)]).await;
+    // A grant for another destination: the host names the refused address.
+    let plugin = load("net-connect", "    grants: { network: { allow: [\"tcp://127.0.0.1:1\"] } }\n").await.unwrap();
+    let (outcome, _) = run(&plugin, "NET_CONNECT", &target, Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &[&format!("sandbox denied TCP connection to 127.0.0.1:{}", server.port)]).await;
+    assert_eq!(server.hits(), 0, "a denied connection reached the server");
+}
+
+#[tokio::test]
+async fn http_needs_a_grant() {
+    let server = Server::ok("hello").await;
+    let plugin = load("net-http", "    grants: { network: { allow: [\"http://127.0.0.1:1\"] } }\n").await.unwrap();
+    let url = format!("\"http://127.0.0.1:{}/\"", server.port);
+    let (outcome, _) = run(&plugin, "NET_HTTP", &url, Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &[&format!("sandbox denied HTTP request to http://127.0.0.1:{}", server.port), "denied"]).await;
+    assert_eq!(server.hits(), 0);
+}
+
+#[tokio::test]
+async fn name_lookup_needs_a_grant() {
+    let plugin = load("net-lookup", "").await.unwrap();
+    let (outcome, _) = run(&plugin, "NET_LOOKUP", "{}", Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &["lookup localhost:80"]).await;
+}
+
+#[tokio::test]
+async fn redirects_are_checked_hop_by_hop() {
+    let forbidden = Server::ok("you should not see this").await;
+    let target = forbidden.port;
+    let allowed = Server::start(move |_| {
+        format!("HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:{target}/\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+    })
+    .await;
+    let grant = format!("    grants: {{ network: {{ allow: [\"http://127.0.0.1:{}\"] }} }}\n", allowed.port);
+    let plugin = load("net-redirect", &grant).await.unwrap();
+    let url = format!("\"http://127.0.0.1:{}/start\"", allowed.port);
+    let (outcome, _) = run(&plugin, "NET_REDIRECT", &url, Dirs::new().run_dirs()).await;
+    assert_eq!(allowed.hits(), 1, "the granted host must be reached: {outcome:?}");
+    assert_contained(&outcome, &[&format!("sandbox denied HTTP request to http://127.0.0.1:{target}")]).await;
+    assert_eq!(forbidden.hits(), 0, "the redirect target was reached");
+}
+
+#[tokio::test]
+async fn infinite_loop_times_out() {
+    let plugin = load("spin", "    limits: { timeout: 1s }\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let (outcome, _) = run(&plugin, "SPIN", "{}", Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &["timed out after 1s"]).await;
+    assert!(started.elapsed().as_secs() < 10, "the timeout took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn memory_bomb_hits_the_cap() {
+    let plugin = load("memory-bomb", "    limits: { memory: 64MiB }\n").await.unwrap();
+    let (outcome, _) = run(&plugin, "MEMORY_BOMB", "{}", Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &["memory limit exceeded", "its limit is 67108864 bytes"]).await;
+}
+
+#[tokio::test]
+async fn unbounded_recursion_overflows_cleanly() {
+    let plugin = load("recursion", "").await.unwrap();
+    let (outcome, _) = run(&plugin, "RECURSION", "{}", Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &["stack overflow"]).await;
+}
+
+#[tokio::test]
+async fn panic_is_reported_with_its_message() {
+    let plugin = load("panic", "").await.unwrap();
+    let (outcome, log) = run(&plugin, "PANIC", "{}", Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &["plugin panicked", "hostile guest panicked on purpose"]).await;
+    assert!(log.text().contains("hostile guest panicked on purpose"), "{}", log.text());
+}
+
+#[tokio::test]
+async fn log_flood_is_capped_and_the_stage_ends() {
+    let plugin = load("log-flood", "    limits: { log-bytes: 64KiB }\n").await.unwrap();
+    let (outcome, log) = run(&plugin, "LOG_FLOOD", "{}", Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &["log output passed the plugin's limit of 65536 bytes"]).await;
+    assert!(log.bytes() < 65536 + 1024, "{} bytes of log were kept", log.bytes());
+}
+
+#[tokio::test]
+async fn huge_return_value_is_refused() {
+    let plugin = load("huge-return", "").await.unwrap();
+    let (outcome, _) = run(&plugin, "HUGE_RETURN", "{}", Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &["above the plugin's limit of 1048576 bytes"]).await;
+    assert!(outcome.message.len() < 1024);
+}
+
+#[tokio::test]
+async fn env_is_only_what_was_granted() {
+    // SAFETY: set before any thread of this test reads the environment; the
+    // variable is unique to this test.
+    unsafe { std::env::set_var("CORDON_TEST_SECRET", "agent-only") };
+    let plugin = load("env-read", "    grants: { env: { GRANTED: yes } }\n").await.unwrap();
+    let (outcome, _) = run(&plugin, "ENV_READ", "{}", Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &["env CORDON_TEST_SECRET", "visible vars: [GRANTED]"]).await;
+    assert!(!outcome.message.contains("agent-only"));
+}
+
+/// The positive side: what is granted works, and secrets are masked.
+#[tokio::test]
+async fn granted_access_works() {
+    let server = Server::ok("pong").await;
+    let mounts = tempfile::tempdir().unwrap();
+    std::fs::write(mounts.path().join("config.txt"), "from a mount").unwrap();
+    unsafe { std::env::set_var("CORDON_TEST_TOKEN", "s3cr3t-value") };
+    let grants = format!(
+        "    grants:\n      mounts: [{{ host: {}, guest: /config, access: read-only }}]\n      network: {{ allow: [\"http://127.0.0.1:{port}\", \"tcp://127.0.0.1:{port}\"] }}\n      env: {{ GREETING: hi }}\n      secrets: {{ token: {{ env: CORDON_TEST_TOKEN }} }}\n",
+        mounts.path().display(),
+        port = server.port
+    );
+    let plugin = load("probe", &grants).await.unwrap();
+    let dirs = Dirs::new();
+    let options = serde_json::json!({
+        "read": "/config/config.txt",
+        "write": "/scratch/out.txt",
+        "env": "GREETING",
+        "secret": "token",
+        "http": format!("http://127.0.0.1:{}/ping", server.port),
+        "connect": format!("127.0.0.1:{}", server.port),
+        "metadata": "v1",
+    });
+    let (outcome, log) = run(&plugin, "PROBE", &options.to_string(), dirs.run_dirs()).await;
+    assert_eq!(outcome.status, Status::Success, "{outcome:?}\n{}", log.text());
+    for part in ["read=from a mount", "wrote=/scratch/out.txt", "env=hi", "secret=fetched", "http=200 pong", "metadata-before="] {
+        assert!(outcome.message.contains(part), "{part:?} missing from {:?}", outcome.message);
+    }
+    assert_eq!(std::fs::read_to_string(dirs.scratch.path().join("out.txt")).unwrap(), "written by probe");
+    let text = log.text();
+    assert!(!text.contains("s3cr3t-value"), "a secret leaked into the log:\n{text}");
+    assert!(text.contains("the secret is ***") && text.contains("stdout also has ***"), "{text}");
+}
