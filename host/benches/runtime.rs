@@ -102,6 +102,31 @@ fn bench_instantiate(rt: &tokio::runtime::Runtime) {
     });
     let ours = median(samples);
 
+    // Where the time goes: building the store alone, and store + instantiate.
+    let (store_only, with_instance) = rt.block_on(async {
+        let (mut store_only, mut with_instance) = (Vec::new(), Vec::new());
+        for _ in 0..3000 {
+            let context = cordon::sandbox::RunContext {
+                dirs: dirs.clone(),
+                services: services.clone(),
+                sink: Arc::new(NullSink),
+                timeout: None,
+            };
+            let start = Instant::now();
+            let mut store = plugin.sandbox.store(runtime.engine(), context).unwrap();
+            store_only.push(start.elapsed());
+            plugin.executor().unwrap().instantiate_async(&mut store).await.unwrap();
+            with_instance.push(start.elapsed());
+        }
+        (median(store_only), median(with_instance))
+    });
+    println!(
+        "instantiate breakdown: store with grants {:.2} µs, + instantiate {:.2} µs, + call {:.2} µs",
+        store_only.as_secs_f64() * 1e6,
+        (with_instance - store_only).as_secs_f64() * 1e6,
+        (ours.saturating_sub(with_instance)).as_secs_f64() * 1e6
+    );
+
     // Baseline: a process per call, one request and one response over pipes.
     let request = br#"{"deployment":{"id":"bench"},"stage":{"name":"NOOP","options":{}}}"#;
     let mut samples = Vec::new();
