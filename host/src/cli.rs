@@ -231,7 +231,7 @@ async fn stage_run(
         sink: Arc::new(TerminalSink),
         timeout: None,
     };
-    println!("{stage_name}: running plugin `{plugin_name}` ({}, {:?})", plugin.world, plugin.origin);
+    println!("{stage_name}: running plugin `{plugin_name}` (world {}, {})", plugin.world, plugin.origin);
     let started = Instant::now();
     let outcome = runner::execute_stage(&runtime, &plugin, call).await;
     let elapsed = started.elapsed();

@@ -53,6 +53,15 @@ pub enum Origin {
     Compiled,
 }
 
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::Cache => "loaded from the compile cache",
+            Origin::Compiled => "compiled",
+        })
+    }
+}
+
 /// The engine, its linker with every host import, and the compile cache.
 pub struct Runtime {
     engine: Engine,

@@ -40,7 +40,7 @@ pub enum Level {
 
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Source::Log(Level::Debug) => "debug",
             Source::Log(Level::Info) => "info",
             Source::Log(Level::Warn) => "warn",
