@@ -137,6 +137,16 @@ impl World {
     pub fn executes_stages(self) -> bool {
         matches!(self, World::Executor | World::Deployment)
     }
+
+    /// Whether a plugin of this world plans deployments.
+    pub fn plans(self) -> bool {
+        matches!(self, World::Planner | World::Deployment)
+    }
+
+    /// Whether a plugin of this world exports `stages`.
+    pub fn defines_stages(self) -> bool {
+        self.executes_stages() || self.plans()
+    }
 }
 
 impl fmt::Display for World {

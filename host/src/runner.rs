@@ -17,12 +17,17 @@ use crate::contract::bindings::executor::{
     cordon::plugin::types,
     exports::cordon::plugin::execution::{StageRequest, StageResult},
 };
+use crate::contract::bindings::planner::{
+    Planner,
+    exports::cordon::plugin::planning::{self, PlanRequest},
+};
 use crate::engine::Runtime;
 use crate::plugin::{Plugin, StageInfo};
 use crate::sandbox::output::NullSink;
 use crate::sandbox::{LogSink, MemoryServices, RunContext, RunDirs, StageLog, StageServices, Violation};
 
-pub use types::{Deployment, Sources, Stage, Trigger};
+pub use planning::{ArtifactVersion, PlannedStage};
+pub use types::{Deployment, Sources, Stage, StageConfig, SyncStrategy, Trigger};
 
 /// How a stage ended, as the host records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -217,9 +222,8 @@ impl StageCall {
     }
 }
 
-/// Asks a stage plugin which stages it defines.
+/// Asks a plugin which stages it defines.
 pub async fn defined_stages(runtime: &Runtime, plugin: &Plugin) -> Result<Vec<StageInfo>> {
-    let pre = plugin.executor().ok_or_else(|| anyhow::anyhow!("not a stage plugin"))?;
     let timeout = plugin.sandbox.timeout(Some(Duration::from_secs(10)));
     let context = RunContext {
         dirs: RunDirs::default(),
@@ -229,12 +233,29 @@ pub async fn defined_stages(runtime: &Runtime, plugin: &Plugin) -> Result<Vec<St
     };
     let mut store = plugin.sandbox.store(runtime.engine(), context)?;
     let log = store.data().log().clone();
-    let stages = guarded(&log, timeout, async {
-        let bindings = pre.instantiate_async(&mut store).await?;
-        bindings.cordon_plugin_stages().call_defined_stages(&mut store).await
-    })
-    .await
-    .map_err(anyhow::Error::msg)?;
+    let stages: Vec<StageInfo> = if let Some(pre) = plugin.executor() {
+        guarded(&log, timeout, async {
+            let bindings = pre.instantiate_async(&mut store).await?;
+            bindings.cordon_plugin_stages().call_defined_stages(&mut store).await
+        })
+        .await
+        .map_err(anyhow::Error::msg)?
+        .into_iter()
+        .map(|s| StageInfo { name: s.name, description: s.description })
+        .collect()
+    } else if let Some(pre) = plugin.planner() {
+        guarded(&log, timeout, async {
+            let bindings = pre.instantiate_async(&mut store).await?;
+            bindings.cordon_plugin_stages().call_defined_stages(&mut store).await
+        })
+        .await
+        .map_err(anyhow::Error::msg)?
+        .into_iter()
+        .map(|s| StageInfo { name: s.name, description: s.description })
+        .collect()
+    } else {
+        anyhow::bail!("a {} plugin defines no stages", plugin.world);
+    };
     let limit = plugin.sandbox.limits().result_bytes.as_u64();
     let size: usize = stages.iter().map(|s| s.name.len() + s.description.len()).sum();
     if size as u64 > limit {
@@ -245,5 +266,129 @@ pub async fn defined_stages(runtime: &Runtime, plugin: &Plugin) -> Result<Vec<St
             anyhow::bail!("stage name {:?} must be non-empty ASCII letters, digits, '_' or '-'", stage.name);
         }
     }
-    Ok(stages.into_iter().map(|s| StageInfo { name: s.name, description: s.description }).collect())
+    Ok(stages)
+}
+
+/// What a planner call needs: the deployment, its sources, the plugin's
+/// settings for the application, and where its log lines go.
+pub struct PlanCall {
+    pub deployment: Deployment,
+    pub dirs: RunDirs,
+    pub app_config: String,
+    pub sink: Arc<dyn LogSink>,
+}
+
+impl PlanCall {
+    fn request(&self) -> PlanRequest {
+        let sources = Sources {
+            target: crate::sandbox::fs::TARGET.to_string(),
+            running: self.dirs.running.as_ref().map(|_| crate::sandbox::fs::RUNNING.to_string()),
+            scratch: crate::sandbox::fs::SCRATCH.to_string(),
+        };
+        PlanRequest { deployment: self.deployment.clone(), sources, app_config: self.app_config.clone() }
+    }
+}
+
+type CallFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = wasmtime::Result<T>> + Send + 'a>>;
+
+/// Runs one planner export in a fresh sandbox; errors are reasons.
+async fn planner_call<T: Send>(
+    runtime: &Runtime,
+    plugin: &Plugin,
+    call: &PlanCall,
+    f: impl for<'a> FnOnce(&'a mut wasmtime::Store<crate::sandbox::RunState>, Planner, PlanRequest) -> CallFuture<'a, T> + Send,
+) -> Result<T, String> {
+    let Some(pre) = plugin.planner() else {
+        return Err(format!("plugin `{}` is a {} plugin and plans nothing", plugin.name, plugin.world));
+    };
+    let timeout = plugin.sandbox.timeout(None);
+    let context = RunContext {
+        dirs: call.dirs.clone(),
+        services: Arc::new(MemoryServices::default()),
+        sink: call.sink.clone(),
+        timeout: Some(timeout),
+    };
+    let mut store = plugin.sandbox.store(runtime.engine(), context).map_err(|e| format!("cannot prepare the sandbox: {e:#}"))?;
+    let log = store.data().log().clone();
+    let request = call.request();
+    guarded(&log, timeout, async {
+        let bindings = pre.instantiate_async(&mut store).await?;
+        f(&mut store, bindings, request).await
+    })
+    .await
+}
+
+/// Refuses planner results larger than the plugin's result limit.
+fn check_size(plugin: &Plugin, size: usize) -> Result<(), String> {
+    let limit = plugin.sandbox.limits().result_bytes.as_u64();
+    if size as u64 > limit {
+        return Err(Violation::ResultBytes { size: size as u64, limit }.to_string());
+    }
+    Ok(())
+}
+
+fn stages_size(stages: &[PlannedStage]) -> usize {
+    stages.iter().map(|s| s.name.len() + s.desc.len() + s.options.len() + 16).sum()
+}
+
+/// The planner's vote: `None` for "unsupported".
+pub async fn determine_strategy(
+    runtime: &Runtime,
+    plugin: &Plugin,
+    call: &PlanCall,
+) -> Result<Option<(SyncStrategy, String)>, String> {
+    let answer = planner_call(runtime, plugin, call, |store, bindings, request| {
+        Box::pin(async move { bindings.cordon_plugin_planning().call_determine_strategy(store, &request).await })
+    })
+    .await??;
+    Ok(match answer {
+        planning::StrategyAnswer::Unsupported => None,
+        planning::StrategyAnswer::Decided(s) => {
+            check_size(plugin, s.summary.len())?;
+            Some((s.strategy, s.summary))
+        }
+    })
+}
+
+/// The versions the deployment will roll out.
+pub async fn determine_versions(runtime: &Runtime, plugin: &Plugin, call: &PlanCall) -> Result<Vec<ArtifactVersion>, String> {
+    let versions = planner_call(runtime, plugin, call, |store, bindings, request| {
+        Box::pin(async move { bindings.cordon_plugin_planning().call_determine_versions(store, &request).await })
+    })
+    .await??;
+    check_size(plugin, versions.iter().map(|v| v.kind.len() + v.name.len() + v.version.len() + v.url.len()).sum())?;
+    Ok(versions)
+}
+
+/// Quick-sync stages, rollback stages included when `rollback`.
+pub async fn build_quick_sync_stages(
+    runtime: &Runtime,
+    plugin: &Plugin,
+    call: &PlanCall,
+    rollback: bool,
+) -> Result<Vec<PlannedStage>, String> {
+    let stages = planner_call(runtime, plugin, call, move |store, bindings, request| {
+        Box::pin(async move { bindings.cordon_plugin_planning().call_build_quick_sync_stages(store, &request, rollback).await })
+    })
+    .await??;
+    check_size(plugin, stages_size(&stages))?;
+    Ok(stages)
+}
+
+/// Pipeline-sync stages for the configured `stages` this plugin defines.
+pub async fn build_pipeline_sync_stages(
+    runtime: &Runtime,
+    plugin: &Plugin,
+    call: &PlanCall,
+    stages: Vec<StageConfig>,
+    rollback: bool,
+) -> Result<Vec<PlannedStage>, String> {
+    let planned = planner_call(runtime, plugin, call, move |store, bindings, request| {
+        Box::pin(async move {
+            bindings.cordon_plugin_planning().call_build_pipeline_sync_stages(store, &request, &stages, rollback).await
+        })
+    })
+    .await??;
+    check_size(plugin, stages_size(&planned))?;
+    Ok(planned)
 }

@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use cordon::agent::{AgentLock, Scope, serve};
 use cordon::engine::{Runtime, RuntimeOptions};
+use cordon::pipeline::Host;
+use cordon::pipeline::plan::TriggerInfo;
+use cordon::store::DeploymentRecord;
 use cordon::plugin::{AgentConfig, Plugin};
 use cordon::runner::{self, Deployment, Outcome, Stage, StageCall, Trigger};
 use cordon::sandbox::output::{LogSink, Source};
@@ -31,12 +35,12 @@ pub fn sha256_file(path: &Path) -> String {
 }
 
 /// One runtime per test binary, with a compile cache shared by its tests.
-pub fn runtime() -> &'static Runtime {
-    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+pub fn runtime() -> &'static Arc<Runtime> {
+    static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
     static CACHE: OnceLock<tempfile::TempDir> = OnceLock::new();
     RUNTIME.get_or_init(|| {
         let cache = CACHE.get_or_init(|| tempfile::tempdir().unwrap());
-        Runtime::new(RuntimeOptions { cache_dir: Some(cache.path().to_path_buf()), ..Default::default() }).unwrap()
+        Arc::new(Runtime::new(RuntimeOptions { cache_dir: Some(cache.path().to_path_buf()), ..Default::default() }).unwrap())
     })
 }
 
@@ -202,4 +206,84 @@ pub fn cordon_bin() -> PathBuf {
     let path = root().join("target/debug/cordon");
     assert!(path.exists(), "{} is missing: run `cargo build -p cordon` (make test does)", path.display());
     path
+}
+
+/// A state directory with an agent config naming the pipeline test guests
+/// (`step`, `test-deploy`, `wait`, `probe`), a read-write `/marks` mount
+/// where stages count their runs, and a secret `token`.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub marks: PathBuf,
+}
+
+pub const TOKEN_VALUE: &str = "tok-3141592653";
+
+impl World {
+    pub fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let marks = dir.path().join("marks");
+        std::fs::create_dir_all(&marks).unwrap();
+        let secret = dir.path().join("token.txt");
+        std::fs::write(&secret, format!("{TOKEN_VALUE}\n")).unwrap();
+        let mut yaml = format!("state-dir: {}\nplugins:\n", dir.path().join("state").display());
+        for (name, world) in [("step", "executor"), ("test-deploy", "deployment"), ("wait", "executor")] {
+            let file = guest(name);
+            yaml.push_str(&format!(
+                "  - name: {name}\n    path: {}\n    sha256: {}\n    world: {world}\n    grants:\n      mounts: [{{ host: {}, guest: /marks, access: read-write }}]\n      secrets: {{ token: {{ file: {} }} }}\n",
+                file.display(),
+                sha256_file(&file),
+                marks.display(),
+                secret.display()
+            ));
+        }
+        let config = dir.path().join("agent.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        World { dir, config, marks }
+    }
+
+    pub fn agent_config(&self) -> AgentConfig {
+        AgentConfig::load(&self.config).unwrap()
+    }
+
+    pub async fn host(&self) -> Arc<Host> {
+        Arc::new(Host::open_with(runtime().clone(), &self.agent_config()).await.unwrap())
+    }
+
+    /// Writes an application directory with `yaml` as its config.
+    pub fn app(&self, name: &str, yaml: &str) -> PathBuf {
+        let dir = self.dir.path().join("apps").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("app.cordon.yaml"), yaml).unwrap();
+        std::fs::write(dir.join("VERSION"), "1.0.0").unwrap();
+        dir
+    }
+
+    /// How many times a stage wrote its marker file.
+    pub fn marks(&self, file: &str) -> Vec<String> {
+        std::fs::read_to_string(self.marks.join(file)).unwrap_or_default().lines().map(str::to_string).collect()
+    }
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Runs deployments in this process until none is left unfinished.
+pub async fn serve_until_idle(host: &Arc<Host>, state_dir: &Path) {
+    let lock = AgentLock::try_acquire(state_dir).unwrap().expect("no other agent");
+    let scope = Scope { until_idle: true, ..Default::default() };
+    tokio::time::timeout(std::time::Duration::from_secs(120), serve(host.clone(), &lock, scope))
+        .await
+        .expect("deployments did not finish in 120 s")
+        .unwrap();
+}
+
+/// Triggers a deployment of `app_dir` and runs it to its end.
+pub async fn deploy(host: &Arc<Host>, state_dir: &Path, app_dir: &Path, trigger: TriggerInfo) -> DeploymentRecord {
+    let record = cordon::pipeline::trigger(host, app_dir, trigger).unwrap();
+    serve_until_idle(host, state_dir).await;
+    host.store.deployment(&record.id).unwrap().unwrap()
 }

@@ -36,6 +36,49 @@ pub mod executor {
     }
 }
 
+// The `planner` and `deployment` worlds export the same interfaces as
+// `executor`; wit-bindgen names its exported helper macros after the
+// interface, so one crate cannot export macros for all three. A deployment
+// plugin generates its bindings itself, reusing the shared types:
+//
+// wit_bindgen::generate!({ path: "wit", world: "deployment", with: {
+//     "cordon:plugin/types@0.1.0": cordon_sdk::executor::cordon::plugin::types, ... } });
+
+/// The `key-filter` world: batched key selection, no host imports.
+pub mod key_filter {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "key-filter",
+        pub_export_macro: true,
+        export_macro_name: "export_key_filter",
+        default_bindings_module: "cordon_sdk::key_filter",
+    });
+}
+
+/// The `item-action` world: rewrites JSON items.
+pub mod item_action {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "item-action",
+        pub_export_macro: true,
+        export_macro_name: "export_item_action",
+        default_bindings_module: "cordon_sdk::item_action",
+        with: { "cordon:plugin/log@0.1.0": crate::executor::cordon::plugin::log },
+    });
+}
+
+/// The `migration-phase` world: one host-driven step of a migration.
+pub mod migration_phase {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "migration-phase",
+        pub_export_macro: true,
+        export_macro_name: "export_migration_phase",
+        default_bindings_module: "cordon_sdk::migration_phase",
+        with: { "cordon:plugin/log@0.1.0": crate::executor::cordon::plugin::log },
+    });
+}
+
 /// Outgoing HTTP through `wasi:http`, the only way a plugin reaches the
 /// network over HTTP. The host checks every request (and so every redirect
 /// hop, which is a new request) against the plugin's network grant.

@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::InstancePre;
 
 use crate::contract::bindings::executor::ExecutorPre;
+use crate::contract::bindings::planner::PlannerPre;
 use crate::contract::{self, World};
 use crate::engine::{Origin, Runtime};
 use crate::runner;
@@ -44,6 +45,7 @@ pub struct Plugin {
     pub stages: Vec<StageInfo>,
     pre: InstancePre<RunState>,
     executor: Option<ExecutorPre<RunState>>,
+    planner: Option<PlannerPre<RunState>>,
 }
 
 impl Plugin {
@@ -54,6 +56,11 @@ impl Plugin {
     /// Typed entry points for stage plugins; `None` for other worlds.
     pub fn executor(&self) -> Option<&ExecutorPre<RunState>> {
         self.executor.as_ref()
+    }
+
+    /// Typed entry points for planners; `None` for other worlds.
+    pub fn planner(&self) -> Option<&PlannerPre<RunState>> {
+        self.planner.as_ref()
     }
 
     /// Loads the plugin `config` describes.
@@ -71,6 +78,9 @@ impl Plugin {
                 config.sha256
             );
         }
+        for (secret, source) in &config.grants.secrets {
+            source.read().map_err(|e| anyhow::anyhow!("plugin `{name}`: secret {secret:?} cannot be read: {e}; fix its source or remove the grant"))?;
+        }
         let summary = contract::summarize(&bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
         summary.check(config.world).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
         let (component, origin) = runtime
@@ -84,6 +94,11 @@ impl Plugin {
         } else {
             None
         };
+        let planner = if config.world.plans() {
+            Some(PlannerPre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| format!("plugin `{name}`: {file} does not match world `planner`"))?)
+        } else {
+            None
+        };
         let mut plugin = Plugin {
             name: name.clone(),
             world: config.world,
@@ -94,8 +109,9 @@ impl Plugin {
             stages: Vec::new(),
             pre,
             executor,
+            planner,
         };
-        if config.world.executes_stages() {
+        if config.world.defines_stages() {
             plugin.stages = runner::defined_stages(runtime, &plugin)
                 .await
                 .with_context(|| format!("plugin `{name}`: cannot list the stages it defines"))?;
@@ -107,43 +123,64 @@ impl Plugin {
 /// Every configured plugin, loaded, with stage routing.
 pub struct Plugins {
     plugins: Vec<Arc<Plugin>>,
-    routes: BTreeMap<String, Arc<Plugin>>,
+    /// Stage name → the plugin that performs it.
+    executors: BTreeMap<String, Arc<Plugin>>,
+    /// Stage name → the plugin that plans it.
+    planners: BTreeMap<String, Arc<Plugin>>,
 }
 
 impl Plugins {
-    /// Loads every plugin of `config`. Two plugins defining the same stage
-    /// is an error naming both, never "last one wins".
+    /// Loads every plugin of `config`. Two plugins performing (or planning)
+    /// the same stage is an error naming both, never "last one wins".
     pub async fn load(runtime: &Runtime, config: &AgentConfig) -> Result<Plugins> {
         let mut plugins = Vec::new();
-        let mut routes: BTreeMap<String, Arc<Plugin>> = BTreeMap::new();
+        let mut executors: BTreeMap<String, Arc<Plugin>> = BTreeMap::new();
+        let mut planners: BTreeMap<String, Arc<Plugin>> = BTreeMap::new();
         for plugin_config in &config.plugins {
             let plugin = Arc::new(Plugin::load(runtime, plugin_config).await?);
-            for stage in &plugin.stages {
-                if let Some(other) = routes.get(&stage.name) {
-                    bail!(
-                        "{}: stage `{}` is defined by both plugin `{}` and plugin `{}`; remove one of them from the agent config",
-                        config.source.display(),
-                        stage.name,
-                        other.name,
-                        plugin.name
-                    );
+            for (table, role, applies) in [
+                (&mut executors, "performs", plugin.world.executes_stages()),
+                (&mut planners, "plans", plugin.world.plans()),
+            ] {
+                if !applies {
+                    continue;
                 }
-                routes.insert(stage.name.clone(), plugin.clone());
+                for stage in &plugin.stages {
+                    if let Some(other) = table.get(&stage.name) {
+                        bail!(
+                            "{}: stage `{}` is defined by both plugin `{}` and plugin `{}` (both {role} it); remove one of them from the agent config",
+                            config.source.display(),
+                            stage.name,
+                            other.name,
+                            plugin.name
+                        );
+                    }
+                    table.insert(stage.name.clone(), plugin.clone());
+                }
             }
             plugins.push(plugin);
         }
-        Ok(Plugins { plugins, routes })
+        Ok(Plugins { plugins, executors, planners })
     }
 
     pub fn all(&self) -> &[Arc<Plugin>] {
         &self.plugins
     }
 
+    pub fn get(&self, name: &str) -> Option<&Arc<Plugin>> {
+        self.plugins.iter().find(|p| p.name == name)
+    }
+
     /// The plugin that performs `stage`.
     pub fn route(&self, stage: &str) -> Result<&Arc<Plugin>> {
-        self.routes.get(stage).with_context(|| {
-            let known: Vec<&str> = self.routes.keys().map(String::as_str).collect();
-            format!("no plugin defines stage `{stage}` (defined: {})", known.join(", "))
+        self.executors.get(stage).with_context(|| {
+            let known: Vec<&str> = self.executors.keys().map(String::as_str).collect();
+            format!("no plugin defines stage `{stage}` (defined: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") })
         })
+    }
+
+    /// The plugin that plans `stage`, if any does.
+    pub fn planner_for(&self, stage: &str) -> Option<&Arc<Plugin>> {
+        self.planners.get(stage)
     }
 }

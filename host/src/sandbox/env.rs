@@ -41,7 +41,8 @@ fn valid_env_name(name: &str) -> bool {
     !name.is_empty() && !name.contains('=') && !name.contains('\0')
 }
 
-/// Checks env and secret grants; relative secret files resolve against `base`.
+/// Checks env and secret grants; relative secret files resolve against
+/// `base`. Whether a secret can be read is checked when its plugin loads.
 pub fn validate(
     env: &BTreeMap<String, String>,
     inherit: &[String],
@@ -59,7 +60,9 @@ pub fn validate(
         {
             *path = base.join(&*path);
         }
-        source.read().map_err(|e| format!("secret {name:?} cannot be read: {e}; fix its source or remove the grant"))?;
+        if source.env.is_some() == source.file.is_some() {
+            return Err(format!("secret {name:?}: give exactly one of `env: VAR` or `file: PATH`"));
+        }
     }
     Ok(())
 }

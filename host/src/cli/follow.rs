@@ -1,0 +1,115 @@
+//! Following a deployment: a live view of its stage DAG on a terminal
+//! (status, elapsed time and the latest log line per stage), plain lines
+//! otherwise. Everything is read from the state store, so it works the same
+//! whether the deployment runs in this process or in an agent.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::pipeline::services::now_ms;
+use crate::store::{DeploymentRecord, DeploymentStatus, StageRecord, StageStatus, StateStore};
+
+const TICK: Duration = Duration::from_millis(150);
+
+fn elapsed(stage: &StageRecord) -> String {
+    match (stage.started_at, stage.finished_at) {
+        (Some(s), Some(f)) if stage.status.is_final() => format!("{:.1}s", f.saturating_sub(s) as f64 / 1000.0),
+        (Some(s), _) if stage.status == StageStatus::Running => format!("{:.1}s", now_ms().saturating_sub(s) as f64 / 1000.0),
+        _ => String::new(),
+    }
+}
+
+fn symbol(status: StageStatus) -> &'static str {
+    match status {
+        StageStatus::NotStarted => "·",
+        StageStatus::Running => "▶",
+        StageStatus::Success | StageStatus::Exited => "✔",
+        StageStatus::Skipped => "↷",
+        StageStatus::Failure => "✘",
+        StageStatus::Cancelled => "■",
+    }
+}
+
+/// The DAG edge of a stage, for display.
+pub fn needs_text(stage: &StageRecord) -> String {
+    if stage.needs.is_empty() { String::new() } else { format!("← {}", stage.needs.join(", ")) }
+}
+
+/// Follows deployment `id` until it ends; returns its final record.
+pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord> {
+    let tty = std::io::stdout().is_terminal();
+    let multi = MultiProgress::with_draw_target(if tty { ProgressDrawTarget::stdout() } else { ProgressDrawTarget::hidden() });
+    let style = ProgressStyle::with_template("{prefix} {msg}").expect("valid template");
+    let mut bars: HashMap<String, ProgressBar> = HashMap::new();
+    let mut printed: HashMap<String, StageStatus> = HashMap::new();
+    let mut last_lines: HashMap<String, String> = HashMap::new();
+    let mut after = 0i64;
+    let mut last_status = None;
+    loop {
+        let deployment = store.deployment(id)?.with_context(|| format!("no deployment `{id}`"))?;
+        if last_status != Some(deployment.status) {
+            if !deployment.status.is_final() {
+                let line = format!("deployment {id}: {}", deployment.status);
+                if tty { multi.println(&line)?; } else { println!("{line}"); }
+            }
+            last_status = Some(deployment.status);
+        }
+        for log in store.logs(id, None, after, 10_000)? {
+            after = log.seq;
+            let label = if log.stage.is_empty() { "plan".to_string() } else { log.stage.clone() };
+            if tty {
+                last_lines.insert(label, log.text);
+            } else {
+                println!("  {label} | {}: {}", log.source, log.text);
+            }
+        }
+        let stages = store.stages(id)?;
+        let width = stages.iter().map(|s| s.id.len()).max().unwrap_or(0);
+        for stage in &stages {
+            if tty {
+                let bar = bars.entry(stage.id.clone()).or_insert_with(|| {
+                    let bar = multi.add(ProgressBar::new_spinner());
+                    bar.set_style(style.clone());
+                    bar
+                });
+                bar.set_prefix(format!("{} {:<width$}", symbol(stage.status), stage.id));
+                let detail = if stage.status.is_final() && !stage.message.is_empty() {
+                    stage.message.clone()
+                } else {
+                    last_lines.get(&stage.id).cloned().unwrap_or_else(|| needs_text(stage))
+                };
+                bar.set_message(format!("{:<11} {:>7}  {}", stage.status.as_str(), elapsed(stage), truncate(&detail, 100)));
+            } else if printed.get(&stage.id) != Some(&stage.status) && stage.status != StageStatus::NotStarted {
+                let message = if stage.message.is_empty() { String::new() } else { format!(": {}", stage.message) };
+                println!("stage {} {}{} {}", stage.id, stage.status, if stage.status.is_final() { format!(" in {}", elapsed(stage)) } else { String::new() }, message);
+                printed.insert(stage.id.clone(), stage.status);
+            }
+        }
+        if deployment.status.is_final() {
+            for bar in bars.values() {
+                bar.finish();
+            }
+            let reason = if deployment.reason.is_empty() { String::new() } else { format!(": {}", deployment.reason) };
+            let line = format!("deployment {id} {}{reason}", deployment.status);
+            if tty { multi.println(&line)?; } else { println!("{line}"); }
+            return Ok(deployment);
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max { text.to_string() } else { format!("{}…", text.chars().take(max).collect::<String>()) }
+}
+
+/// The exit code for a finished deployment.
+pub fn exit_code(status: DeploymentStatus) -> u8 {
+    match status {
+        DeploymentStatus::Success => 0,
+        _ => 1,
+    }
+}

@@ -1,0 +1,571 @@
+//! The `cordon` command line; the only module that prints for humans.
+//!
+//! Exit codes: 0 when the stage or deployment succeeded (a stage may also
+//! have exited or been skipped), 1 when it failed or was cancelled, 2 when
+//! the input (a config, a file, an option, an unknown deployment) was
+//! refused before anything ran.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use sha2::{Digest, Sha256};
+
+use crate::agent::{self, AgentLock};
+use crate::contract::{self, World};
+use crate::engine::{Runtime, RuntimeOptions};
+use crate::pipeline::config::AppConfig;
+use crate::pipeline::plan::{PlanInput, Strategy, TriggerInfo};
+use crate::pipeline::services::now_ms;
+use crate::pipeline::{self, Host};
+use crate::plugin::{AgentConfig, Plugin};
+use crate::runner::{self, Deployment, Stage, StageCall, Status, Trigger};
+use crate::sandbox::output::{LogSink, Source, NullSink};
+use crate::sandbox::{MemoryServices, RunDirs};
+use crate::store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, SqliteStore, StageRecord, StateStore};
+
+mod follow;
+
+#[derive(Parser)]
+#[command(name = "cordon", version, about = "Deploy through pipelines whose every stage is a sandboxed WebAssembly component")]
+struct Cli {
+    /// Agent config (plugins, grants, state directory).
+    #[arg(long, global = true, env = "CORDON_CONFIG", default_value = "cordon.yaml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with plugin components.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Run stages outside a pipeline.
+    #[command(subcommand)]
+    Stage(StageCommand),
+    /// Trigger a deployment of the application in APP_DIR and follow it.
+    Deploy {
+        app_dir: PathBuf,
+        #[command(flatten)]
+        trigger: TriggerArgs,
+        /// Queue the deployment for a running `cordon agent` and return.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Show the strategy, stages, DAG and versions a deployment would get; runs no stage.
+    Plan {
+        app_dir: PathBuf,
+        #[command(flatten)]
+        trigger: TriggerArgs,
+    },
+    /// Recent deployments, or one deployment's stages.
+    Status { deployment: Option<String> },
+    /// A deployment's stage logs.
+    Logs {
+        deployment: String,
+        /// Only this stage (its id or name).
+        #[arg(long)]
+        stage: Option<String>,
+        /// Keep printing new lines until the deployment ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Approve a stage that waits for approval.
+    Approve {
+        deployment: String,
+        stage: String,
+        /// Who approves.
+        #[arg(long = "as", default_value_t = default_user())]
+        commander: String,
+    },
+    /// Skip a stage (interrupting it if it runs).
+    Skip {
+        deployment: String,
+        stage: String,
+        #[arg(long = "as", default_value_t = default_user())]
+        commander: String,
+    },
+    /// Cancel a deployment; rollback runs if the application enables it.
+    Cancel {
+        deployment: String,
+        #[arg(long = "as", default_value_t = default_user())]
+        commander: String,
+    },
+    /// Run queued deployments and resume unfinished ones, until interrupted.
+    Agent,
+}
+
+#[derive(clap::Args, Clone)]
+struct TriggerArgs {
+    /// Force a strategy instead of letting the planners decide.
+    #[arg(long, value_enum)]
+    sync: Option<SyncArg>,
+    /// Commit message (skip rules and commit matchers read it).
+    #[arg(long, default_value = "")]
+    message: String,
+    /// Commit hash, for the record.
+    #[arg(long, default_value = "")]
+    commit: String,
+    /// Who triggers the deployment.
+    #[arg(long = "as", default_value_t = default_user())]
+    commander: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum SyncArg {
+    Quick,
+    Pipeline,
+}
+
+impl TriggerArgs {
+    fn info(&self) -> TriggerInfo {
+        TriggerInfo {
+            commit_hash: self.commit.clone(),
+            commit_message: self.message.clone(),
+            commander: self.commander.clone(),
+            sync: self.sync.map(|s| match s {
+                SyncArg::Quick => Strategy::QuickSync,
+                SyncArg::Pipeline => Strategy::PipelineSync,
+            }),
+        }
+    }
+}
+
+fn default_user() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "operator".to_string())
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Show a component's worlds, imports, exports, contract version, size and sha256.
+    Inspect {
+        /// The component (.wasm) to inspect.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum StageCommand {
+    /// Run one stage of one plugin once, in its sandbox, and exit with its status.
+    Run {
+        /// Plugin name from the agent config.
+        #[arg(long)]
+        plugin: String,
+        /// Stage name, e.g. WAIT.
+        #[arg(long)]
+        stage: String,
+        /// Stage options as JSON, e.g. '{"duration": 2}'.
+        #[arg(long = "with", default_value = "{}")]
+        with: String,
+        /// Directory mounted read-only as the target source (/source).
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// Directory mounted read-only as the running source (/running).
+        #[arg(long)]
+        running: Option<PathBuf>,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let config = cli.config;
+    match cli.command {
+        Command::Plugin(PluginCommand::Inspect { file }) => inspect(&file).await,
+        Command::Stage(StageCommand::Run { plugin, stage, with, source, running }) => {
+            stage_run(&config, &plugin, &stage, &with, source.as_deref(), running.as_deref()).await
+        }
+        Command::Deploy { app_dir, trigger, detach } => deploy(&config, &app_dir, trigger.info(), detach).await,
+        Command::Plan { app_dir, trigger } => plan(&config, &app_dir, trigger.info()).await,
+        Command::Status { deployment } => status(&config, deployment.as_deref()),
+        Command::Logs { deployment, stage, follow } => logs(&config, &deployment, stage.as_deref(), follow).await,
+        Command::Approve { deployment, stage, commander } => command(&config, &deployment, Some(&stage), CommandKind::Approve, &commander),
+        Command::Skip { deployment, stage, commander } => command(&config, &deployment, Some(&stage), CommandKind::Skip, &commander),
+        Command::Cancel { deployment, commander } => command(&config, &deployment, None, CommandKind::Cancel, &commander),
+        Command::Agent => agent(&config).await,
+    }
+}
+
+async fn inspect(file: &Path) -> Result<ExitCode> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let summary = contract::summarize(&bytes).map_err(|e| anyhow::anyhow!("{} {e}", file.display()))?;
+    let worlds = summary.worlds();
+    let versions = summary.contract_versions();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "file:      {}", file.display())?;
+    writeln!(out, "size:      {} bytes", bytes.len())?;
+    writeln!(out, "sha256:    {}", hex::encode(Sha256::digest(&bytes)))?;
+    let compat = if versions.iter().all(|v| v == contract::VERSION) { "compatible" } else { "NOT compatible" };
+    writeln!(
+        out,
+        "contract:  {} {} ({compat} with this host's {})",
+        contract::PACKAGE,
+        if versions.is_empty() { "(none)".to_string() } else { versions.join(", ") },
+        contract::VERSION
+    )?;
+    let names: Vec<&str> = worlds.iter().map(|w| w.name()).collect();
+    writeln!(out, "worlds:    {}", if names.is_empty() { "none of this contract".to_string() } else { names.join(", ") })?;
+    writeln!(out, "imports:")?;
+    for import in &summary.imports {
+        writeln!(out, "  {import}")?;
+    }
+    writeln!(out, "exports:")?;
+    for export in &summary.exports {
+        writeln!(out, "  {export}")?;
+    }
+    if let Some(world) = worlds.iter().copied().find(|w| w.executes_stages()) {
+        let stages = list_stages(file, &bytes, world).await?;
+        writeln!(out, "stages:")?;
+        for stage in stages {
+            writeln!(out, "  {:<20} {}", stage.name, stage.description)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the component with no grants to ask which stages it defines.
+async fn list_stages(file: &Path, bytes: &[u8], world: World) -> Result<Vec<crate::plugin::StageInfo>> {
+    let runtime = Runtime::new(RuntimeOptions { cache_dir: None, pooling: false, ..Default::default() })?;
+    let config = crate::plugin::PluginConfig {
+        name: "inspected".into(),
+        path: file.to_path_buf(),
+        sha256: hex::encode(Sha256::digest(bytes)),
+        world,
+        grants: Default::default(),
+        limits: Default::default(),
+    };
+    Ok(Plugin::load(&runtime, &config).await?.stages)
+}
+
+/// Prints stage log lines as they arrive.
+struct TerminalSink;
+
+impl LogSink for TerminalSink {
+    fn line(&self, source: Source, text: &str) {
+        println!("{source:>7} | {text}");
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+async fn stage_run(
+    config_path: &Path,
+    plugin_name: &str,
+    stage_name: &str,
+    with: &str,
+    source: Option<&Path>,
+    running: Option<&Path>,
+) -> Result<ExitCode> {
+    let config = AgentConfig::load(config_path)?;
+    let plugin_config = config.plugin(plugin_name)?;
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(with) {
+        bail!("--with {with:?} is not valid JSON ({e}); pass stage options like --with '{{\"duration\": 2}}'");
+    }
+    for (flag, dir) in [("--source", source), ("--running", running)] {
+        if let Some(dir) = dir
+            && !dir.is_dir()
+        {
+            bail!("{flag} {} is not a directory", dir.display());
+        }
+    }
+    let runtime = Runtime::new(RuntimeOptions { cache_dir: Some(config.cache_dir()), ..Default::default() })?;
+    let plugin = Plugin::load(&runtime, plugin_config).await?;
+    if !plugin.stages.iter().any(|s| s.name == stage_name) {
+        let known: Vec<&str> = plugin.stages.iter().map(|s| s.name.as_str()).collect();
+        bail!("plugin `{plugin_name}` does not define stage `{stage_name}` (it defines: {})", known.join(", "));
+    }
+
+    let scratch_root = config.state_dir.join("scratch");
+    std::fs::create_dir_all(&scratch_root).with_context(|| format!("cannot create {}", scratch_root.display()))?;
+    let scratch = tempfile::Builder::new().prefix("stage-run-").tempdir_in(&scratch_root)?;
+    let empty_source = tempfile::tempdir()?;
+    let target = source.map(Path::to_path_buf).unwrap_or_else(|| empty_source.path().to_path_buf());
+    let app_name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "app".into());
+    let id = format!("run-{}", now_unix());
+    let call = StageCall {
+        deployment: Deployment {
+            id: id.clone(),
+            application_id: app_name.clone(),
+            application_name: app_name,
+            labels: Vec::new(),
+            trigger: Trigger { commit_hash: String::new(), commit_message: String::new(), commander: "cordon stage run".into() },
+            created_at: now_unix(),
+        },
+        stage: Stage {
+            id: format!("{id}-0"),
+            name: stage_name.to_string(),
+            desc: String::new(),
+            index: 0,
+            rollback: false,
+            options: with.to_string(),
+        },
+        app_config: "{}".into(),
+        dirs: RunDirs {
+            target: Some(target),
+            running: running.map(Path::to_path_buf),
+            scratch: Some(scratch.path().to_path_buf()),
+        },
+        services: Arc::new(MemoryServices::default()),
+        sink: Arc::new(TerminalSink),
+        timeout: None,
+    };
+    println!("{stage_name}: running plugin `{plugin_name}` (world {}, {})", plugin.world, plugin.origin);
+    let started = Instant::now();
+    let outcome = runner::execute_stage(&runtime, &plugin, call).await;
+    let elapsed = started.elapsed();
+    let detail = if outcome.message.is_empty() { String::new() } else { format!(": {}", outcome.message) };
+    println!("{stage_name}: {} in {:.2}s{detail}", outcome.status, elapsed.as_secs_f64());
+    Ok(match outcome.status {
+        Status::Success | Status::Exited | Status::Skipped => ExitCode::SUCCESS,
+        Status::Failure | Status::Cancelled => ExitCode::from(1),
+    })
+}
+
+/// Opens the state store named by the agent config, without loading plugins.
+fn open_store(config_path: &Path) -> Result<(AgentConfig, SqliteStore)> {
+    let config = AgentConfig::load(config_path)?;
+    let db = pipeline::database_path(&config.state_dir);
+    if !db.exists() {
+        bail!("no state at {}: nothing was deployed with {} yet", db.display(), config_path.display());
+    }
+    let store = SqliteStore::open(&db)?;
+    Ok((config, store))
+}
+
+fn deployment_or_err(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord> {
+    store.deployment(id)?.with_context(|| {
+        let recent: Vec<String> = store.deployments(None, 5).unwrap_or_default().into_iter().map(|d| d.id).collect();
+        format!("no deployment `{id}` (recent: {})", if recent.is_empty() { "none".to_string() } else { recent.join(", ") })
+    })
+}
+
+/// A stage by id, or by name when the name is unique in the deployment.
+fn resolve_stage<'a>(stages: &'a [StageRecord], deployment: &str, wanted: &str) -> Result<&'a StageRecord> {
+    if let Some(s) = stages.iter().find(|s| s.id == wanted) {
+        return Ok(s);
+    }
+    let by_name: Vec<&StageRecord> = stages.iter().filter(|s| s.name == wanted).collect();
+    match by_name.as_slice() {
+        [one] => Ok(one),
+        [] => {
+            let ids: Vec<&str> = stages.iter().map(|s| s.id.as_str()).collect();
+            bail!("deployment {deployment} has no stage `{wanted}` (stages: {})", ids.join(", "))
+        }
+        several => {
+            let ids: Vec<&str> = several.iter().map(|s| s.id.as_str()).collect();
+            bail!("`{wanted}` names several stages of {deployment}; use one of the ids: {}", ids.join(", "))
+        }
+    }
+}
+
+async fn deploy(config_path: &Path, app_dir: &Path, trigger: TriggerInfo, detach: bool) -> Result<ExitCode> {
+    let config = AgentConfig::load(config_path)?;
+    let host = Arc::new(Host::open(&config).await?);
+    let record = pipeline::trigger(&host, app_dir, trigger)?;
+    let id = record.id.clone();
+    println!("deployment {id} of {} queued", record.application);
+    if detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let runner = match AgentLock::try_acquire(&config.state_dir)? {
+        Some(lock) => {
+            let scope = agent::Scope { application: Some(record.application.clone()), until: Some(id.clone()), until_idle: false };
+            let host = host.clone();
+            Some(tokio::spawn(async move { agent::serve(host, &lock, scope).await }))
+        }
+        None => {
+            println!("an agent is running on {}; following", config.state_dir.display());
+            None
+        }
+    };
+    let finished = follow::follow(host.store.as_ref(), &id).await?;
+    if let Some(runner) = runner {
+        runner.await.context("the deployment runner panicked")??;
+    }
+    Ok(ExitCode::from(follow::exit_code(finished.status)))
+}
+
+async fn plan(config_path: &Path, app_dir: &Path, trigger: TriggerInfo) -> Result<ExitCode> {
+    let config = AgentConfig::load(config_path)?;
+    let host = Host::open(&config).await?;
+    let app = AppConfig::load(app_dir)?;
+    let running = host.store.application(&app.name)?.and_then(|a| a.running_snapshot).map(PathBuf::from).filter(|p| p.is_dir());
+    let changed = pipeline::snapshot::changed_files(running.as_deref(), app_dir)?;
+    let scratch = tempfile::tempdir()?;
+    let preview = DeploymentRecord {
+        id: format!("{}-plan", app.name),
+        application: app.name.clone(),
+        status: DeploymentStatus::Queued,
+        reason: String::new(),
+        trigger: String::new(),
+        plan: String::new(),
+        target_snapshot: app_dir.to_string_lossy().into_owned(),
+        running_snapshot: String::new(),
+        created_at: now_ms(),
+        started_at: None,
+        finished_at: None,
+    };
+    let input = PlanInput {
+        runtime: &host.runtime,
+        plugins: &host.plugins,
+        app: &app,
+        trigger: &trigger,
+        deployment: pipeline::deployment_info(&preview, &app, &trigger),
+        target: app_dir.to_path_buf(),
+        running: running.clone(),
+        scratch: scratch.path().to_path_buf(),
+        changed,
+        sink: Arc::new(NullSink),
+    };
+    let planned = pipeline::plan::plan(&input).await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "application: {}", app.name)?;
+    writeln!(out, "strategy:    {} ({})", planned.summary.strategy.as_str(), planned.summary.summary)?;
+    writeln!(out, "running:     {}", running.map_or("none (first deployment)".to_string(), |p| p.display().to_string()))?;
+    writeln!(out, "changed:     {} file(s)", planned.summary.changed.len())?;
+    writeln!(out, "versions:")?;
+    for v in &planned.summary.versions {
+        writeln!(out, "  {} {} {} {} ({})", v.plugin, v.kind, v.name, v.version, v.url)?;
+    }
+    writeln!(out, "stages:")?;
+    for s in &planned.stages {
+        let kind = if s.rollback { " (rollback)" } else { "" };
+        writeln!(out, "  {:<24} plugin {:<12} {}{kind}", s.id, s.plugin, follow::needs_text(s))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ago(ms: u64) -> String {
+    let secs = now_ms().saturating_sub(ms) / 1000;
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}
+
+fn status(config_path: &Path, deployment: Option<&str>) -> Result<ExitCode> {
+    let (_, store) = open_store(config_path)?;
+    let mut out = std::io::stdout().lock();
+    match deployment {
+        None => {
+            for d in store.deployments(None, 20)? {
+                writeln!(out, "{:<24} {:<14} {:<12} {:>8}  {}", d.id, d.application, d.status.as_str(), ago(d.created_at), d.reason)?;
+            }
+        }
+        Some(id) => {
+            let d = deployment_or_err(&store, id)?;
+            writeln!(out, "deployment {} of {}: {}{}", d.id, d.application, d.status, if d.reason.is_empty() { String::new() } else { format!(" ({})", d.reason) })?;
+            for s in store.stages(id)? {
+                let took = match (s.started_at, s.finished_at) {
+                    (Some(a), Some(b)) => format!("{:.1}s", b.saturating_sub(a) as f64 / 1000.0),
+                    _ => String::new(),
+                };
+                writeln!(out, "  {:<24} {:<12} {:>7} {}  {}", s.id, s.status.as_str(), took, follow::needs_text(&s), s.message)?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn logs(config_path: &Path, id: &str, stage: Option<&str>, keep_following: bool) -> Result<ExitCode> {
+    let (_, store) = open_store(config_path)?;
+    deployment_or_err(&store, id)?;
+    let stage_id = match stage {
+        Some(s) => Some(resolve_stage(&store.stages(id)?, id, s)?.id.clone()),
+        None => None,
+    };
+    let mut after = 0;
+    loop {
+        let finished = store.deployment(id)?.is_some_and(|d| d.status.is_final());
+        let lines = store.logs(id, stage_id.as_deref(), after, 10_000)?;
+        for l in &lines {
+            after = l.seq;
+            let stage = if l.stage.is_empty() { "plan" } else { &l.stage };
+            println!("{stage} | {}: {}", l.source, l.text);
+        }
+        if !keep_following || (finished && lines.is_empty()) {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if lines.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn command(config_path: &Path, id: &str, stage: Option<&str>, kind: CommandKind, commander: &str) -> Result<ExitCode> {
+    let (_, store) = open_store(config_path)?;
+    let d = deployment_or_err(&store, id)?;
+    if d.status.is_final() {
+        bail!("deployment {id} already ended ({}); there is nothing to {kind}", d.status);
+    }
+    let stage_id = match stage {
+        Some(wanted) => {
+            let stages = store.stages(id)?;
+            if stages.is_empty() {
+                bail!("deployment {id} is not planned yet; try again in a moment");
+            }
+            let s = resolve_stage(&stages, id, wanted)?;
+            if s.status.is_final() {
+                bail!("stage {} of {id} already ended ({}); there is nothing to {kind}", s.id, s.status);
+            }
+            s.id.clone()
+        }
+        None => String::new(),
+    };
+    let record = CommandRecord {
+        id: format!("{id}/{kind}/{}-{}", now_ms(), std::process::id()),
+        deployment: id.to_string(),
+        stage: stage_id.clone(),
+        kind,
+        commander: commander.to_string(),
+        created_at: now_ms() / 1000,
+    };
+    store.add_command(&record)?;
+    let target = if stage_id.is_empty() { format!("deployment {id}") } else { format!("stage {stage_id} of {id}") };
+    println!("{kind} sent to {target} as {commander}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn agent(config_path: &Path) -> Result<ExitCode> {
+    let config = AgentConfig::load(config_path)?;
+    let lock = AgentLock::try_acquire(&config.state_dir)?
+        .with_context(|| format!("another agent already runs on {}", config.state_dir.display()))?;
+    let host = Arc::new(Host::open(&config).await?);
+    println!("agent serving {} with {} plugin(s)", config.state_dir.display(), host.plugins.all().len());
+    tokio::select! {
+        result = agent::serve(host, &lock, agent::Scope::default()) => result?,
+        _ = tokio::signal::ctrl_c() => println!("agent stopping; unfinished deployments resume at the next start"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

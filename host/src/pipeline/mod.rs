@@ -1,0 +1,123 @@
+//! The pipeline engine: application configs, planning, the stage DAG and
+//! its scheduler, rollback, timeouts and commands, on durable state.
+//!
+//! Data flows one way: `trigger` snapshots the application and queues a
+//! deployment; [`run::run_deployment`] plans it (once), then drives its
+//! stages from the store, recording each result exactly once, and resumes
+//! from the store after a crash.
+
+pub mod config;
+pub mod plan;
+pub mod run;
+pub mod services;
+pub mod snapshot;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::engine::{Runtime, RuntimeOptions};
+use crate::plugin::{AgentConfig, Plugins};
+use crate::runner::{Deployment, Trigger};
+use crate::store::{DeploymentRecord, DeploymentStatus, SqliteStore, StateStore};
+use config::AppConfig;
+use plan::TriggerInfo;
+use services::now_ms;
+
+/// What deployments run against: the engine, the plugins, the state store
+/// and the state directory.
+pub struct Host {
+    pub runtime: Arc<Runtime>,
+    pub plugins: Arc<Plugins>,
+    pub store: Arc<dyn StateStore>,
+    pub state_dir: PathBuf,
+}
+
+/// The state database inside a state directory.
+pub fn database_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("state.db")
+}
+
+impl Host {
+    /// Opens the state store and loads every plugin of `config`.
+    pub async fn open(config: &AgentConfig) -> Result<Host> {
+        let runtime = Arc::new(Runtime::new(RuntimeOptions { cache_dir: Some(config.cache_dir()), ..Default::default() })?);
+        Self::open_with(runtime, config).await
+    }
+
+    /// Like [`Host::open`], on an existing runtime (tests share one).
+    pub async fn open_with(runtime: Arc<Runtime>, config: &AgentConfig) -> Result<Host> {
+        let plugins = Arc::new(Plugins::load(&runtime, config).await?);
+        let store: Arc<dyn StateStore> = Arc::new(SqliteStore::open(&database_path(&config.state_dir))?);
+        Ok(Host { runtime, plugins, store, state_dir: config.state_dir.clone() })
+    }
+
+    pub fn snapshot_dir(&self, deployment: &str) -> PathBuf {
+        self.state_dir.join("snapshots").join(deployment)
+    }
+
+    pub fn scratch_dir(&self, deployment: &str) -> PathBuf {
+        self.state_dir.join("scratch").join(deployment)
+    }
+}
+
+/// The deployment as plugins see it.
+pub fn deployment_info(d: &DeploymentRecord, app: &AppConfig, trigger: &TriggerInfo) -> Deployment {
+    Deployment {
+        id: d.id.clone(),
+        application_id: app.name.clone(),
+        application_name: app.name.clone(),
+        labels: app.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        trigger: Trigger {
+            commit_hash: trigger.commit_hash.clone(),
+            commit_message: trigger.commit_message.clone(),
+            commander: trigger.commander.clone(),
+        },
+        created_at: d.created_at / 1000,
+    }
+}
+
+/// Validates the application in `app_dir`, snapshots it and queues a
+/// deployment. Nothing is written unless the config is valid.
+pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<DeploymentRecord> {
+    let app = AppConfig::load(app_dir)?;
+    plan::check_app(&app, &host.plugins)?;
+    let dir = std::fs::canonicalize(app_dir).with_context(|| format!("cannot resolve {}", app_dir.display()))?;
+    host.store.upsert_application(&app.name, &dir.to_string_lossy())?;
+    let trigger_json = serde_json::to_string(&trigger)?;
+    let mut n = host.store.deployments(Some(&app.name), usize::MAX)?.len() + 1;
+    loop {
+        let id = format!("{}-{n}", app.name);
+        let snapshot = host.snapshot_dir(&id);
+        if host.store.deployment(&id)?.is_some() || snapshot.exists() {
+            n += 1;
+            continue;
+        }
+        snapshot::snapshot(app_dir, &snapshot)?;
+        let record = DeploymentRecord {
+            id: id.clone(),
+            application: app.name.clone(),
+            status: DeploymentStatus::Queued,
+            reason: String::new(),
+            trigger: trigger_json.clone(),
+            plan: String::new(),
+            target_snapshot: snapshot.to_string_lossy().into_owned(),
+            running_snapshot: String::new(),
+            created_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+        };
+        match host.store.insert_deployment(&record) {
+            Ok(()) => return Ok(record),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&snapshot);
+                if host.store.deployment(&id)?.is_some() {
+                    n += 1;
+                    continue;
+                }
+                return Err(e);
+            }
+        }
+    }
+}

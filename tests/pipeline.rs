@@ -1,0 +1,380 @@
+//! The pipeline engine end to end: strategy selection, the stage DAG and
+//! real parallelism, the index contract, timeouts, cancel, commands from a
+//! second process, rollback, `exited`, secret masking, SIGKILL and resume,
+//! and many concurrent deployments.
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cordon::pipeline::Host;
+use cordon::pipeline::plan::{self, PlanInput, Strategy, TriggerInfo};
+use cordon::sandbox::output::NullSink;
+use cordon::store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, StageStatus};
+use cordon_tests::{TOKEN_VALUE, World, cordon_bin, deploy, serve_until_idle};
+
+fn message(m: &str) -> TriggerInfo {
+    TriggerInfo { commit_message: m.into(), commander: "test".into(), ..Default::default() }
+}
+
+fn stages(host: &Host, id: &str) -> Vec<cordon::store::StageRecord> {
+    host.store.stages(id).unwrap()
+}
+
+fn stage_status(host: &Host, d: &DeploymentRecord) -> Vec<(String, StageStatus)> {
+    stages(host, &d.id).into_iter().map(|s| (s.id, s.status)).collect()
+}
+
+async fn strategy_of(host: &Host, app_dir: &Path, trigger: TriggerInfo, running: Option<&Path>) -> anyhow::Result<(Strategy, String)> {
+    let app = cordon::pipeline::config::AppConfig::load(app_dir)?;
+    let scratch = tempfile::tempdir().unwrap();
+    let record = DeploymentRecord {
+        id: "preview".into(),
+        application: app.name.clone(),
+        status: DeploymentStatus::Queued,
+        reason: String::new(),
+        trigger: String::new(),
+        plan: String::new(),
+        target_snapshot: String::new(),
+        running_snapshot: String::new(),
+        created_at: 0,
+        started_at: None,
+        finished_at: None,
+    };
+    let input = PlanInput {
+        runtime: &host.runtime,
+        plugins: &host.plugins,
+        app: &app,
+        trigger: &trigger,
+        deployment: cordon::pipeline::deployment_info(&record, &app, &trigger),
+        target: app_dir.to_path_buf(),
+        running: running.map(Path::to_path_buf),
+        scratch: scratch.path().to_path_buf(),
+        changed: vec![],
+        sink: Arc::new(NullSink),
+    };
+    let planned = plan::plan(&input).await?;
+    Ok((planned.summary.strategy, planned.summary.summary))
+}
+
+#[tokio::test]
+async fn strategy_is_chosen_in_pipecd_order() {
+    let world = World::new();
+    let host = world.host().await;
+    let pipeline = "pipeline:\n  stages:\n    - name: TD_ROLLOUT\n";
+    let running = tempfile::tempdir().unwrap();
+    let r = Some(running.path());
+    let quick = Strategy::QuickSync;
+    let pipe = Strategy::PipelineSync;
+
+    let app = world.app("vote-quick", &format!("name: vq\n{pipeline}plugins:\n  test-deploy: {{ vote: quick }}\n"));
+    // 1. An explicit trigger wins over everything.
+    let t = TriggerInfo { sync: Some(pipe), ..message("") };
+    assert_eq!(strategy_of(&host, &app, t, r).await.unwrap().0, pipe);
+    // 2. No pipeline: quick sync.
+    let none = world.app("no-pipeline", "name: np\nplugins:\n  test-deploy: { vote: pipeline }\n");
+    let (s, why) = strategy_of(&host, &none, message(""), r).await.unwrap();
+    assert_eq!((s, why.contains("no pipeline")), (quick, true));
+    // 3. alwaysUsePipeline.
+    let always = world.app("always", &format!("name: al\nplanner: {{ alwaysUsePipeline: true }}\n{pipeline}plugins:\n  test-deploy: {{ vote: quick }}\n"));
+    assert_eq!(strategy_of(&host, &always, message(""), r).await.unwrap().0, pipe);
+    // 4. Commit matchers, both ways.
+    let matchers = world.app(
+        "matchers",
+        &format!("name: ma\nplanner:\n  commitMatcher: {{ quickSync: '^hotfix', pipeline: '^release' }}\n{pipeline}plugins:\n  test-deploy: {{ vote: unsupported }}\n"),
+    );
+    assert_eq!(strategy_of(&host, &matchers, message("hotfix: x"), r).await.unwrap().0, quick);
+    assert_eq!(strategy_of(&host, &matchers, message("release 2"), r).await.unwrap().0, pipe);
+    // 5. First deployment: quick sync.
+    let (s, why) = strategy_of(&host, &matchers, message("other"), None).await.unwrap();
+    assert_eq!((s, why.contains("first deployment")), (quick, true));
+    // 6. The planner's vote, "unsupported" ignored, and a clear error when nobody decides.
+    assert_eq!(strategy_of(&host, &app, message(""), r).await.unwrap().0, quick);
+    let vote_pipe = world.app("vote-pipe", &format!("name: vp\n{pipeline}plugins:\n  test-deploy: {{ vote: pipeline }}\n"));
+    assert_eq!(strategy_of(&host, &vote_pipe, message(""), r).await.unwrap().0, pipe);
+    let err = format!("{:#}", strategy_of(&host, &matchers, message("other"), r).await.unwrap_err());
+    assert!(err.contains("no strategy was decided") && err.contains("test-deploy"), "{err}");
+}
+
+#[tokio::test]
+async fn dag_runs_in_order_and_independent_stages_in_parallel() {
+    let world = World::new();
+    let host = world.host().await;
+    let app = world.app(
+        "dag",
+        "name: dag\nplanner: { alwaysUsePipeline: true }\npipeline:\n  stages:\n    - { id: first, name: STEP, with: { marker: /marks/order } }\n    - { id: a, name: STEP, needs: [first], with: { sleep_ms: 800, marker: /marks/order } }\n    - { id: b, name: STEP, needs: [first], with: { sleep_ms: 800, marker: /marks/order } }\n    - { id: last, name: STEP, needs: [a, b], with: { marker: /marks/order } }\n",
+    );
+    let started = Instant::now();
+    let d = deploy(&host, &world.dir.path().join("state"), &app, message("")).await;
+    assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+    let s = stages(&host, &d.id);
+    let (a, b) = (&s[1], &s[2]);
+    assert!(a.started_at.unwrap() < b.finished_at.unwrap() && b.started_at.unwrap() < a.finished_at.unwrap(), "a and b did not overlap: {a:?} {b:?}");
+    assert!(s[3].started_at.unwrap() >= a.finished_at.unwrap().max(b.finished_at.unwrap()));
+    assert!(s[1].started_at.unwrap() >= s[0].finished_at.unwrap());
+    assert!(started.elapsed() < Duration::from_millis(1500), "parallel stages took {:?}", started.elapsed());
+    let order = world.marks("order");
+    assert_eq!(order.len(), 4);
+    assert!(order[0].ends_with("s0-STEP") && order[3].ends_with("s3-STEP"), "{order:?}");
+}
+
+#[tokio::test]
+async fn index_contract_violations_are_rejected() {
+    let world = World::new();
+    let host = world.host().await;
+    for (n, violation) in ["foreign-index", "renamed", "missing", "duplicate"].into_iter().enumerate() {
+        let app = world.app(
+            &format!("v{n}"),
+            &format!("name: v{n}\nplanner: {{ alwaysUsePipeline: true }}\npipeline:\n  stages:\n    - name: TD_ROLLOUT\n    - name: TD_ROLLOUT\nplugins:\n  test-deploy: {{ violate: {violation} }}\n"),
+        );
+        let d = deploy(&host, &world.dir.path().join("state"), &app, message("")).await;
+        assert_eq!(d.status, DeploymentStatus::Failure);
+        assert!(d.reason.contains("planner `test-deploy` broke the index contract"), "{violation}: {}", d.reason);
+        assert!(stages(&host, &d.id).is_empty(), "nothing may run after a broken plan");
+    }
+    let app = world.app("vq", "name: vq\nplugins:\n  test-deploy: { violate: quick-index }\n");
+    let d = deploy(&host, &world.dir.path().join("state"), &app, message("")).await;
+    assert!(d.reason.contains("quick-sync stages use index 0"), "{}", d.reason);
+}
+
+#[tokio::test]
+async fn stage_and_deployment_timeouts() {
+    let world = World::new();
+    let host = world.host().await;
+    let state = world.dir.path().join("state");
+    let app = world.app("st", "name: st\npipeline:\n  stages:\n    - { name: STEP, timeout: 300ms, with: { sleep_ms: 5000 } }\n    - { name: STEP }\n");
+    let started = Instant::now();
+    let d = deploy(&host, &state, &app, message("")).await;
+    assert_eq!(d.status, DeploymentStatus::Failure);
+    assert!(d.reason.contains("timed out after 300ms"), "{}", d.reason);
+    assert_eq!(stage_status(&host, &d)[1].1, StageStatus::NotStarted);
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    let app = world.app("dt", "name: dt\ntimeout: 500ms\npipeline:\n  stages:\n    - { name: STEP, with: { sleep_ms: 5000 } }\n");
+    let d = deploy(&host, &state, &app, message("")).await;
+    assert_eq!(d.status, DeploymentStatus::Failure);
+    assert!(d.reason.contains("deployment timed out after 500ms"), "{}", d.reason);
+    assert_eq!(stage_status(&host, &d)[0].1, StageStatus::Cancelled);
+}
+
+/// Sends a command the way `cordon cancel/skip/approve` do, from this process.
+fn send(host: &Host, deployment: &str, stage: &str, kind: CommandKind) {
+    host.store
+        .add_command(&CommandRecord {
+            id: format!("{deployment}/{stage}/{kind}/{}", cordon::pipeline::services::now_ms()),
+            deployment: deployment.into(),
+            stage: stage.into(),
+            kind,
+            commander: "tester".into(),
+            created_at: 0,
+        })
+        .unwrap();
+}
+
+async fn wait_for_stage(host: &Host, deployment: &str, stage: &str, status: StageStatus) {
+    let started = Instant::now();
+    loop {
+        if host.store.stages(deployment).unwrap().iter().any(|s| s.id == stage && s.status == status) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "stage {stage} never became {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn cancel_during_a_stage_rolls_back_and_cancel_during_rollback_stops_it() {
+    let world = World::new();
+    let host = world.host().await;
+    let state = world.dir.path().join("state");
+    let yaml = "name: c\nplanner: { alwaysUsePipeline: true }\npipeline:\n  stages:\n    - { name: TD_ROLLOUT, with: { sleep_ms: 20000, rollback_sleep_ms: 50 } }\n";
+    let app = world.app("c1", yaml);
+    let d = cordon::pipeline::trigger(&host, &app, message("")).unwrap();
+    let serving = tokio::spawn({
+        let host = host.clone();
+        let state = state.clone();
+        async move { serve_until_idle(&host, &state).await }
+    });
+    wait_for_stage(&host, &d.id, "s0-TD_ROLLOUT", StageStatus::Running).await;
+    send(&host, &d.id, "", CommandKind::Cancel);
+    serving.await.unwrap();
+    let d = host.store.deployment(&d.id).unwrap().unwrap();
+    assert_eq!(d.status, DeploymentStatus::Cancelled, "{d:?}");
+    assert!(d.reason.contains("cancelled by tester") && d.reason.contains("rolled back"), "{}", d.reason);
+    assert_eq!(stage_status(&host, &d), vec![("s0-TD_ROLLOUT".into(), StageStatus::Cancelled), ("rb0-TD_ROLLBACK".into(), StageStatus::Success)]);
+
+    // Now the rollback itself takes long, and is cancelled too.
+    let app = world.app("c2", &yaml.replace("rollback_sleep_ms: 50", "rollback_sleep_ms: 20000").replace("sleep_ms: 20000,", "fail: true,"));
+    let d = cordon::pipeline::trigger(&host, &app, message("")).unwrap();
+    let serving = tokio::spawn({
+        let host = host.clone();
+        async move { serve_until_idle(&host, &state).await }
+    });
+    wait_for_stage(&host, &d.id, "rb0-TD_ROLLBACK", StageStatus::Running).await;
+    send(&host, &d.id, "", CommandKind::Cancel);
+    let started = Instant::now();
+    serving.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let d = host.store.deployment(&d.id).unwrap().unwrap();
+    assert_eq!(d.status, DeploymentStatus::Cancelled);
+    assert!(d.reason.contains("failing on purpose") && d.reason.contains("rollback cancelled by tester"), "{}", d.reason);
+}
+
+#[tokio::test]
+async fn rollback_receives_the_source_stage_options() {
+    let world = World::new();
+    let host = world.host().await;
+    let app = world.app(
+        "rb",
+        "name: rb\nplanner: { alwaysUsePipeline: true }\npipeline:\n  stages:\n    - { name: TD_ROLLOUT, with: { color: blue } }\n    - { name: STEP, with: { status: failure } }\n",
+    );
+    let d = deploy(&host, &world.dir.path().join("state"), &app, message("")).await;
+    assert_eq!(d.status, DeploymentStatus::Failure);
+    let s = stages(&host, &d.id);
+    let rollback = s.iter().find(|s| s.rollback).expect("a rollback stage");
+    assert_eq!((rollback.id.as_str(), rollback.status, rollback.index), ("rb0-TD_ROLLBACK", StageStatus::Success, 0));
+    assert!(rollback.message.contains(r#""color":"blue""#), "{}", rollback.message);
+    assert!(d.reason.contains("stage s1-STEP failure: failing on purpose; rolled back"), "{}", d.reason);
+}
+
+#[tokio::test]
+async fn exited_stops_the_pipeline_as_success() {
+    let world = World::new();
+    let host = world.host().await;
+    let app = world.app("ex", "name: ex\npipeline:\n  stages:\n    - { name: STEP, with: { status: exited } }\n    - { name: STEP, with: { marker: /marks/never } }\n");
+    let d = deploy(&host, &world.dir.path().join("state"), &app, message("")).await;
+    assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+    assert_eq!(stage_status(&host, &d), vec![("s0-STEP".into(), StageStatus::Exited), ("s1-STEP".into(), StageStatus::Skipped)]);
+    assert!(world.marks("never").is_empty());
+    // The next deployment sees this one as its running source.
+    assert!(host.store.application("ex").unwrap().unwrap().last_success.as_deref() == Some(d.id.as_str()));
+}
+
+#[tokio::test]
+async fn skip_rules_and_secret_masking() {
+    let world = World::new();
+    let host = world.host().await;
+    let app = world.app(
+        "sk",
+        "name: sk\npipeline:\n  stages:\n    - { name: STEP, with: { secret: token, log: visible } }\n    - { name: STEP, skipOn: { commitMessagePrefixes: ['[skip]'] }, with: { marker: /marks/skipped } }\n",
+    );
+    let d = deploy(&host, &world.dir.path().join("state"), &app, message("[skip] docs")).await;
+    assert_eq!(d.status, DeploymentStatus::Success);
+    assert_eq!(stage_status(&host, &d)[1].1, StageStatus::Skipped);
+    assert!(world.marks("skipped").is_empty());
+    let logs = host.store.logs(&d.id, None, 0, 1000).unwrap();
+    let text: String = logs.iter().map(|l| format!("{}\n", l.text)).collect();
+    assert!(text.contains("secret token is ***") && text.contains("visible"), "{text}");
+    assert!(!text.contains(TOKEN_VALUE), "the secret leaked into the stored log:\n{text}");
+}
+
+fn cordon(world: &World, args: &[&str]) -> std::process::Output {
+    Command::new(cordon_bin()).arg("--config").arg(&world.config).args(args).output().unwrap()
+}
+
+#[tokio::test]
+async fn approve_and_skip_from_a_second_process() {
+    let world = World::new();
+    let host = world.host().await;
+    let state = world.dir.path().join("state");
+    let app = world.app(
+        "ap",
+        "name: ap\npipeline:\n  stages:\n    - { id: gate, name: STEP, with: { wait_for: approve } }\n    - { id: soak, name: STEP, with: { sleep_ms: 30000 } }\n    - { name: STEP }\n",
+    );
+    let d = cordon::pipeline::trigger(&host, &app, message("")).unwrap();
+    let serving = tokio::spawn({
+        let host = host.clone();
+        async move { serve_until_idle(&host, &state).await }
+    });
+    wait_for_stage(&host, &d.id, "s0-STEP", StageStatus::Running).await;
+    let out = cordon(&world, &["approve", &d.id, "s0-STEP", "--as", "alice"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for_stage(&host, &d.id, "s1-STEP", StageStatus::Running).await;
+    let out = cordon(&world, &["skip", &d.id, "s1-STEP", "--as", "bob"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serving.await.unwrap();
+    let d = host.store.deployment(&d.id).unwrap().unwrap();
+    assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+    let s = stages(&host, &d.id);
+    assert_eq!((s[0].status, s[0].message.as_str()), (StageStatus::Success, "approved by alice"));
+    assert_eq!((s[1].status, s[1].message.as_str()), (StageStatus::Skipped, "skipped by bob"));
+    assert_eq!(s[2].status, StageStatus::Success);
+    // Commands for a finished deployment are refused with a clear error.
+    let out = cordon(&world, &["cancel", &d.id]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already ended"));
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_agent(world: &World) -> Agent {
+    Agent(Command::new(cordon_bin()).arg("--config").arg(&world.config).arg("agent").spawn().unwrap())
+}
+
+#[tokio::test]
+async fn sigkill_during_a_stage_then_resume_without_duplicates() {
+    let world = World::new();
+    let host = world.host().await;
+    let app = world.app(
+        "kill",
+        "name: kill\npipeline:\n  stages:\n    - { name: STEP, with: { marker: /marks/one } }\n    - { name: STEP, with: { marker: /marks/two, sleep_ms: 3000 } }\n    - { name: STEP, with: { marker: /marks/three } }\n",
+    );
+    let out = cordon(&world, &["deploy", app.to_str().unwrap(), "--detach"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = "kill-1";
+    let mut agent = start_agent(&world);
+    wait_for_stage(&host, id, "s1-STEP", StageStatus::Running).await;
+    agent.0.kill().unwrap(); // SIGKILL
+    agent.0.wait().unwrap();
+    assert_eq!(host.store.deployment(id).unwrap().unwrap().status, DeploymentStatus::Running);
+    let _agent = start_agent(&world);
+    let started = Instant::now();
+    while !host.store.deployment(id).unwrap().unwrap().status.is_final() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the resumed deployment did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let d = host.store.deployment(id).unwrap().unwrap();
+    assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+    assert_eq!(world.marks("one").len(), 1, "a stage that succeeded ran again");
+    assert_eq!(world.marks("two").len(), 2, "the interrupted stage runs again");
+    assert_eq!(world.marks("three").len(), 1);
+    let s = stages(&host, id);
+    assert_eq!(s.iter().map(|s| s.attempts).collect::<Vec<_>>(), vec![1, 2, 1]);
+    assert!(s.iter().all(|s| s.status == StageStatus::Success));
+}
+
+#[tokio::test]
+async fn twenty_concurrent_deployments_across_ten_applications() {
+    let world = World::new();
+    let host = world.host().await;
+    let mut ids = Vec::new();
+    for a in 0..10 {
+        let app = world.app(&format!("app{a}"), &format!("name: app{a}\npipeline:\n  stages:\n    - {{ name: STEP, with: {{ sleep_ms: 200, marker: /marks/app{a} }} }}\n    - {{ name: STEP }}\n"));
+        for _ in 0..2 {
+            ids.push(cordon::pipeline::trigger(&host, &app, message("")).unwrap().id);
+        }
+    }
+    let started = Instant::now();
+    serve_until_idle(&host, &world.dir.path().join("state")).await;
+    for id in &ids {
+        let d = host.store.deployment(id).unwrap().unwrap();
+        assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+        assert!(stages(&host, id).iter().all(|s| s.status == StageStatus::Success && s.attempts == 1));
+    }
+    for a in 0..10 {
+        assert_eq!(world.marks(&format!("app{a}")).len(), 2);
+        let first = host.store.deployment(&format!("app{a}-1")).unwrap().unwrap();
+        let second = host.store.deployment(&format!("app{a}-2")).unwrap().unwrap();
+        assert!(second.started_at.unwrap() >= first.finished_at.unwrap(), "the second deployment of app{a} did not wait its turn");
+    }
+    // Ten applications at once: far less than twenty sequential deployments.
+    assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
+}
