@@ -24,7 +24,7 @@ test: guests host
 	$(CARGO) test --workspace
 
 bench: guests
-	$(CARGO) bench -p cordon --bench runtime
+	$(CARGO) bench -p cordon --bench runtime --bench pipeline
 
 # Writes an agent config pinning the digests of the freshly built guests.
 $(STATE)/agent.yaml: examples/agent.yaml guests
@@ -35,8 +35,9 @@ $(STATE)/agent.yaml: examples/agent.yaml guests
 
 demo: guests host $(STATE)/agent.yaml
 	$(CORDON) plugin inspect $(GUESTS)/wait.wasm
-	$(CORDON) stage run --config $(STATE)/agent.yaml --plugin wait --stage WAIT \
-	    --with '{"duration": 3}' --source examples/site
+	$(CORDON) --config $(STATE)/agent.yaml stage run --plugin wait --stage WAIT --with '{"duration": 1}'
+	$(CORDON) --config $(STATE)/agent.yaml deploy examples/site --message "demo: deploy the example site"
+	$(CORDON) --config $(STATE)/agent.yaml status
 
 clean:
 	rm -rf $(STATE)

@@ -222,6 +222,28 @@ async fn cancel_during_a_stage_rolls_back_and_cancel_during_rollback_stops_it() 
 }
 
 #[tokio::test]
+async fn cancel_interrupts_a_busy_plugin_at_once() {
+    let world = World::new();
+    let host = world.host().await;
+    let state = world.dir.path().join("state");
+    let app = world.app("busy", "name: busy\npipeline:\n  stages:\n    - { name: SPIN }\n    - { name: STEP }\n");
+    let d = cordon::pipeline::trigger(&host, &app, message("")).unwrap();
+    let serving = tokio::spawn({
+        let host = host.clone();
+        async move { serve_until_idle(&host, &state).await }
+    });
+    wait_for_stage(&host, &d.id, "s0-SPIN", StageStatus::Running).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    send(&host, &d.id, "", CommandKind::Cancel);
+    serving.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "cancel took {:?}", started.elapsed());
+    let d = host.store.deployment(&d.id).unwrap().unwrap();
+    assert_eq!(d.status, DeploymentStatus::Cancelled);
+    assert_eq!(stage_status(&host, &d), vec![("s0-SPIN".into(), StageStatus::Cancelled), ("s1-STEP".into(), StageStatus::NotStarted)]);
+}
+
+#[tokio::test]
 async fn rollback_receives_the_source_stage_options() {
     let world = World::new();
     let host = world.host().await;

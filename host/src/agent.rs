@@ -5,15 +5,16 @@
 //! store. Deployments of different applications run at once; a deployment
 //! waits while an earlier one of the same application is unfinished.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 
+use crate::pipeline::services::now_ms;
 use crate::pipeline::{Host, run};
 use crate::store::DeploymentStatus;
 
@@ -50,40 +51,49 @@ pub struct Scope {
     pub until_idle: bool,
 }
 
-/// Runs deployments until `scope.until` finishes (or forever).
+/// Runs deployments until `scope` says to stop (or forever).
 pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: Scope) -> Result<()> {
-    let mut active: HashMap<String, (String, JoinHandle<Result<DeploymentStatus>>)> = HashMap::new();
+    let mut running: JoinSet<Result<DeploymentStatus>> = JoinSet::new();
+    // Task → (application, deployment), and applications with one running.
+    let mut tasks: HashMap<tokio::task::Id, (String, String)> = HashMap::new();
+    let mut active: HashSet<String> = HashSet::new();
     loop {
-        // Reap finished deployments.
-        let done: Vec<String> = active.iter().filter(|(_, (_, h))| h.is_finished()).map(|(a, _)| a.clone()).collect();
-        for app in done {
-            let (id, handle) = active.remove(&app).expect("present");
-            match handle.await {
-                Ok(Ok(status)) => tracing::info!("deployment {id} finished: {status}"),
-                Ok(Err(e)) => {
-                    tracing::error!("deployment {id} stopped: {e:#}");
-                    let _ = host.store.set_deployment_status(&id, DeploymentStatus::Failure, &format!("agent error: {e:#}"), crate::pipeline::services::now_ms());
-                }
-                Err(e) => tracing::error!("deployment {id} panicked: {e}"),
-            }
-        }
         if let Some(until) = &scope.until {
-            let status = host.store.deployment(until)?.map(|d| d.status);
-            if status.is_none_or(|s| s.is_final()) && !active.values().any(|(id, _)| id == until) {
+            let done = host.store.deployment(until)?.is_none_or(|d| d.status.is_final());
+            if done && running.is_empty() {
                 return Ok(());
             }
         }
         let unfinished = host.store.unfinished_deployments()?;
-        if scope.until_idle && unfinished.is_empty() && active.is_empty() {
+        if scope.until_idle && unfinished.is_empty() && running.is_empty() {
             return Ok(());
         }
         for d in unfinished {
-            if scope.application.as_ref().is_some_and(|a| *a != d.application) || active.contains_key(&d.application) {
+            if scope.application.as_ref().is_some_and(|a| *a != d.application) || !active.insert(d.application.clone()) {
                 continue;
             }
-            let handle = tokio::spawn(run::run_deployment(host.clone(), d.id.clone()));
-            active.insert(d.application.clone(), (d.id, handle));
+            let task = running.spawn(run::run_deployment(host.clone(), d.id.clone()));
+            tasks.insert(task.id(), (d.application, d.id));
         }
-        tokio::time::sleep(POLL).await;
+        // Wake when a deployment ends (its application may have the next
+        // one queued) or to look for newly queued ones.
+        let finished = tokio::select! {
+            Some(joined) = running.join_next_with_id() => Some(joined),
+            _ = tokio::time::sleep(POLL) => None,
+        };
+        let Some(joined) = finished else { continue };
+        let (task, result) = match joined {
+            Ok((task, result)) => (task, result),
+            Err(e) => (e.id(), Err(anyhow::anyhow!("the deployment task panicked: {e}"))),
+        };
+        let (app, id) = tasks.remove(&task).expect("every task is recorded");
+        active.remove(&app);
+        match result {
+            Ok(status) => tracing::info!("deployment {id} finished: {status}"),
+            Err(e) => {
+                tracing::error!("deployment {id} stopped: {e:#}");
+                host.store.set_deployment_status(&id, DeploymentStatus::Failure, &format!("agent error: {e:#}"), now_ms())?;
+            }
+        }
     }
 }

@@ -1,8 +1,9 @@
 //! The wasmtime [`Engine`] and the compiled-component cache.
 //!
 //! One engine serves the whole agent: async, with epoch interruption (a
-//! background thread ticks [`TICKS_PER_SECOND`] times a second so a stage's
-//! wall-clock deadline can interrupt guest code), and the pooling allocator
+//! background thread ticks [`TICKS_PER_SECOND`] times a second and guest
+//! code yields to the executor at every tick, so timeouts, skip and cancel
+//! can stop any plugin), and the pooling allocator
 //! with copy-on-write memory images so that a fresh instance per call costs
 //! microseconds. Where the pool's virtual memory cannot be reserved (a tight
 //! `ulimit -v`, a small address space) the engine falls back to on-demand

@@ -209,7 +209,7 @@ pub fn cordon_bin() -> PathBuf {
 }
 
 /// A state directory with an agent config naming the pipeline test guests
-/// (`step`, `test-deploy`, `wait`, `probe`), a read-write `/marks` mount
+/// (`step`, `test-deploy`, `wait`, `spin`), a read-write `/marks` mount
 /// where stages count their runs, and a secret `token`.
 pub struct World {
     pub dir: tempfile::TempDir,
@@ -227,7 +227,7 @@ impl World {
         let secret = dir.path().join("token.txt");
         std::fs::write(&secret, format!("{TOKEN_VALUE}\n")).unwrap();
         let mut yaml = format!("state-dir: {}\nplugins:\n", dir.path().join("state").display());
-        for (name, world) in [("step", "executor"), ("test-deploy", "deployment"), ("wait", "executor")] {
+        for (name, world) in [("step", "executor"), ("test-deploy", "deployment"), ("wait", "executor"), ("spin", "executor")] {
             let file = guest(name);
             yaml.push_str(&format!(
                 "  - name: {name}\n    path: {}\n    sha256: {}\n    world: {world}\n    grants:\n      mounts: [{{ host: {}, guest: /marks, access: read-write }}]\n      secrets: {{ token: {{ file: {} }} }}\n",

@@ -58,36 +58,58 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
             }
             last_status = Some(deployment.status);
         }
-        for log in store.logs(id, None, after, 10_000)? {
-            after = log.seq;
-            let label = if log.stage.is_empty() { "plan".to_string() } else { log.stage.clone() };
-            if tty {
-                last_lines.insert(label, log.text);
-            } else {
-                println!("  {label} | {}: {}", log.source, log.text);
+        let stages = store.stages(id)?;
+        let logs = store.logs(id, None, after, 10_000)?;
+        if let Some(last) = logs.last() {
+            after = last.seq;
+        }
+        if tty {
+            for log in logs {
+                last_lines.insert(if log.stage.is_empty() { "plan".to_string() } else { log.stage }, log.text);
+            }
+        } else {
+            // Plain output: starts, log lines and ends in the order they happened.
+            let mut events: Vec<(u64, u8, String)> = Vec::new();
+            for stage in &stages {
+                let shown = printed.get(&stage.id).copied();
+                if stage.status != StageStatus::NotStarted && shown.is_none() {
+                    events.push((stage.started_at.unwrap_or(0), 1, format!("stage {} running", stage.id)));
+                }
+                if stage.status.is_final() && !shown.is_some_and(StageStatus::is_final) {
+                    let message = if stage.message.is_empty() { String::new() } else { format!(": {}", stage.message) };
+                    // On a tie, an end goes before other stages' starts
+                    // (they may need it), but after its own start.
+                    let at = stage.finished_at.unwrap_or(0);
+                    let order = if Some(at) == stage.started_at { 3 } else { 0 };
+                    events.push((at, order, format!("stage {} {} in {}{message}", stage.id, stage.status, elapsed(stage))));
+                }
+                if stage.status != StageStatus::NotStarted {
+                    printed.insert(stage.id.clone(), stage.status);
+                }
+            }
+            for log in logs {
+                let label = if log.stage.is_empty() { "plan".to_string() } else { log.stage };
+                events.push((log.at_ms, 2, format!("  {label} | {}: {}", log.source, log.text)));
+            }
+            events.sort_by_key(|(at, order, _)| (*at, *order));
+            for (_, _, line) in events {
+                println!("{line}");
             }
         }
-        let stages = store.stages(id)?;
         let width = stages.iter().map(|s| s.id.len()).max().unwrap_or(0);
-        for stage in &stages {
-            if tty {
-                let bar = bars.entry(stage.id.clone()).or_insert_with(|| {
-                    let bar = multi.add(ProgressBar::new_spinner());
-                    bar.set_style(style.clone());
-                    bar
-                });
-                bar.set_prefix(format!("{} {:<width$}", symbol(stage.status), stage.id));
-                let detail = if stage.status.is_final() && !stage.message.is_empty() {
-                    stage.message.clone()
-                } else {
-                    last_lines.get(&stage.id).cloned().unwrap_or_else(|| needs_text(stage))
-                };
-                bar.set_message(format!("{:<11} {:>7}  {}", stage.status.as_str(), elapsed(stage), truncate(&detail, 100)));
-            } else if printed.get(&stage.id) != Some(&stage.status) && stage.status != StageStatus::NotStarted {
-                let message = if stage.message.is_empty() { String::new() } else { format!(": {}", stage.message) };
-                println!("stage {} {}{} {}", stage.id, stage.status, if stage.status.is_final() { format!(" in {}", elapsed(stage)) } else { String::new() }, message);
-                printed.insert(stage.id.clone(), stage.status);
-            }
+        for stage in stages.iter().filter(|_| tty) {
+            let bar = bars.entry(stage.id.clone()).or_insert_with(|| {
+                let bar = multi.add(ProgressBar::new_spinner());
+                bar.set_style(style.clone());
+                bar
+            });
+            bar.set_prefix(format!("{} {:<width$}", symbol(stage.status), stage.id));
+            let detail = if stage.status.is_final() && !stage.message.is_empty() {
+                stage.message.clone()
+            } else {
+                last_lines.get(&stage.id).cloned().unwrap_or_else(|| needs_text(stage))
+            };
+            bar.set_message(format!("{:<11} {:>7}  {}", stage.status.as_str(), elapsed(stage), truncate(&detail, 100)));
         }
         if deployment.status.is_final() {
             for bar in bars.values() {

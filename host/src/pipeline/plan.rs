@@ -378,7 +378,13 @@ async fn pipeline_sync_stages(input: &PlanInput<'_>) -> Result<Vec<StageRecord>>
             return Err(broke(format!("configured stage {missing} (`{}`) was not returned", configured[missing as usize].name)));
         }
     }
-    let ids: Vec<String> = configured.iter().enumerate().map(|(i, s)| format!("s{i}-{}", s.name)).collect();
+    // A configured `id` becomes the stage id; other stages get `s<index>-<NAME>`.
+    let ids: Vec<String> =
+        configured.iter().enumerate().map(|(i, s)| s.id.clone().unwrap_or_else(|| format!("s{i}-{}", s.name))).collect();
+    let mut unique = std::collections::HashSet::new();
+    if let Some(dup) = ids.iter().find(|id| !unique.insert(id.as_str())) {
+        bail!("{}: stage id `{dup}` is used twice (a configured `id` equals a generated one); choose another `id`", app.file.display());
+    }
     let mut stages = Vec::new();
     for (i, stage) in planned.into_iter().enumerate() {
         let stage = stage.context("internal: a configured stage was not planned")?;

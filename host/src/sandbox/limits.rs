@@ -1,10 +1,10 @@
 //! Resource limits of one plugin call, and the typed [`Violation`] that a
 //! breached limit produces.
 //!
-//! Memory is capped by a [`ResourceLimiter`] on the store, wall-clock time by
-//! an epoch deadline (for guest code) plus a tokio timeout (for host calls
-//! that block), log output by [`super::output::StageLog`], and returned data
-//! after the call. Every breach surfaces as a `Violation`, so the runner can
+//! Memory is capped by a [`ResourceLimiter`] on the store; wall-clock time
+//! by a tokio timeout around the whole call, which guest code cannot hold
+//! off because it yields at every epoch tick and host calls are async; log
+//! output by [`super::output::StageLog`]; returned data after the call. Every breach surfaces as a `Violation`, so the runner can
 //! name the cause instead of printing a bare trap.
 
 use std::time::Duration;

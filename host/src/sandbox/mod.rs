@@ -67,7 +67,8 @@ impl Grants {
     }
 }
 
-/// Engine epoch ticks per second; the resolution of wall-clock limits.
+/// Engine epoch ticks per second: how often guest code yields to the
+/// executor, and so the resolution of timeouts, skip and cancel.
 pub const TICKS_PER_SECOND: u64 = 100;
 
 /// The data of a run's [`Store`].
@@ -170,7 +171,9 @@ pub struct RunContext {
     pub dirs: RunDirs,
     pub services: Arc<dyn StageServices>,
     pub sink: Arc<dyn LogSink>,
-    /// Wall-clock limit of this call; the plugin's own limit caps it.
+    /// Wall-clock limit of this call; the plugin's own limit caps it. The
+    /// caller enforces it (see `runner`); guest code yields at every epoch
+    /// tick so that it can.
     pub timeout: Option<Duration>,
 }
 
@@ -231,10 +234,12 @@ impl Sandbox {
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limiter);
-        let timeout = self.timeout(run.timeout);
-        let ticks = (timeout.as_millis() as u64 * TICKS_PER_SECOND).div_ceil(1000).max(1);
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // Guest code yields to the executor at every epoch tick, so a
+        // CPU-bound plugin neither holds a worker thread nor outlives its
+        // timeout, skip or cancel: the caller's tokio timeout (or abort)
+        // drops the call at the next tick.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
         Ok(store)
     }
 }
