@@ -116,7 +116,7 @@ async fn dag_runs_in_order_and_independent_stages_in_parallel() {
     assert!(started.elapsed() < Duration::from_millis(1500), "parallel stages took {:?}", started.elapsed());
     let order = world.marks("order");
     assert_eq!(order.len(), 4);
-    assert!(order[0].ends_with("s0-STEP") && order[3].ends_with("s3-STEP"), "{order:?}");
+    assert!(order[0].ends_with(" first") && order[3].ends_with(" last"), "{order:?}");
 }
 
 #[tokio::test]
@@ -309,11 +309,15 @@ async fn approve_and_skip_from_a_second_process() {
         let host = host.clone();
         async move { serve_until_idle(&host, &state).await }
     });
-    wait_for_stage(&host, &d.id, "s0-STEP", StageStatus::Running).await;
-    let out = cordon(&world, &["approve", &d.id, "s0-STEP", "--as", "alice"]);
+    wait_for_stage(&host, &d.id, "gate", StageStatus::Running).await;
+    let out = cordon(&world, &["approve", &d.id, "gate", "--as", "alice"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_for_stage(&host, &d.id, "s1-STEP", StageStatus::Running).await;
-    let out = cordon(&world, &["skip", &d.id, "s1-STEP", "--as", "bob"]);
+    wait_for_stage(&host, &d.id, "soak", StageStatus::Running).await;
+    // A stage name shared by several stages is refused: ask for the id.
+    let out = cordon(&world, &["skip", &d.id, "STEP", "--as", "bob"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("names several stages"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cordon(&world, &["skip", &d.id, "soak", "--as", "bob"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serving.await.unwrap();
     let d = host.store.deployment(&d.id).unwrap().unwrap();
