@@ -46,18 +46,18 @@ fn config(dir: &Path, guest_name: &str) -> String {
 fn stage_run_exits_with_the_stage_status() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "wait");
-    let out = cordon(&["stage", "run", "--config", &cfg, "--plugin", "wait", "--stage", "WAIT", "--with", r#"{"duration": 0.2}"#]);
+    let out = cordon(&["--config", &cfg, "stage", "run", "--plugin", "wait", "--stage", "WAIT", "--with", r#"{"duration": 0.2}"#]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(t.contains("waiting 0.2s") && t.contains("WAIT: success"), "{t}");
 
-    let out = cordon(&["stage", "run", "--config", &cfg, "--plugin", "wait", "--stage", "WAIT", "--with", r#"{"duration": -1}"#]);
+    let out = cordon(&["--config", &cfg, "stage", "run", "--plugin", "wait", "--stage", "WAIT", "--with", r#"{"duration": -1}"#]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("WAIT: failure") && text(&out).contains("duration must be a non-negative"));
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "panic");
-    let out = cordon(&["stage", "run", "--config", &cfg, "--plugin", "panic", "--stage", "PANIC"]);
+    let out = cordon(&["--config", &cfg, "stage", "run", "--plugin", "panic", "--stage", "PANIC"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("hostile guest panicked on purpose"));
 }
@@ -67,11 +67,11 @@ fn bad_input_gets_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "wait");
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["stage", "run", "--config", "/nonexistent/agent.yaml", "--plugin", "wait", "--stage", "WAIT"], "cannot read agent config /nonexistent/agent.yaml"),
-        (vec!["stage", "run", "--config", &cfg, "--plugin", "nope", "--stage", "WAIT"], "no plugin named `nope` (configured: wait)"),
-        (vec!["stage", "run", "--config", &cfg, "--plugin", "wait", "--stage", "NOPE"], "does not define stage `NOPE` (it defines: WAIT)"),
-        (vec!["stage", "run", "--config", &cfg, "--plugin", "wait", "--stage", "WAIT", "--with", "{oops"], "--with \"{oops\" is not valid JSON"),
-        (vec!["stage", "run", "--config", &cfg, "--plugin", "wait", "--stage", "WAIT", "--source", "/nonexistent"], "--source /nonexistent is not a directory"),
+        (vec!["--config", "/nonexistent/agent.yaml", "stage", "run", "--plugin", "wait", "--stage", "WAIT"], "cannot read agent config /nonexistent/agent.yaml"),
+        (vec!["--config", &cfg, "stage", "run", "--plugin", "nope", "--stage", "WAIT"], "no plugin named `nope` (configured: wait)"),
+        (vec!["--config", &cfg, "stage", "run", "--plugin", "wait", "--stage", "NOPE"], "does not define stage `NOPE` (it defines: WAIT)"),
+        (vec!["--config", &cfg, "stage", "run", "--plugin", "wait", "--stage", "WAIT", "--with", "{oops"], "--with \"{oops\" is not valid JSON"),
+        (vec!["--config", &cfg, "stage", "run", "--plugin", "wait", "--stage", "WAIT", "--source", "/nonexistent"], "--source /nonexistent is not a directory"),
         (vec!["plugin", "inspect", "/nonexistent.wasm"], "cannot read /nonexistent.wasm"),
     ];
     for (args, expected) in cases {
@@ -86,7 +86,34 @@ fn bad_input_gets_one_clear_error() {
     let yaml = std::fs::read_to_string(&cfg).unwrap();
     let sha = cordon_tests::sha256_file(&guest("wait"));
     std::fs::write(&cfg, yaml.replace(&sha, &"ab".repeat(32))).unwrap();
-    let out = cordon(&["stage", "run", "--config", &cfg, "--plugin", "wait", "--stage", "WAIT"]);
+    let out = cordon(&["--config", &cfg, "stage", "run", "--plugin", "wait", "--stage", "WAIT"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("refusing to compile"), "{}", text(&out));
+}
+
+#[test]
+fn deploy_refuses_bad_app_configs_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "wait");
+    let app = dir.path().join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    let file = app.join("app.cordon.yaml");
+    let cases = [
+        ("name: a\npipeline:\n  stages:\n    - { name: DEPLOY_IT }\n", "no plugin defines stage `DEPLOY_IT` (defined: WAIT)"),
+        ("name: a\npipeline:\n  stages:\n    - { id: x, name: WAIT, needs: [y] }\n    - { id: y, name: WAIT, needs: [x] }\n", "`needs` forms a cycle: x -> y -> x"),
+        ("name: a\npipeline:\n  stages:\n    - { name: WAIT, needs: [nope] }\n", "needs `nope`, but no stage has that id or name"),
+        ("name: a\npipline: {}\n", "unknown field `pipline`"),
+        ("name: a\nplugins:\n  files: {}\n", "plugins.files: no plugin named `files`"),
+    ];
+    for (yaml, expected) in cases {
+        std::fs::write(&file, yaml).unwrap();
+        let out = cordon(&["--config", &cfg, "deploy", app.to_str().unwrap()]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{t}");
+        assert!(t.contains(&file.display().to_string()) && t.contains(expected), "expected {expected:?}: {t}");
+    }
+    let out = cordon(&["--config", &cfg, "status"]);
+    let t = text(&out);
+    assert!(!t.contains("a-1"), "a refused deployment was recorded: {t}");
+    assert!(!dir.path().join("state/snapshots/a-1").exists());
 }
