@@ -29,19 +29,7 @@ fn stage_status(host: &Host, d: &DeploymentRecord) -> Vec<(String, StageStatus)>
 async fn strategy_of(host: &Host, app_dir: &Path, trigger: TriggerInfo, running: Option<&Path>) -> anyhow::Result<(Strategy, String)> {
     let app = cordon::pipeline::config::AppConfig::load(app_dir)?;
     let scratch = tempfile::tempdir().unwrap();
-    let record = DeploymentRecord {
-        id: "preview".into(),
-        application: app.name.clone(),
-        status: DeploymentStatus::Queued,
-        reason: String::new(),
-        trigger: String::new(),
-        plan: String::new(),
-        target_snapshot: String::new(),
-        running_snapshot: String::new(),
-        created_at: 0,
-        started_at: None,
-        finished_at: None,
-    };
+    let record = DeploymentRecord::queued("preview", &app.name, String::new(), String::new(), 0);
     let input = PlanInput {
         runtime: &host.runtime,
         plugins: &host.plugins,

@@ -26,7 +26,7 @@ use crate::plugin::{AgentConfig, Plugin};
 use crate::runner::{self, Deployment, Stage, StageCall, Status, Trigger};
 use crate::sandbox::output::{LogSink, Source, NullSink};
 use crate::sandbox::{MemoryServices, RunDirs};
-use crate::store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, SqliteStore, StageRecord, StateStore};
+use crate::store::{CommandKind, CommandRecord, DeploymentRecord, SqliteStore, StageRecord, StateStore};
 
 mod follow;
 
@@ -422,19 +422,7 @@ async fn plan(config_path: &Path, app_dir: &Path, trigger: TriggerInfo) -> Resul
     let running = host.store.application(&app.name)?.and_then(|a| a.running_snapshot).map(PathBuf::from).filter(|p| p.is_dir());
     let changed = pipeline::snapshot::changed_files(running.as_deref(), app_dir)?;
     let scratch = tempfile::tempdir()?;
-    let preview = DeploymentRecord {
-        id: format!("{}-plan", app.name),
-        application: app.name.clone(),
-        status: DeploymentStatus::Queued,
-        reason: String::new(),
-        trigger: String::new(),
-        plan: String::new(),
-        target_snapshot: app_dir.to_string_lossy().into_owned(),
-        running_snapshot: String::new(),
-        created_at: now_ms(),
-        started_at: None,
-        finished_at: None,
-    };
+    let preview = DeploymentRecord::queued(&format!("{}-plan", app.name), &app.name, String::new(), app_dir.to_string_lossy().into_owned(), now_ms());
     let input = PlanInput {
         runtime: &host.runtime,
         plugins: &host.plugins,

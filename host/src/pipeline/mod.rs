@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use crate::engine::{Runtime, RuntimeOptions};
 use crate::plugin::{AgentConfig, Plugins};
 use crate::runner::{Deployment, Trigger};
-use crate::store::{DeploymentRecord, DeploymentStatus, SqliteStore, StateStore};
+use crate::store::{DeploymentRecord, SqliteStore, StateStore};
 use config::AppConfig;
 use plan::TriggerInfo;
 use services::now_ms;
@@ -95,19 +95,7 @@ pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<Depl
             continue;
         }
         snapshot::snapshot(app_dir, &snapshot)?;
-        let record = DeploymentRecord {
-            id: id.clone(),
-            application: app.name.clone(),
-            status: DeploymentStatus::Queued,
-            reason: String::new(),
-            trigger: trigger_json.clone(),
-            plan: String::new(),
-            target_snapshot: snapshot.to_string_lossy().into_owned(),
-            running_snapshot: String::new(),
-            created_at: now_ms(),
-            started_at: None,
-            finished_at: None,
-        };
+        let record = DeploymentRecord::queued(&id, &app.name, trigger_json.clone(), snapshot.to_string_lossy().into_owned(), now_ms());
         match host.store.insert_deployment(&record) {
             Ok(()) => return Ok(record),
             Err(e) => {

@@ -130,6 +130,25 @@ pub struct DeploymentRecord {
     pub finished_at: Option<u64>,
 }
 
+impl DeploymentRecord {
+    /// A deployment waiting to be planned.
+    pub fn queued(id: &str, application: &str, trigger: String, target_snapshot: String, created_at: u64) -> Self {
+        Self {
+            id: id.to_string(),
+            application: application.to_string(),
+            status: DeploymentStatus::Queued,
+            reason: String::new(),
+            trigger,
+            plan: String::new(),
+            target_snapshot,
+            running_snapshot: String::new(),
+            created_at,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
 /// A stage of a planned deployment, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageRecord {
