@@ -13,6 +13,7 @@ pub mod agent;
 pub mod cli;
 pub mod contract;
 pub mod engine;
+pub mod keys;
 pub mod pipeline;
 pub mod plugin;
 pub mod runner;

@@ -320,11 +320,7 @@ async fn planner_call<T: Send>(
 
 /// Refuses planner results larger than the plugin's result limit.
 fn check_size(plugin: &Plugin, size: usize) -> Result<(), String> {
-    let limit = plugin.sandbox.limits().result_bytes.as_u64();
-    if size as u64 > limit {
-        return Err(Violation::ResultBytes { size: size as u64, limit }.to_string());
-    }
-    Ok(())
+    check_size_limit(plugin.sandbox.limits().result_bytes.as_u64(), size)
 }
 
 fn stages_size(stages: &[PlannedStage]) -> usize {
@@ -391,4 +387,108 @@ pub async fn build_pipeline_sync_stages(
     .await??;
     check_size(plugin, stages_size(&planned))?;
     Ok(planned)
+}
+
+/// A sandboxed instance kept for a stream of calls (key-filter batches,
+/// item-action items): one store, limits per call.
+struct Session<B> {
+    store: wasmtime::Store<crate::sandbox::RunState>,
+    bindings: B,
+    log: StageLog,
+    timeout: Duration,
+    result_limit: u64,
+}
+
+/// A store for a session: no directories, in-memory services.
+fn session_store(runtime: &Runtime, plugin: &Plugin, sink: Arc<dyn LogSink>) -> Result<(wasmtime::Store<crate::sandbox::RunState>, StageLog, Duration), String> {
+    let timeout = plugin.sandbox.timeout(None);
+    let context = RunContext { dirs: RunDirs::default(), services: Arc::new(MemoryServices::default()), sink, timeout: Some(timeout) };
+    let store = plugin.sandbox.store(runtime.engine(), context).map_err(|e| format!("cannot prepare the sandbox: {e:#}"))?;
+    let log = store.data().log().clone();
+    Ok((store, log, timeout))
+}
+
+/// A key packing for [`KeyFilterSession::select`].
+pub use crate::contract::bindings::key_filter::exports::cordon::plugin::key_selection::{KeyBatch, Selection};
+
+/// A configured key-filter instance.
+pub struct KeyFilterSession(Session<crate::contract::bindings::key_filter::KeyFilter>);
+
+impl KeyFilterSession {
+    /// Instantiates the plugin and configures it with `options` (JSON).
+    pub async fn open(runtime: &Runtime, plugin: &Plugin, options: &str, sink: Arc<dyn LogSink>) -> Result<Self, String> {
+        let pre = plugin.key_filter().ok_or_else(|| format!("plugin `{}` is a {} plugin, not a key filter", plugin.name, plugin.world))?;
+        let (mut store, log, timeout) = session_store(runtime, plugin, sink)?;
+        let bindings = guarded(&log, timeout, pre.instantiate_async(&mut store)).await?;
+        let configured = guarded(&log, timeout, bindings.cordon_plugin_key_selection().call_configure(&mut store, options)).await?;
+        configured.map_err(|e| format!("plugin `{}` refused its options: {e}", plugin.name))?;
+        let result_limit = plugin.sandbox.limits().result_bytes.as_u64();
+        Ok(Self(Session { store, bindings, log, timeout, result_limit }))
+    }
+
+    /// Classifies one batch; checks the answer's shape.
+    pub async fn select(&mut self, batch: &KeyBatch) -> Result<Selection, String> {
+        let s = &mut self.0;
+        let selection = guarded(&s.log, s.timeout, s.bindings.cordon_plugin_key_selection().call_select(&mut s.store, batch)).await??;
+        let n = batch.ends.len();
+        if selection.selected.len() != n.div_ceil(8) {
+            return Err(format!("the filter returned a bitmap of {} bytes for {n} keys", selection.selected.len()));
+        }
+        if let Some(&bad) = selection.unclassified.iter().find(|&&i| i as usize >= n || selection.selected[i as usize / 8] & (1 << (i % 8)) != 0) {
+            return Err(format!("the filter reported key {bad} as unclassified, but it is out of range or also selected"));
+        }
+        Ok(selection)
+    }
+
+    /// The delete prefixes of the batch's selected keys.
+    pub async fn delete_prefixes(&mut self, batch: &KeyBatch) -> Result<Vec<String>, String> {
+        let s = &mut self.0;
+        let prefixes = guarded(&s.log, s.timeout, s.bindings.cordon_plugin_key_selection().call_delete_prefixes(&mut s.store, batch)).await?;
+        check_size_limit(s.result_limit, prefixes.iter().map(String::len).sum())?;
+        if let Some(bad) = prefixes.iter().find(|p| !p.ends_with('/')) {
+            return Err(format!("the filter returned delete prefix {bad:?}, which does not end with '/'"));
+        }
+        Ok(prefixes)
+    }
+}
+
+fn check_size_limit(limit: u64, size: usize) -> Result<(), String> {
+    if size as u64 > limit {
+        return Err(Violation::ResultBytes { size: size as u64, limit }.to_string());
+    }
+    Ok(())
+}
+
+pub use crate::contract::bindings::item_action::exports::cordon::plugin::item_rewrite::{Outcome as ItemOutcome, Selector as ItemSelector};
+
+/// An item-action instance.
+pub struct ItemActionSession(Session<crate::contract::bindings::item_action::ItemAction>);
+
+impl ItemActionSession {
+    pub async fn open(runtime: &Runtime, plugin: &Plugin, sink: Arc<dyn LogSink>) -> Result<Self, String> {
+        let pre = plugin.item_action().ok_or_else(|| format!("plugin `{}` is a {} plugin, not an item action", plugin.name, plugin.world))?;
+        let (mut store, log, timeout) = session_store(runtime, plugin, sink)?;
+        let bindings = guarded(&log, timeout, pre.instantiate_async(&mut store)).await?;
+        let result_limit = plugin.sandbox.limits().result_bytes.as_u64();
+        Ok(Self(Session { store, bindings, log, timeout, result_limit }))
+    }
+
+    /// Which items the action wants.
+    pub async fn applies_to(&mut self, options: &str) -> Result<ItemSelector, String> {
+        let s = &mut self.0;
+        guarded(&s.log, s.timeout, s.bindings.cordon_plugin_item_rewrite().call_applies_to(&mut s.store, options)).await?
+    }
+
+    /// Runs the action on one item (JSON text).
+    pub async fn execute(&mut self, options: &str, item: &str) -> Result<ItemOutcome, String> {
+        let s = &mut self.0;
+        let outcome = guarded(&s.log, s.timeout, s.bindings.cordon_plugin_item_rewrite().call_execute(&mut s.store, options, item)).await??;
+        let size = match &outcome {
+            ItemOutcome::Modified(m) => m.len(),
+            ItemOutcome::WithAdditionalItems(w) => w.item.len() + w.additional.iter().map(String::len).sum::<usize>(),
+            ItemOutcome::Unchanged | ItemOutcome::Skip => 0,
+        };
+        check_size_limit(s.result_limit, size)?;
+        Ok(outcome)
+    }
 }

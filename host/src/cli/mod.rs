@@ -5,7 +5,7 @@
 //! the input (a config, a file, an option, an unknown deployment) was
 //! refused before anything ran.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -98,6 +98,58 @@ enum Command {
     },
     /// Run queued deployments and resume unfinished ones, until interrupted.
     Agent,
+    /// Select keys of a key space with a key-filter plugin.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Rewrite JSON items with an item-action plugin.
+    #[command(subcommand)]
+    Items(ItemsCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write the selected keys (one per line, or JSON lines with a `key`) in input order.
+    ///
+    /// Exits 1 when some keys could not be classified (they are reported,
+    /// and written to --unclassified when given), 0 otherwise.
+    Filter {
+        #[arg(long)]
+        plugin: String,
+        /// Filter options as JSON.
+        #[arg(long = "with", default_value = "{}")]
+        with: String,
+        /// Input file; `-` or nothing reads standard input.
+        input: Option<PathBuf>,
+        /// Output file (written atomically); standard output when absent.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Where to write the keys the filter could not classify.
+        #[arg(long)]
+        unclassified: Option<PathBuf>,
+        /// Filter instances working in parallel (default: one per core).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Print the delete prefixes covering the selected keys instead of the keys.
+        #[arg(long)]
+        prefixes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ItemsCommand {
+    /// Apply the action to JSON items, one per line, in input order.
+    Apply {
+        #[arg(long)]
+        plugin: String,
+        /// Action options as JSON.
+        #[arg(long = "with", default_value = "{}")]
+        with: String,
+        /// Input file; `-` or nothing reads standard input.
+        input: Option<PathBuf>,
+        /// Output file (written atomically); standard output when absent.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -211,6 +263,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Skip { deployment, stage, commander } => command(&config, &deployment, Some(&stage), CommandKind::Skip, &commander),
         Command::Cancel { deployment, commander } => command(&config, &deployment, None, CommandKind::Cancel, &commander),
         Command::Agent => agent(&config).await,
+        Command::Keys(KeysCommand::Filter { plugin, with, input, output, unclassified, jobs, prefixes }) => {
+            keys_filter(&config, &plugin, &with, input.as_deref(), output.as_deref(), unclassified.as_deref(), jobs, prefixes).await
+        }
+        Command::Items(ItemsCommand::Apply { plugin, with, input, output }) => {
+            items_apply(&config, &plugin, &with, input.as_deref(), output.as_deref()).await
+        }
     }
 }
 
@@ -556,4 +614,166 @@ async fn agent(config_path: &Path) -> Result<ExitCode> {
         _ = tokio::signal::ctrl_c() => println!("agent stopping; unfinished deployments resume at the next start"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads one plugin of the agent config, checking its world.
+async fn load_one(config_path: &Path, name: &str, world: World) -> Result<(Runtime, Plugin)> {
+    let config = AgentConfig::load(config_path)?;
+    let plugin_config = config.plugin(name)?;
+    if plugin_config.world != world {
+        bail!("plugin `{name}` is declared as a {} plugin in {}; this command needs a {world} plugin", plugin_config.world, config_path.display());
+    }
+    let runtime = Runtime::new(RuntimeOptions { cache_dir: Some(config.cache_dir()), ..Default::default() })?;
+    let plugin = Plugin::load(&runtime, plugin_config).await?;
+    Ok((runtime, plugin))
+}
+
+fn check_json(flag: &str, value: &str) -> Result<()> {
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(value) {
+        bail!("{flag} {value:?} is not valid JSON ({e})");
+    }
+    Ok(())
+}
+
+fn open_input(input: Option<&Path>) -> Result<Box<dyn std::io::BufRead + Send>> {
+    Ok(match input {
+        None => Box::new(std::io::BufReader::new(std::io::stdin())),
+        Some(p) if p == Path::new("-") => Box::new(std::io::BufReader::new(std::io::stdin())),
+        Some(p) => Box::new(std::io::BufReader::with_capacity(
+            1 << 20,
+            std::fs::File::open(p).with_context(|| format!("cannot open input {}", p.display()))?,
+        )),
+    })
+}
+
+/// An output file written through a temporary file and renamed into place
+/// only when the command succeeds, or standard output.
+enum Output {
+    Stdout(std::io::BufWriter<std::io::Stdout>),
+    File(std::io::BufWriter<tempfile::NamedTempFile>, PathBuf),
+}
+
+impl Output {
+    fn open(path: Option<&Path>) -> Result<Output> {
+        Ok(match path {
+            None => Output::Stdout(std::io::BufWriter::with_capacity(1 << 20, std::io::stdout())),
+            Some(p) => {
+                let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write into {}", dir.display()))?;
+                Output::File(std::io::BufWriter::with_capacity(1 << 20, tmp), p.to_path_buf())
+            }
+        })
+    }
+
+    fn writer(&mut self) -> &mut (dyn Write + Send) {
+        match self {
+            Output::Stdout(w) => w,
+            Output::File(w, _) => w,
+        }
+    }
+
+    fn commit(self) -> Result<()> {
+        match self {
+            Output::Stdout(mut w) => Ok(w.flush()?),
+            Output::File(w, path) => {
+                let tmp = w.into_inner().map_err(|e| e.into_error())?;
+                tmp.persist(&path).with_context(|| format!("cannot write {}", path.display()))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn progress_bar(unit: &'static str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(indicatif::ProgressStyle::with_template(&format!("{{spinner}} {{pos}} {unit} ({{per_sec}}) {{elapsed}}")).expect("valid template"));
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn keys_filter(
+    config_path: &Path,
+    name: &str,
+    with: &str,
+    input: Option<&Path>,
+    output: Option<&Path>,
+    unclassified: Option<&Path>,
+    jobs: Option<usize>,
+    prefixes: bool,
+) -> Result<ExitCode> {
+    check_json("--with", with)?;
+    let (runtime, plugin) = load_one(config_path, name, World::KeyFilter).await?;
+    let reader = open_input(input)?;
+    let sink: Arc<dyn LogSink> = Arc::new(StderrSink);
+    let open = || runner::KeyFilterSession::open(&runtime, &plugin, with, sink.clone());
+    if prefixes {
+        let mut session = open().await.map_err(anyhow::Error::msg)?;
+        let found = crate::keys::filter::delete_prefixes(reader, &mut session).await?;
+        let mut out = Output::open(output)?;
+        for p in found {
+            writeln!(out.writer(), "{p}")?;
+        }
+        out.commit()?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let mut sessions = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
+        sessions.push(open().await.map_err(anyhow::Error::msg)?);
+    }
+    let mut out = Output::open(output)?;
+    let mut rejects = unclassified.map(|p| Output::open(Some(p))).transpose()?;
+    let bar = progress_bar("keys");
+    let progress = |n: u64| bar.set_position(n);
+    let sinks = crate::keys::filter::Sinks {
+        selected: out.writer(),
+        unclassified: rejects.as_mut().map(Output::writer),
+        progress: &progress,
+    };
+    let stats = crate::keys::filter::run(reader, sessions, sinks).await?;
+    bar.finish_and_clear();
+    out.commit()?;
+    if let Some(r) = rejects {
+        r.commit()?;
+    }
+    eprintln!("{} keys: {} selected, {} unclassified", stats.keys, stats.selected, stats.unclassified);
+    if stats.unclassified > 0 {
+        for key in &stats.unclassified_sample {
+            eprintln!("  unclassified: {key}");
+        }
+        if unclassified.is_none() {
+            eprintln!("  (pass --unclassified FILE to keep all of them)");
+        }
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn items_apply(config_path: &Path, name: &str, with: &str, input: Option<&Path>, output: Option<&Path>) -> Result<ExitCode> {
+    check_json("--with", with)?;
+    let (runtime, plugin) = load_one(config_path, name, World::ItemAction).await?;
+    let reader = open_input(input)?;
+    let mut session = runner::ItemActionSession::open(&runtime, &plugin, Arc::new(StderrSink)).await.map_err(anyhow::Error::msg)?;
+    let mut out = Output::open(output)?;
+    let stats = crate::keys::items::run(reader, out.writer(), &mut session, with).await?;
+    out.commit()?;
+    eprintln!(
+        "{} items: {} modified, {} unchanged, {} skipped, {} additional, {} duplicates dropped",
+        stats.items, stats.modified, stats.unchanged, stats.skipped, stats.additional, stats.duplicates
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Plugin log lines of key and item commands go to standard error, so
+/// standard output carries only data.
+struct StderrSink;
+
+impl LogSink for StderrSink {
+    fn line(&self, source: Source, text: &str) {
+        eprintln!("{source:>7} | {text}");
+    }
 }

@@ -20,6 +20,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::InstancePre;
 
 use crate::contract::bindings::executor::ExecutorPre;
+use crate::contract::bindings::item_action::ItemActionPre;
+use crate::contract::bindings::key_filter::KeyFilterPre;
 use crate::contract::bindings::planner::PlannerPre;
 use crate::contract::{self, World};
 use crate::engine::{Origin, Runtime};
@@ -46,6 +48,8 @@ pub struct Plugin {
     pre: InstancePre<RunState>,
     executor: Option<ExecutorPre<RunState>>,
     planner: Option<PlannerPre<RunState>>,
+    key_filter: Option<KeyFilterPre<RunState>>,
+    item_action: Option<ItemActionPre<RunState>>,
 }
 
 impl Plugin {
@@ -61,6 +65,16 @@ impl Plugin {
     /// Typed entry points for planners; `None` for other worlds.
     pub fn planner(&self) -> Option<&PlannerPre<RunState>> {
         self.planner.as_ref()
+    }
+
+    /// Typed entry points for key filters; `None` for other worlds.
+    pub fn key_filter(&self) -> Option<&KeyFilterPre<RunState>> {
+        self.key_filter.as_ref()
+    }
+
+    /// Typed entry points for item actions; `None` for other worlds.
+    pub fn item_action(&self) -> Option<&ItemActionPre<RunState>> {
+        self.item_action.as_ref()
     }
 
     /// Loads the plugin `config` describes.
@@ -99,6 +113,16 @@ impl Plugin {
         } else {
             None
         };
+        let key_filter = if config.world == World::KeyFilter {
+            Some(KeyFilterPre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| format!("plugin `{name}`: {file} does not match world `key-filter`"))?)
+        } else {
+            None
+        };
+        let item_action = if config.world == World::ItemAction {
+            Some(ItemActionPre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| format!("plugin `{name}`: {file} does not match world `item-action`"))?)
+        } else {
+            None
+        };
         let mut plugin = Plugin {
             name: name.clone(),
             world: config.world,
@@ -110,6 +134,8 @@ impl Plugin {
             pre,
             executor,
             planner,
+            key_filter,
+            item_action,
         };
         if config.world.defines_stages() {
             plugin.stages = runner::defined_stages(runtime, &plugin)

@@ -1,0 +1,223 @@
+//! Key filtering: reads keys (one per line, or JSON lines with a `key`
+//! field, e.g. an etcd dump), feeds them to key-filter instances in packed
+//! batches — several instances on several cores for large inputs — and
+//! writes the selected ones out in input order.
+//!
+//! Keys the filter cannot classify are counted, the first ones kept for the
+//! report, and all of them written to a separate sink when asked; they are
+//! never selected and never dropped silently.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::runner::{KeyBatch, Selection};
+
+/// Keys per batch, and bytes of key data per batch, at most.
+pub const BATCH_KEYS: usize = 4096;
+pub const BATCH_BYTES: usize = 256 * 1024;
+/// Unclassified keys kept in memory for the report.
+const REPORTED_UNCLASSIFIED: usize = 20;
+
+/// How input lines carry keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One key per line.
+    Lines,
+    /// One JSON object per line with a string `key` (other fields, such as
+    /// `value`, are passed through untouched).
+    JsonLines,
+}
+
+/// One batch of input.
+pub struct Batch {
+    seq: u64,
+    keys: KeyBatch,
+    /// The input lines, for JSON-lines output (empty for plain keys).
+    lines: Vec<u8>,
+    line_ends: Vec<u32>,
+}
+
+impl Batch {
+    fn key(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.keys.ends[i - 1] as usize };
+        &self.keys.data[start..self.keys.ends[i] as usize]
+    }
+
+    fn line(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.line_ends[i - 1] as usize };
+        &self.lines[start..self.line_ends[i] as usize]
+    }
+}
+
+/// Something that classifies batches: a key-filter component session, or
+/// (for the benchmark) a native classifier.
+pub trait Selector: Send + 'static {
+    fn select(&mut self, batch: &KeyBatch) -> impl Future<Output = Result<Selection, String>> + Send;
+}
+
+impl Selector for crate::runner::KeyFilterSession {
+    async fn select(&mut self, batch: &KeyBatch) -> Result<Selection, String> {
+        crate::runner::KeyFilterSession::select(self, batch).await
+    }
+}
+
+/// What a filter run counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub keys: u64,
+    pub selected: u64,
+    pub unclassified: u64,
+    /// The first unclassified keys, for the report.
+    pub unclassified_sample: Vec<String>,
+}
+
+/// Reads batches from `input` (blocking; run on a blocking thread).
+struct Reader<R> {
+    input: R,
+    format: Option<Format>,
+    line_no: u64,
+    seq: u64,
+}
+
+impl<R: BufRead> Reader<R> {
+    fn next_batch(&mut self) -> Result<Option<Batch>> {
+        let mut batch = Batch { seq: self.seq, keys: KeyBatch { data: Vec::new(), ends: Vec::new() }, lines: Vec::new(), line_ends: Vec::new() };
+        let mut line = Vec::new();
+        while batch.keys.ends.len() < BATCH_KEYS && batch.keys.data.len() < BATCH_BYTES {
+            line.clear();
+            if self.input.read_until(b'\n', &mut line).context("cannot read the input")? == 0 {
+                break;
+            }
+            self.line_no += 1;
+            while line.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+                line.pop();
+            }
+            if line.is_empty() {
+                continue;
+            }
+            let format = *self.format.get_or_insert(if line[0] == b'{' { Format::JsonLines } else { Format::Lines });
+            match format {
+                Format::Lines => batch.keys.data.extend_from_slice(&line),
+                Format::JsonLines => {
+                    #[derive(serde::Deserialize)]
+                    struct Entry {
+                        key: String,
+                    }
+                    let entry: Entry = serde_json::from_slice(&line)
+                        .with_context(|| format!("input line {}: not a JSON object with a string `key`", self.line_no))?;
+                    batch.keys.data.extend_from_slice(entry.key.as_bytes());
+                    batch.lines.extend_from_slice(&line);
+                    batch.line_ends.push(u32::try_from(batch.lines.len()).context("batch too large")?);
+                }
+            }
+            batch.keys.ends.push(u32::try_from(batch.keys.data.len()).context("batch too large")?);
+        }
+        if batch.keys.ends.is_empty() {
+            return Ok(None);
+        }
+        self.seq += 1;
+        Ok(Some(batch))
+    }
+}
+
+/// Where results go.
+pub struct Sinks<'a> {
+    pub selected: &'a mut (dyn Write + Send),
+    pub unclassified: Option<&'a mut (dyn Write + Send)>,
+    /// Called with the number of keys done so far.
+    pub progress: &'a (dyn Fn(u64) + Sync),
+}
+
+/// Filters `input` through `selectors` (one per worker) into `sinks`.
+pub async fn run<S: Selector, R: BufRead + Send + 'static>(input: R, selectors: Vec<S>, sinks: Sinks<'_>) -> Result<Stats> {
+    anyhow::ensure!(!selectors.is_empty(), "at least one selector is needed");
+    let workers = selectors.len();
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(workers * 2);
+    let (done_tx, mut done_rx) = mpsc::channel::<Result<(Batch, Selection)>>(workers * 2);
+    let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut reader = Reader { input, format: None, line_no: 0, seq: 0 };
+        while let Some(batch) = reader.next_batch()? {
+            if batch_tx.blocking_send(batch).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
+    let batch_rx = Arc::new(Mutex::new(batch_rx));
+    let mut handles = Vec::new();
+    for mut selector in selectors {
+        let batch_rx = batch_rx.clone();
+        let done_tx = done_tx.clone();
+        handles.push(tokio::spawn(async move {
+            loop {
+                let Some(batch) = batch_rx.lock().await.recv().await else { break };
+                let result = selector.select(&batch.keys).await.map(|s| (batch, s)).map_err(|e| anyhow::anyhow!("the key filter failed: {e}"));
+                let failed = result.is_err();
+                if done_tx.send(result).await.is_err() || failed {
+                    break;
+                }
+            }
+        }));
+    }
+    drop(done_tx);
+
+    let Sinks { selected: out, mut unclassified, progress } = sinks;
+    let mut stats = Stats::default();
+    let mut pending: BTreeMap<u64, (Batch, Selection)> = BTreeMap::new();
+    let mut next = 0u64;
+    while let Some(result) = done_rx.recv().await {
+        let (batch, selection) = result?;
+        pending.insert(batch.seq, (batch, selection));
+        while let Some((batch, selection)) = pending.remove(&next) {
+            next += 1;
+            let json = !batch.line_ends.is_empty();
+            for i in 0..batch.keys.ends.len() {
+                if selection.selected[i / 8] & (1 << (i % 8)) != 0 {
+                    stats.selected += 1;
+                    out.write_all(if json { batch.line(i) } else { batch.key(i) })?;
+                    out.write_all(b"\n")?;
+                }
+            }
+            for &i in &selection.unclassified {
+                let key = batch.key(i as usize);
+                stats.unclassified += 1;
+                if stats.unclassified_sample.len() < REPORTED_UNCLASSIFIED {
+                    stats.unclassified_sample.push(String::from_utf8_lossy(key).into_owned());
+                }
+                if let Some(w) = unclassified.as_mut() {
+                    w.write_all(if json { batch.line(i as usize) } else { key })?;
+                    w.write_all(b"\n")?;
+                }
+            }
+            stats.keys += batch.keys.ends.len() as u64;
+            progress(stats.keys);
+        }
+    }
+    out.flush()?;
+    if let Some(w) = unclassified.as_mut() {
+        w.flush()?;
+    }
+    reader.await.context("the input reader panicked")??;
+    for handle in handles {
+        handle.await.context("a filter worker panicked")?;
+    }
+    if !pending.is_empty() {
+        bail!("internal: {} batches were never written", pending.len());
+    }
+    Ok(stats)
+}
+
+/// The union of delete prefixes over the whole input.
+pub async fn delete_prefixes<R: BufRead + Send + 'static>(input: R, session: &mut crate::runner::KeyFilterSession) -> Result<Vec<String>> {
+    let mut prefixes = std::collections::BTreeSet::new();
+    let mut reader = Reader { input, format: None, line_no: 0, seq: 0 };
+    while let Some(batch) = reader.next_batch()? {
+        let found = session.delete_prefixes(&batch.keys).await.map_err(|e| anyhow::anyhow!("the key filter failed: {e}"))?;
+        prefixes.extend(found);
+    }
+    Ok(prefixes.into_iter().collect())
+}
