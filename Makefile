@@ -24,7 +24,7 @@ test: guests host
 	$(CARGO) test --workspace
 
 bench: guests
-	$(CARGO) bench -p cordon --bench runtime --bench pipeline
+	$(CARGO) bench -p cordon --bench runtime --bench pipeline --bench keys
 
 # Writes an agent config pinning the digests of the freshly built guests.
 $(STATE)/agent.yaml: examples/agent.yaml guests

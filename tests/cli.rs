@@ -117,3 +117,50 @@ fn deploy_refuses_bad_app_configs_and_writes_nothing() {
     assert!(!t.contains("a-1"), "a refused deployment was recorded: {t}");
     assert!(!dir.path().join("state/snapshots/a-1").exists());
 }
+
+#[test]
+fn keys_filter_and_items_apply_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = {
+        agent_config(dir.path(), "kcp-keys", &guest("kcp-keys"), "key-filter", "").unwrap();
+        dir.path().join("agent.yaml").to_str().unwrap().to_string()
+    };
+    let input = dir.path().join("keys.txt");
+    std::fs::write(
+        &input,
+        "/registry/apps/deployments/c1/ns/a\n/registry/apps/deployments/c2/ns/b\n/registry/g/r/0000000000000000000000000000000000000000000000000000000000000000/c1/x\n/registry/core/namespaces/c1/default\n",
+    )
+    .unwrap();
+    let out = dir.path().join("selected.txt");
+    let rejects = dir.path().join("unclassified.txt");
+    let run = cordon(&[
+        "--config", &cfg, "keys", "filter", "--plugin", "kcp-keys", "--with", r#"{"cluster": "c1"}"#,
+        input.to_str().unwrap(), "--output", out.to_str().unwrap(), "--unclassified", rejects.to_str().unwrap(), "--jobs", "2",
+    ]);
+    let t = text(&run);
+    assert_eq!(run.status.code(), Some(1), "unclassified keys make the exit code 1: {t}");
+    assert!(t.contains("4 keys: 2 selected, 1 unclassified"), "{t}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "/registry/apps/deployments/c1/ns/a\n/registry/core/namespaces/c1/default\n");
+    assert!(std::fs::read_to_string(&rejects).unwrap().contains("/c1/x"));
+
+    let run = cordon(&["--config", &cfg, "keys", "filter", "--plugin", "kcp-keys", "--with", r#"{"cluster": "c1"}"#, "--prefixes", input.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "/registry/apps/deployments/c1/\n/registry/core/namespaces/c1/\n");
+
+    // A bad option: exit 2, and no output file is left behind.
+    let missing = dir.path().join("never.txt");
+    let run = cordon(&["--config", &cfg, "keys", "filter", "--plugin", "kcp-keys", "--with", r#"{"clusterr": "c1"}"#, input.to_str().unwrap(), "--output", missing.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(text(&run).contains("unknown field `clusterr`") && !missing.exists(), "{}", text(&run));
+
+    let dir = tempfile::tempdir().unwrap();
+    agent_config(dir.path(), "registry-rewrite", &guest("registry-rewrite"), "item-action", "").unwrap();
+    let cfg = dir.path().join("agent.yaml").to_str().unwrap().to_string();
+    let items = dir.path().join("items.jsonl");
+    std::fs::write(&items, "{\"apiVersion\":\"v1\",\"kind\":\"Pod\",\"metadata\":{\"name\":\"p\",\"namespace\":\"n\"},\"spec\":{\"containers\":[{\"image\":\"old:5000/a:1\"}]}}\n").unwrap();
+    let run = cordon(&["--config", &cfg, "items", "apply", "--plugin", "registry-rewrite", "--with", r#"{"from": "old:5000", "to": "new"}"#, items.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(String::from_utf8_lossy(&run.stdout).contains("\"new/a:1\""));
+    let run = cordon(&["--config", &cfg, "keys", "filter", "--plugin", "registry-rewrite", items.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(text(&run).contains("declared with world `item-action`") && text(&run).contains("needs a `key-filter` plugin"), "{}", text(&run));
+}

@@ -621,7 +621,7 @@ async fn load_one(config_path: &Path, name: &str, world: World) -> Result<(Runti
     let config = AgentConfig::load(config_path)?;
     let plugin_config = config.plugin(name)?;
     if plugin_config.world != world {
-        bail!("plugin `{name}` is declared as a {} plugin in {}; this command needs a {world} plugin", plugin_config.world, config_path.display());
+        bail!("plugin `{name}` is declared with world `{}` in {}; this command needs a `{world}` plugin", plugin_config.world, config_path.display());
     }
     let runtime = Runtime::new(RuntimeOptions { cache_dir: Some(config.cache_dir()), ..Default::default() })?;
     let plugin = Plugin::load(&runtime, plugin_config).await?;

@@ -78,43 +78,91 @@ pub struct Stats {
 /// Reads batches from `input` (blocking; run on a blocking thread).
 struct Reader<R> {
     input: R,
+    lines: LineParser,
+    seq: u64,
+    /// The start of a line that continues in the next buffer.
+    partial: Vec<u8>,
+    eof: bool,
+}
+
+/// Turns input lines into keys.
+struct LineParser {
     format: Option<Format>,
     line_no: u64,
-    seq: u64,
+}
+
+impl LineParser {
+    /// Adds one input line (without its newline) to `batch`.
+    fn push(&mut self, batch: &mut Batch, mut line: &[u8]) -> Result<()> {
+        self.line_no += 1;
+        if let [rest @ .., b'\r'] = line {
+            line = rest;
+        }
+        if line.is_empty() {
+            return Ok(());
+        }
+        let format = *self.format.get_or_insert(if line[0] == b'{' { Format::JsonLines } else { Format::Lines });
+        match format {
+            Format::Lines => batch.keys.data.extend_from_slice(line),
+            Format::JsonLines => {
+                #[derive(serde::Deserialize)]
+                struct Entry {
+                    key: String,
+                }
+                let entry: Entry = serde_json::from_slice(line)
+                    .with_context(|| format!("input line {}: not a JSON object with a string `key`", self.line_no))?;
+                batch.keys.data.extend_from_slice(entry.key.as_bytes());
+                batch.lines.extend_from_slice(line);
+                batch.line_ends.push(u32::try_from(batch.lines.len()).context("batch too large")?);
+            }
+        }
+        batch.keys.ends.push(u32::try_from(batch.keys.data.len()).context("batch too large")?);
+        Ok(())
+    }
 }
 
 impl<R: BufRead> Reader<R> {
+    fn new(input: R) -> Self {
+        Self { input, lines: LineParser { format: None, line_no: 0 }, seq: 0, partial: Vec::new(), eof: false }
+    }
+
+    /// The next batch: whole lines split out of the input's buffer with
+    /// `memchr`, no per-line read calls.
     fn next_batch(&mut self) -> Result<Option<Batch>> {
-        let mut batch = Batch { seq: self.seq, keys: KeyBatch { data: Vec::new(), ends: Vec::new() }, lines: Vec::new(), line_ends: Vec::new() };
-        let mut line = Vec::new();
-        while batch.keys.ends.len() < BATCH_KEYS && batch.keys.data.len() < BATCH_BYTES {
-            line.clear();
-            if self.input.read_until(b'\n', &mut line).context("cannot read the input")? == 0 {
+        let mut batch = Batch {
+            seq: self.seq,
+            keys: KeyBatch { data: Vec::with_capacity(BATCH_BYTES + 4096), ends: Vec::with_capacity(BATCH_KEYS) },
+            lines: Vec::new(),
+            line_ends: Vec::new(),
+        };
+        let full = |b: &Batch| b.keys.ends.len() >= BATCH_KEYS || b.keys.data.len() >= BATCH_BYTES;
+        while !self.eof && !full(&batch) {
+            let buf = self.input.fill_buf().context("cannot read the input")?;
+            if buf.is_empty() {
+                self.eof = true;
+                let last = std::mem::take(&mut self.partial);
+                self.lines.push(&mut batch, &last)?;
                 break;
             }
-            self.line_no += 1;
-            while line.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
-                line.pop();
-            }
-            if line.is_empty() {
-                continue;
-            }
-            let format = *self.format.get_or_insert(if line[0] == b'{' { Format::JsonLines } else { Format::Lines });
-            match format {
-                Format::Lines => batch.keys.data.extend_from_slice(&line),
-                Format::JsonLines => {
-                    #[derive(serde::Deserialize)]
-                    struct Entry {
-                        key: String,
-                    }
-                    let entry: Entry = serde_json::from_slice(&line)
-                        .with_context(|| format!("input line {}: not a JSON object with a string `key`", self.line_no))?;
-                    batch.keys.data.extend_from_slice(entry.key.as_bytes());
-                    batch.lines.extend_from_slice(&line);
-                    batch.line_ends.push(u32::try_from(batch.lines.len()).context("batch too large")?);
+            let mut consumed = 0;
+            while !full(&batch) {
+                let Some(nl) = memchr::memchr(b'\n', &buf[consumed..]) else {
+                    // The rest starts a line that ends in a later buffer.
+                    self.partial.extend_from_slice(&buf[consumed..]);
+                    consumed = buf.len();
+                    break;
+                };
+                let line = &buf[consumed..consumed + nl];
+                if self.partial.is_empty() {
+                    self.lines.push(&mut batch, line)?;
+                } else {
+                    self.partial.extend_from_slice(line);
+                    let whole = std::mem::take(&mut self.partial);
+                    self.lines.push(&mut batch, &whole)?;
                 }
+                consumed += nl + 1;
             }
-            batch.keys.ends.push(u32::try_from(batch.keys.data.len()).context("batch too large")?);
+            self.input.consume(consumed);
         }
         if batch.keys.ends.is_empty() {
             return Ok(None);
@@ -139,7 +187,7 @@ pub async fn run<S: Selector, R: BufRead + Send + 'static>(input: R, selectors: 
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(workers * 2);
     let (done_tx, mut done_rx) = mpsc::channel::<Result<(Batch, Selection)>>(workers * 2);
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut reader = Reader { input, format: None, line_no: 0, seq: 0 };
+        let mut reader = Reader::new(input);
         while let Some(batch) = reader.next_batch()? {
             if batch_tx.blocking_send(batch).is_err() {
                 break;
@@ -214,7 +262,7 @@ pub async fn run<S: Selector, R: BufRead + Send + 'static>(input: R, selectors: 
 /// The union of delete prefixes over the whole input.
 pub async fn delete_prefixes<R: BufRead + Send + 'static>(input: R, session: &mut crate::runner::KeyFilterSession) -> Result<Vec<String>> {
     let mut prefixes = std::collections::BTreeSet::new();
-    let mut reader = Reader { input, format: None, line_no: 0, seq: 0 };
+    let mut reader = Reader::new(input);
     while let Some(batch) = reader.next_batch()? {
         let found = session.delete_prefixes(&batch.keys).await.map_err(|e| anyhow::anyhow!("the key filter failed: {e}"))?;
         prefixes.extend(found);
