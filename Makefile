@@ -9,7 +9,7 @@ GUESTS := guests/target/$(GUEST_TARGET)/release
 STATE := .cordon-state
 CORDON := target/debug/cordon
 
-.PHONY: demo test bench guests toolchain host clean
+.PHONY: demo demo-tools test bench guests toolchain host clean
 
 toolchain:
 	@rustup target list --installed | grep -qx '$(GUEST_TARGET)' || rustup target add $(GUEST_TARGET)
@@ -26,18 +26,12 @@ test: guests host
 bench: guests
 	$(CARGO) bench -p cordon --bench runtime --bench pipeline --bench keys
 
-# Writes an agent config pinning the digests of the freshly built guests.
-$(STATE)/agent.yaml: examples/agent.yaml guests
-	@mkdir -p $(STATE)
-	@sed -e "s|@ROOT@|$(CURDIR)|g" \
-	     -e "s|@WAIT_SHA256@|$$(sha256sum $(GUESTS)/wait.wasm | cut -d' ' -f1)|" \
-	     examples/agent.yaml > $@.tmp && mv $@.tmp $@
+# The demo needs python3 for its loopback web servers.
+demo-tools:
+	@command -v python3 >/dev/null || (apt-get update -qq && apt-get install -y -qq python3)
 
-demo: guests host $(STATE)/agent.yaml
-	$(CORDON) plugin inspect $(GUESTS)/wait.wasm
-	$(CORDON) --config $(STATE)/agent.yaml stage run --plugin wait --stage WAIT --with '{"duration": 1}'
-	$(CORDON) --config $(STATE)/agent.yaml deploy examples/site --message "demo: deploy the example site"
-	$(CORDON) --config $(STATE)/agent.yaml status
+demo: guests host demo-tools
+	examples/demo.sh
 
 clean:
 	rm -rf $(STATE)

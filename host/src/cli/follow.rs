@@ -68,31 +68,31 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
                 last_lines.insert(if log.stage.is_empty() { "plan".to_string() } else { log.stage }, log.text);
             }
         } else {
-            // Plain output: starts, log lines and ends in the order they happened.
-            let mut events: Vec<(u64, u8, String)> = Vec::new();
+            // Plain output: starts, log lines and ends in the order they
+            // happened; within one millisecond, in plan order, and for one
+            // stage its start, then its lines, then its end.
+            let ordinal: HashMap<&str, u32> = stages.iter().map(|s| (s.id.as_str(), s.ordinal + 1)).collect();
+            let mut events: Vec<(u64, u32, u8, String)> = Vec::new();
             for stage in &stages {
                 let shown = printed.get(&stage.id).copied();
                 if stage.status != StageStatus::NotStarted && shown.is_none() {
-                    events.push((stage.started_at.unwrap_or(0), 1, format!("stage {} running", stage.id)));
+                    events.push((stage.started_at.unwrap_or(0), stage.ordinal + 1, 0, format!("stage {} running", stage.id)));
                 }
                 if stage.status.is_final() && !shown.is_some_and(StageStatus::is_final) {
                     let message = if stage.message.is_empty() { String::new() } else { format!(": {}", stage.message) };
-                    // On a tie, an end goes before other stages' starts
-                    // (they may need it), but after its own start.
-                    let at = stage.finished_at.unwrap_or(0);
-                    let order = if Some(at) == stage.started_at { 3 } else { 0 };
-                    events.push((at, order, format!("stage {} {} in {}{message}", stage.id, stage.status, elapsed(stage))));
+                    events.push((stage.finished_at.unwrap_or(0), stage.ordinal + 1, 2, format!("stage {} {} in {}{message}", stage.id, stage.status, elapsed(stage))));
                 }
                 if stage.status != StageStatus::NotStarted {
                     printed.insert(stage.id.clone(), stage.status);
                 }
             }
             for log in logs {
+                let order = ordinal.get(log.stage.as_str()).copied().unwrap_or(0);
                 let label = if log.stage.is_empty() { "plan".to_string() } else { log.stage };
-                events.push((log.at_ms, 2, format!("  {label} | {}: {}", log.source, log.text)));
+                events.push((log.at_ms, order, 1, format!("  {label} | {}: {}", log.source, log.text)));
             }
-            events.sort_by_key(|(at, order, _)| (*at, *order));
-            for (_, _, line) in events {
+            events.sort_by_key(|(at, order, kind, _)| (*at, *order, *kind));
+            for (_, _, _, line) in events {
                 println!("{line}");
             }
         }
