@@ -219,9 +219,28 @@ pub struct World {
 
 pub const TOKEN_VALUE: &str = "tok-3141592653";
 
+/// An agent-config entry for a built guest (`grants` is YAML at the
+/// indentation of a plugin's keys, e.g. `    grants: {...}\n`).
+pub fn plugin_entry(name: &str, world: &str, extra: &str) -> String {
+    let file = guest(name);
+    format!("  - name: {name}\n    path: {}\n    sha256: {}\n    world: {world}\n{extra}", file.display(), sha256_file(&file))
+}
+
 impl World {
     pub fn new() -> World {
+        Self::with_plugins("")
+    }
+
+    /// A world whose agent config also lists `extra` plugin entries.
+    pub fn with_plugins(extra: &str) -> World {
+        Self::with(|_| extra.to_string())
+    }
+
+    /// A world whose extra plugin entries are made from its directory (for
+    /// mounts that must live inside it).
+    pub fn with(extra: impl FnOnce(&Path) -> String) -> World {
         let dir = tempfile::tempdir().unwrap();
+        let extra = extra(dir.path());
         let marks = dir.path().join("marks");
         std::fs::create_dir_all(&marks).unwrap();
         let secret = dir.path().join("token.txt");
@@ -237,6 +256,7 @@ impl World {
                 secret.display()
             ));
         }
+        yaml.push_str(&extra);
         let config = dir.path().join("agent.yaml");
         std::fs::write(&config, yaml).unwrap();
         World { dir, config, marks }

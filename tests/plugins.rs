@@ -1,0 +1,278 @@
+//! The first-party stage plugins end to end: `wait` across an agent
+//! restart, `approval` with refused and repeated approvers, `http-check`
+//! (pass, fail, denied URL, results kept and compared), and `files`
+//! (quick sync, canary pipeline, rollback to the exact previous files).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use cordon::pipeline::plan::TriggerInfo;
+use cordon::store::{CommandKind, CommandRecord, DeploymentStatus, StageStatus};
+use cordon_tests::{Server, World, cordon_bin, deploy, plugin_entry, serve_until_idle};
+
+fn trigger() -> TriggerInfo {
+    TriggerInfo { commander: "test".into(), ..Default::default() }
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_agent(world: &World) -> Agent {
+    Agent(Command::new(cordon_bin()).arg("--config").arg(&world.config).arg("agent").spawn().unwrap())
+}
+
+async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ready() {
+        assert!(started.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn wait_keeps_its_start_time_across_an_agent_restart() {
+    let world = World::new();
+    let host = world.host().await;
+    let app = world.app("w", "name: w\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: 4 } }\n");
+    let d = cordon::pipeline::trigger(&host, &app, trigger()).unwrap();
+    let mut agent = start_agent(&world);
+    until("WAIT to run", || host.store.stages(&d.id).unwrap().first().is_some_and(|s| s.status == StageStatus::Running)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    agent.0.kill().unwrap();
+    agent.0.wait().unwrap();
+    let _agent = start_agent(&world);
+    until("the deployment to finish", || host.store.deployment(&d.id).unwrap().unwrap().status.is_final()).await;
+    let d = host.store.deployment(&d.id).unwrap().unwrap();
+    assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+    let took = d.finished_at.unwrap() - d.started_at.unwrap();
+    // Starting over would take 2.5 s + 4 s; resuming takes the 4 s plus the restart.
+    assert!((4000..6000).contains(&took), "the wait took {took} ms");
+    let stage = &host.store.stages(&d.id).unwrap()[0];
+    assert_eq!(stage.attempts, 2);
+    let logs = host.store.logs(&d.id, Some(&stage.id), 0, 100).unwrap();
+    assert!(logs.iter().any(|l| l.text.starts_with("resuming a wait")), "{logs:?}");
+}
+
+#[tokio::test]
+async fn wait_refuses_bad_options() {
+    let world = World::new();
+    let host = world.host().await;
+    let app = world.app("w", "name: w\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: -1 } }\n");
+    let d = deploy(&host, &world.dir.path().join("state"), &app, trigger()).await;
+    assert_eq!(d.status, DeploymentStatus::Failure);
+    assert!(d.reason.contains("duration must be a non-negative number"), "{}", d.reason);
+    let app = world.app("w2", "name: w2\npipeline:\n  stages:\n    - { name: WAIT, with: { duratoin: 1 } }\n");
+    let d = deploy(&host, &world.dir.path().join("state"), &app, trigger()).await;
+    assert!(d.reason.contains("unknown field `duratoin`"), "{}", d.reason);
+}
+
+fn approve(host: &cordon::pipeline::Host, deployment: &str, stage: &str, who: &str, n: u32) {
+    host.store
+        .add_command(&CommandRecord {
+            id: format!("{deployment}/{stage}/approve/{n}"),
+            deployment: deployment.into(),
+            stage: stage.into(),
+            kind: CommandKind::Approve,
+            commander: who.into(),
+            created_at: 0,
+        })
+        .unwrap();
+}
+
+#[tokio::test]
+async fn approval_needs_distinct_listed_approvers() {
+    let world = World::with_plugins(&plugin_entry("approval", "executor", ""));
+    let host = world.host().await;
+    let state = world.dir.path().join("state");
+    let app = world.app("ap", "name: ap\npipeline:\n  stages:\n    - { id: gate, name: WAIT_APPROVAL, with: { approvers: [alice, bob], minApprovals: 2 } }\n");
+    let d = cordon::pipeline::trigger(&host, &app, trigger()).unwrap();
+    let serving = tokio::spawn({
+        let host = host.clone();
+        async move { serve_until_idle(&host, &state).await }
+    });
+    until("the gate to run", || host.store.stages(&d.id).unwrap().first().is_some_and(|s| s.status == StageStatus::Running)).await;
+    approve(&host, &d.id, "gate", "mallory", 1);
+    approve(&host, &d.id, "gate", "alice", 2);
+    approve(&host, &d.id, "gate", "alice", 3);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(host.store.stages(&d.id).unwrap()[0].status, StageStatus::Running, "one distinct approver is not enough");
+    approve(&host, &d.id, "gate", "bob", 4);
+    serving.await.unwrap();
+    let d = host.store.deployment(&d.id).unwrap().unwrap();
+    assert_eq!(d.status, DeploymentStatus::Success);
+    let gate = &host.store.stages(&d.id).unwrap()[0];
+    assert_eq!(gate.message, "approved by alice, bob");
+    assert_eq!(host.store.metadata_get(&d.id, "gate", "approved-by").unwrap().as_deref(), Some("alice,bob"));
+    let logs: Vec<String> = host.store.logs(&d.id, Some("gate"), 0, 100).unwrap().into_iter().map(|l| l.text).collect();
+    assert!(logs.iter().any(|l| l.contains("approval by mallory refused")), "{logs:?}");
+}
+
+#[tokio::test]
+async fn http_check_passes_fails_and_stays_inside_its_grant() {
+    let server = Server::ok("<h1>Hello from version 1</h1>").await;
+    let forbidden = Server::ok("secret").await;
+    let grant = format!("    grants: {{ network: {{ allow: [\"http://127.0.0.1:{}\"] }} }}\n", server.port);
+    let world = World::with_plugins(&plugin_entry("http-check", "executor", &grant));
+    let host = world.host().await;
+    let state = world.dir.path().join("state");
+    let url = format!("http://127.0.0.1:{}/index.html", server.port);
+    let check = |name: &str, with: String| format!("name: {name}\npipeline:\n  stages:\n    - {{ name: HTTP_CHECK, with: {with} }}\n");
+
+    let app = world.app("ok", &check("ok", format!("{{ url: \"{url}\", bodyContains: \"version 1\", compareWithLast: true }}")));
+    let d = deploy(&host, &state, &app, trigger()).await;
+    assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+    let kept = host.store.blob_get("ok", "http-check", &format!("last-result:{url}")).unwrap().expect("the result is kept");
+    let kept: serde_json::Value = serde_json::from_slice(&kept).unwrap();
+    assert_eq!((kept["ok"].as_bool(), kept["passes"].as_u64()), (Some(true), Some(1)));
+    // The next deployment compares with it.
+    let d = deploy(&host, &state, &app, trigger()).await;
+    assert_eq!(d.status, DeploymentStatus::Success);
+    let logs = host.store.logs(&d.id, None, 0, 100).unwrap();
+    assert!(logs.iter().any(|l| l.text.starts_with("last result: 1 passes")), "{logs:?}");
+
+    let app = world.app("status", &check("status", format!("{{ url: \"{url}\", expectedStatus: 201, tries: 2, interval: 0.1 }}")));
+    let d = deploy(&host, &state, &app, trigger()).await;
+    assert_eq!(d.status, DeploymentStatus::Failure);
+    assert!(d.reason.contains("0 of 2 checks") && d.reason.contains("status 200 (expected 201)"), "{}", d.reason);
+
+    let app = world.app("body", &check("body", format!("{{ url: \"{url}\", bodyContains: \"version 2\", tries: 2, successThreshold: 2, interval: 0.1 }}")));
+    let d = deploy(&host, &state, &app, trigger()).await;
+    assert!(d.reason.contains("does not contain \\\"version 2\\\"") || d.reason.contains("does not contain \"version 2\""), "{}", d.reason);
+
+    let denied = format!("http://127.0.0.1:{}/", forbidden.port);
+    let app = world.app("denied", &check("denied", format!("{{ url: \"{denied}\", tries: 1 }}")));
+    let d = deploy(&host, &state, &app, trigger()).await;
+    assert_eq!(d.status, DeploymentStatus::Failure);
+    assert!(d.reason.contains(&format!("sandbox denied HTTP request to http://127.0.0.1:{}", forbidden.port)), "{}", d.reason);
+    assert_eq!(forbidden.hits(), 0);
+}
+
+/// Every file under `dir` (following the `current` symlink) and its bytes.
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(p.strip_prefix(root).unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    if dir.exists() {
+        walk(dir, dir, &mut out);
+    }
+    out
+}
+
+/// A world with the `files` plugin and its two mounts, `www` and `canary`.
+fn files_world() -> World {
+    World::with(|dir| {
+        let (www, canary) = (dir.join("www"), dir.join("canary"));
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::create_dir_all(&canary).unwrap();
+        let grants = format!(
+            "    grants:\n      mounts:\n        - {{ host: {}, guest: /www, access: read-write }}\n        - {{ host: {}, guest: /canary, access: read-write }}\n",
+            www.display(),
+            canary.display()
+        );
+        plugin_entry("files", "deployment", &grants)
+    })
+}
+
+fn mount(world: &World, which: &str) -> std::path::PathBuf {
+    world.dir.path().join(which)
+}
+
+fn write_site(app: &Path, version: &str, files: &[(&str, &str)]) {
+    for entry in std::fs::read_dir(app).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name().unwrap() != "app.cordon.yaml" {
+            if p.is_dir() { std::fs::remove_dir_all(&p).unwrap() } else { std::fs::remove_file(&p).unwrap() }
+        }
+    }
+    std::fs::write(app.join("VERSION"), version).unwrap();
+    for (name, content) in files {
+        let path = app.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn files_quick_sync_makes_the_target_equal_the_source() {
+    let world = files_world();
+    let host = world.host().await;
+    let state = world.dir.path().join("state");
+    let app = world.app(
+        "site",
+        "name: site\npipeline:\n  stages:\n    - name: FILES_CANARY_ROLLOUT\n    - name: FILES_PRIMARY_ROLLOUT\n    - name: FILES_CANARY_CLEAN\nplugins:\n  files: { target: /www, canary: /canary }\n",
+    );
+    write_site(&app, "1.0.0", &[("index.html", "v1"), ("old.css", "old"), ("img/logo.svg", "<svg/>")]);
+    let d = deploy(&host, &state, &app, trigger()).await;
+    assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+    let plan: serde_json::Value = serde_json::from_str(&d.plan).unwrap();
+    assert!(plan["summary"].as_str().unwrap().contains("first deployment"), "{plan}");
+    let www = mount(&world, "www").join("current");
+    let served = tree(&www);
+    assert_eq!(served.keys().cloned().collect::<Vec<_>>(), vec!["VERSION", "img/logo.svg", "index.html", "old.css"], "app.cordon.yaml is not deployed");
+
+    // Same VERSION: the planner votes quick sync; a removed file disappears.
+    write_site(&app, "1.0.0", &[("index.html", "v1.1"), ("img/logo.svg", "<svg/>")]);
+    let d = deploy(&host, &state, &app, trigger()).await;
+    assert_eq!(d.status, DeploymentStatus::Success);
+    let plan: serde_json::Value = serde_json::from_str(&d.plan).unwrap();
+    assert_eq!(plan["strategy"], "quick-sync");
+    assert!(plan["summary"].as_str().unwrap().contains("only content changed"), "{plan}");
+    let served = tree(&www);
+    assert_eq!(served.get("index.html").map(Vec::as_slice), Some(&b"v1.1"[..]));
+    assert!(!served.contains_key("old.css"), "a file the source no longer has is still served");
+    let releases = std::fs::read_dir(mount(&world, "www").join("releases")).unwrap().count();
+    assert!(releases <= 2, "old releases are pruned ({releases} left)");
+
+    // A new VERSION: the planner votes for the canary pipeline.
+    write_site(&app, "2.0.0", &[("index.html", "v2")]);
+    let d = deploy(&host, &state, &app, trigger()).await;
+    assert_eq!(d.status, DeploymentStatus::Success);
+    let plan: serde_json::Value = serde_json::from_str(&d.plan).unwrap();
+    assert_eq!(plan["strategy"], "pipeline-sync");
+    assert!(plan["summary"].as_str().unwrap().contains("VERSION changed from 1.0.0 to 2.0.0"), "{plan}");
+    assert_eq!(tree(&www).get("index.html").map(Vec::as_slice), Some(&b"v2"[..]));
+}
+
+#[tokio::test]
+async fn files_pipeline_rolls_back_to_the_exact_previous_files() {
+    let world = files_world();
+    let host = world.host().await;
+    let state = world.dir.path().join("state");
+    let yaml = "name: site\nplanner: { alwaysUsePipeline: true }\npipeline:\n  stages:\n    - name: FILES_CANARY_ROLLOUT\n    - name: FILES_PRIMARY_ROLLOUT\n    - { name: STEP, with: { status: STATUS } }\n    - name: FILES_CANARY_CLEAN\nplugins:\n  files: { target: /www, canary: /canary }\n";
+    let app = world.app("site", &yaml.replace("STATUS", "success"));
+    write_site(&app, "1.0.0", &[("index.html", "v1"), ("a/b.txt", "b1"), ("gone-in-v2.txt", "x")]);
+    let d = deploy(&host, &state, &app, trigger()).await;
+    assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+    let (www, canary) = (mount(&world, "www").join("current"), mount(&world, "canary").join("current"));
+    let v1 = tree(&www);
+    assert!(!canary.exists(), "the canary is cleaned");
+
+    // Version 2 fails after it reached the primary: the rollback restores v1 exactly.
+    std::fs::write(app.join("app.cordon.yaml"), yaml.replace("STATUS", "failure")).unwrap();
+    write_site(&app, "2.0.0", &[("index.html", "v2"), ("a/b.txt", "b2"), ("new-in-v2.txt", "y")]);
+    let d = deploy(&host, &state, &app, trigger()).await;
+    assert_eq!(d.status, DeploymentStatus::Failure, "{d:?}");
+    let stages = host.store.stages(&d.id).unwrap();
+    let rollback = stages.iter().find(|s| s.rollback).unwrap();
+    assert_eq!((rollback.name.as_str(), rollback.status), ("FILES_ROLLBACK", StageStatus::Success));
+    assert_eq!(tree(&www), v1, "the rollback did not restore the exact previous files");
+    assert!(!canary.exists(), "the rollback empties the canary");
+    let versions: serde_json::Value = serde_json::from_str(&d.plan).unwrap();
+    assert_eq!(versions["versions"][0]["version"], "2.0.0");
+}
