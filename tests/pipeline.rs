@@ -4,7 +4,7 @@
 //! and many concurrent deployments.
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use cordon::pipeline::Host;
 use cordon::pipeline::plan::{self, PlanInput, Strategy, TriggerInfo};
 use cordon::sandbox::output::NullSink;
 use cordon::store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, StageStatus};
-use cordon_tests::{TOKEN_VALUE, World, cordon_bin, deploy, serve_until_idle};
+use cordon_tests::{TOKEN_VALUE, World, cordon_bin, deploy, serve_until_idle, start_agent};
 
 fn message(m: &str) -> TriggerInfo {
     TriggerInfo { commit_message: m.into(), commander: "test".into(), ..Default::default() }
@@ -320,18 +320,6 @@ async fn approve_and_skip_from_a_second_process() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already ended"));
 }
 
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_agent(world: &World) -> Agent {
-    Agent(Command::new(cordon_bin()).arg("--config").arg(&world.config).arg("agent").spawn().unwrap())
-}
 
 #[tokio::test]
 async fn sigkill_during_a_stage_then_resume_without_duplicates() {

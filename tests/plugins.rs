@@ -5,29 +5,16 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use cordon::pipeline::plan::TriggerInfo;
 use cordon::store::{CommandKind, CommandRecord, DeploymentStatus, StageStatus};
-use cordon_tests::{Server, World, cordon_bin, deploy, plugin_entry, serve_until_idle};
+use cordon_tests::{Server, World, deploy, plugin_entry, serve_until_idle, start_agent};
 
 fn trigger() -> TriggerInfo {
     TriggerInfo { commander: "test".into(), ..Default::default() }
 }
 
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_agent(world: &World) -> Agent {
-    Agent(Command::new(cordon_bin()).arg("--config").arg(&world.config).arg("agent").spawn().unwrap())
-}
 
 async fn until(what: &str, mut ready: impl FnMut() -> bool) {
     let started = Instant::now();

@@ -307,3 +307,18 @@ pub async fn deploy(host: &Arc<Host>, state_dir: &Path, app_dir: &Path, trigger:
     serve_until_idle(host, state_dir).await;
     host.store.deployment(&record.id).unwrap().unwrap()
 }
+
+/// A `cordon agent` child process, killed when dropped.
+pub struct AgentProcess(pub std::process::Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cordon agent` on the world's config.
+pub fn start_agent(world: &World) -> AgentProcess {
+    AgentProcess(std::process::Command::new(cordon_bin()).arg("--config").arg(&world.config).arg("agent").spawn().unwrap())
+}

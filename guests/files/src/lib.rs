@@ -21,18 +21,7 @@
 
 use std::path::Path;
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "deployment",
-    with: {
-        "cordon:plugin/types@0.1.0": cordon_sdk::executor::cordon::plugin::types,
-        "cordon:plugin/log@0.1.0": cordon_sdk::executor::cordon::plugin::log,
-        "cordon:plugin/metadata@0.1.0": cordon_sdk::executor::cordon::plugin::metadata,
-        "cordon:plugin/commands@0.1.0": cordon_sdk::executor::cordon::plugin::commands,
-        "cordon:plugin/blobs@0.1.0": cordon_sdk::executor::cordon::plugin::blobs,
-        "cordon:plugin/secrets@0.1.0": cordon_sdk::executor::cordon::plugin::secrets,
-    },
-});
+cordon_sdk::deployment_world!("../../wit");
 
 use cordon_sdk::executor::cordon::plugin::log;
 use cordon_sdk::executor::cordon::plugin::types::{StageConfig, StageStatus, SyncStrategy};

@@ -36,13 +36,33 @@ pub mod executor {
     }
 }
 
-// The `planner` and `deployment` worlds export the same interfaces as
-// `executor`; wit-bindgen names its exported helper macros after the
-// interface, so one crate cannot export macros for all three. A deployment
-// plugin generates its bindings itself, reusing the shared types:
-//
-// wit_bindgen::generate!({ path: "wit", world: "deployment", with: {
-//     "cordon:plugin/types@0.1.0": cordon_sdk::executor::cordon::plugin::types, ... } });
+/// Generates bindings for the `deployment` world (a planner and an executor
+/// in one component) in the calling crate, sharing this crate's types and
+/// host imports; `$wit` is the path of `wit/` from the crate's manifest.
+///
+/// (`planner` and `deployment` export the same interfaces as `executor`;
+/// wit-bindgen names its exported helper macros after the interface, so one
+/// crate cannot export macros for all three, and deployment plugins generate
+/// their bindings themselves. Then implement the `Guest` traits under
+/// `exports::cordon::plugin::{stages, execution, planning}` and call
+/// `export!(MyPlugin)`.)
+#[macro_export]
+macro_rules! deployment_world {
+    ($wit:literal) => {
+        wit_bindgen::generate!({
+            path: $wit,
+            world: "deployment",
+            with: {
+                "cordon:plugin/types@0.1.0": cordon_sdk::executor::cordon::plugin::types,
+                "cordon:plugin/log@0.1.0": cordon_sdk::executor::cordon::plugin::log,
+                "cordon:plugin/metadata@0.1.0": cordon_sdk::executor::cordon::plugin::metadata,
+                "cordon:plugin/commands@0.1.0": cordon_sdk::executor::cordon::plugin::commands,
+                "cordon:plugin/blobs@0.1.0": cordon_sdk::executor::cordon::plugin::blobs,
+                "cordon:plugin/secrets@0.1.0": cordon_sdk::executor::cordon::plugin::secrets,
+            },
+        });
+    };
+}
 
 /// The `key-filter` world: batched key selection, no host imports.
 pub mod key_filter {

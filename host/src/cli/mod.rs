@@ -113,16 +113,8 @@ enum KeysCommand {
     /// Exits 1 when some keys could not be classified (they are reported,
     /// and written to --unclassified when given), 0 otherwise.
     Filter {
-        #[arg(long)]
-        plugin: String,
-        /// Filter options as JSON.
-        #[arg(long = "with", default_value = "{}")]
-        with: String,
-        /// Input file; `-` or nothing reads standard input.
-        input: Option<PathBuf>,
-        /// Output file (written atomically); standard output when absent.
-        #[arg(long)]
-        output: Option<PathBuf>,
+        #[command(flatten)]
+        io: PluginIo,
         /// Where to write the keys the filter could not classify.
         #[arg(long)]
         unclassified: Option<PathBuf>,
@@ -139,17 +131,25 @@ enum KeysCommand {
 enum ItemsCommand {
     /// Apply the action to JSON items, one per line, in input order.
     Apply {
-        #[arg(long)]
-        plugin: String,
-        /// Action options as JSON.
-        #[arg(long = "with", default_value = "{}")]
-        with: String,
-        /// Input file; `-` or nothing reads standard input.
-        input: Option<PathBuf>,
-        /// Output file (written atomically); standard output when absent.
-        #[arg(long)]
-        output: Option<PathBuf>,
+        #[command(flatten)]
+        io: PluginIo,
     },
+}
+
+/// A plugin, its options, and where data comes from and goes.
+#[derive(clap::Args)]
+struct PluginIo {
+    /// Plugin name from the agent config.
+    #[arg(long)]
+    plugin: String,
+    /// The plugin's options as JSON.
+    #[arg(long = "with", default_value = "{}")]
+    with: String,
+    /// Input file; `-` or nothing reads standard input.
+    input: Option<PathBuf>,
+    /// Output file (written atomically); standard output when absent.
+    #[arg(long)]
+    output: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -263,12 +263,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Skip { deployment, stage, commander } => command(&config, &deployment, Some(&stage), CommandKind::Skip, &commander),
         Command::Cancel { deployment, commander } => command(&config, &deployment, None, CommandKind::Cancel, &commander),
         Command::Agent => agent(&config).await,
-        Command::Keys(KeysCommand::Filter { plugin, with, input, output, unclassified, jobs, prefixes }) => {
-            keys_filter(&config, &plugin, &with, input.as_deref(), output.as_deref(), unclassified.as_deref(), jobs, prefixes).await
+        Command::Keys(KeysCommand::Filter { io, unclassified, jobs, prefixes }) => {
+            keys_filter(&config, &io, unclassified.as_deref(), jobs, prefixes).await
         }
-        Command::Items(ItemsCommand::Apply { plugin, with, input, output }) => {
-            items_apply(&config, &plugin, &with, input.as_deref(), output.as_deref()).await
-        }
+        Command::Items(ItemsCommand::Apply { io }) => items_apply(&config, &io).await,
     }
 }
 
@@ -694,17 +692,8 @@ fn progress_bar(unit: &'static str) -> indicatif::ProgressBar {
     bar
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn keys_filter(
-    config_path: &Path,
-    name: &str,
-    with: &str,
-    input: Option<&Path>,
-    output: Option<&Path>,
-    unclassified: Option<&Path>,
-    jobs: Option<usize>,
-    prefixes: bool,
-) -> Result<ExitCode> {
+async fn keys_filter(config_path: &Path, io: &PluginIo, unclassified: Option<&Path>, jobs: Option<usize>, prefixes: bool) -> Result<ExitCode> {
+    let (name, with, input, output) = (io.plugin.as_str(), io.with.as_str(), io.input.as_deref(), io.output.as_deref());
     check_json("--with", with)?;
     let (runtime, plugin) = load_one(config_path, name, World::KeyFilter).await?;
     let reader = open_input(input)?;
@@ -753,7 +742,8 @@ async fn keys_filter(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn items_apply(config_path: &Path, name: &str, with: &str, input: Option<&Path>, output: Option<&Path>) -> Result<ExitCode> {
+async fn items_apply(config_path: &Path, io: &PluginIo) -> Result<ExitCode> {
+    let (name, with, input, output) = (io.plugin.as_str(), io.with.as_str(), io.input.as_deref(), io.output.as_deref());
     check_json("--with", with)?;
     let (runtime, plugin) = load_one(config_path, name, World::ItemAction).await?;
     let reader = open_input(input)?;
