@@ -295,3 +295,30 @@ async fn additional_items_are_deduplicated_so_cycles_end() {
     assert_eq!(stats.additional, 2);
     assert!(stats.duplicates >= 2, "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_json_dumps_are_streamed() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let mut kvs = Vec::new();
+    for i in 0..10_000 {
+        let cluster = if i % 10 == 0 { C } else { "other" };
+        kvs.push(serde_json::json!({ "key": b64(&format!("/registry/core/configmaps/{cluster}/ns/cm-{i}")), "create_revision": i, "value": b64("v") }));
+    }
+    let dump = serde_json::json!({ "header": { "revision": 7 }, "kvs": kvs, "count": 10_000 }).to_string();
+    let mut out = Vec::new();
+    let stats = filter::run(Cursor::new(dump.into_bytes()), vec![session(&options()).await], filter::Sinks { selected: &mut out, unclassified: None, progress: &|_| {} })
+        .await
+        .unwrap();
+    assert_eq!((stats.keys, stats.selected), (10_000, 1_000));
+    let out = String::from_utf8(out).unwrap();
+    let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(first["key"], format!("/registry/core/configmaps/{C}/ns/cm-0"));
+    assert_eq!(first["value"], b64("v"));
+
+    let bad = r#"{"header":{},"kvs":[{"key":"!!not base64!!"}]}"#;
+    let err = filter::run(Cursor::new(bad.as_bytes().to_vec()), vec![session(&options()).await], filter::Sinks { selected: &mut Vec::new(), unclassified: None, progress: &|_| {} })
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("entry 1: `key` is not base64"), "{err:#}");
+}

@@ -1,5 +1,5 @@
-//! Key filtering: reads keys (one per line, or JSON lines with a `key`
-//! field, e.g. an etcd dump), feeds them to key-filter instances in packed
+//! Key filtering: reads keys (one per line, JSON lines with a `key` field,
+//! or the JSON document of `etcdctl get --prefix -w json`), feeds them to key-filter instances in packed
 //! batches — several instances on several cores for large inputs — and
 //! writes the selected ones out in input order.
 //!
@@ -42,6 +42,34 @@ pub struct Batch {
 }
 
 impl Batch {
+    pub(super) fn new(seq: u64) -> Self {
+        Batch {
+            seq,
+            keys: KeyBatch { data: Vec::with_capacity(BATCH_BYTES + 4096), ends: Vec::with_capacity(BATCH_KEYS) },
+            lines: Vec::new(),
+            line_ends: Vec::new(),
+        }
+    }
+
+    /// Adds a key, and the line to write out for it when one is kept.
+    pub(super) fn push(&mut self, key: &[u8], line: Option<&[u8]>) -> Result<()> {
+        self.keys.data.extend_from_slice(key);
+        self.keys.ends.push(u32::try_from(self.keys.data.len()).context("batch too large")?);
+        if let Some(line) = line {
+            self.lines.extend_from_slice(line);
+            self.line_ends.push(u32::try_from(self.lines.len()).context("batch too large")?);
+        }
+        Ok(())
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.keys.ends.len()
+    }
+
+    pub(super) fn key_bytes(&self) -> usize {
+        self.keys.data.len()
+    }
+
     fn key(&self, i: usize) -> &[u8] {
         let start = if i == 0 { 0 } else { self.keys.ends[i - 1] as usize };
         &self.keys.data[start..self.keys.ends[i] as usize]
@@ -103,7 +131,7 @@ impl LineParser {
         }
         let format = *self.format.get_or_insert(if line[0] == b'{' { Format::JsonLines } else { Format::Lines });
         match format {
-            Format::Lines => batch.keys.data.extend_from_slice(line),
+            Format::Lines => batch.push(line, None),
             Format::JsonLines => {
                 #[derive(serde::Deserialize)]
                 struct Entry {
@@ -111,13 +139,9 @@ impl LineParser {
                 }
                 let entry: Entry = serde_json::from_slice(line)
                     .with_context(|| format!("input line {}: not a JSON object with a string `key`", self.line_no))?;
-                batch.keys.data.extend_from_slice(entry.key.as_bytes());
-                batch.lines.extend_from_slice(line);
-                batch.line_ends.push(u32::try_from(batch.lines.len()).context("batch too large")?);
+                batch.push(entry.key.as_bytes(), Some(line))
             }
         }
-        batch.keys.ends.push(u32::try_from(batch.keys.data.len()).context("batch too large")?);
-        Ok(())
     }
 }
 
@@ -129,12 +153,7 @@ impl<R: BufRead> Reader<R> {
     /// The next batch: whole lines split out of the input's buffer with
     /// `memchr`, no per-line read calls.
     fn next_batch(&mut self) -> Result<Option<Batch>> {
-        let mut batch = Batch {
-            seq: self.seq,
-            keys: KeyBatch { data: Vec::with_capacity(BATCH_BYTES + 4096), ends: Vec::with_capacity(BATCH_KEYS) },
-            lines: Vec::new(),
-            line_ends: Vec::new(),
-        };
+        let mut batch = Batch::new(self.seq);
         let full = |b: &Batch| b.keys.ends.len() >= BATCH_KEYS || b.keys.data.len() >= BATCH_BYTES;
         while !self.eof && !full(&batch) {
             let buf = self.input.fill_buf().context("cannot read the input")?;
@@ -187,6 +206,10 @@ pub async fn run<S: Selector, R: BufRead + Send + 'static>(input: R, selectors: 
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(workers * 2);
     let (done_tx, mut done_rx) = mpsc::channel::<Result<(Batch, Selection)>>(workers * 2);
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut input = input;
+        if super::etcd_dump::looks_like_dump(input.fill_buf().context("cannot read the input")?) {
+            return super::etcd_dump::stream(input, |batch| batch_tx.blocking_send(batch).is_ok());
+        }
         let mut reader = Reader::new(input);
         while let Some(batch) = reader.next_batch()? {
             if batch_tx.blocking_send(batch).is_err() {

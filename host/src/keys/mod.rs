@@ -5,5 +5,6 @@
 //! of batches at a time, and output is written in input order, so memory
 //! stays constant however large the input.
 
+pub mod etcd_dump;
 pub mod filter;
 pub mod items;
