@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod cli;
 pub mod contract;
+pub mod debug;
 pub mod engine;
 pub mod keys;
 pub mod pipeline;

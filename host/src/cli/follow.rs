@@ -27,6 +27,7 @@ fn symbol(status: StageStatus) -> &'static str {
     match status {
         StageStatus::NotStarted => "·",
         StageStatus::Running => "▶",
+        StageStatus::Paused => "‖",
         StageStatus::Success | StageStatus::Exited => "✔",
         StageStatus::Skipped => "↷",
         StageStatus::Failure => "✘",

@@ -9,7 +9,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -104,6 +104,47 @@ enum Command {
     /// Rewrite JSON items with an item-action plugin.
     #[command(subcommand)]
     Items(ItemsCommand),
+    /// Work with a deployment paused at a breakpoint.
+    #[command(subcommand)]
+    Debug(DebugCommand),
+    /// Upload a local directory into the source of a paused deployment.
+    Upload {
+        deployment: String,
+        /// The directory to upload (default: the current one).
+        dir: Option<PathBuf>,
+        /// Where inside the deployment's source to extract it.
+        #[arg(long, default_value = ".")]
+        to: PathBuf,
+        /// More gitignore-style patterns to leave out (repeatable).
+        #[arg(long = "ignore", value_name = "PATTERN")]
+        ignore: Vec<String>,
+        /// Upload this tar archive instead of a directory.
+        #[arg(long, conflicts_with = "dir")]
+        archive: Option<PathBuf>,
+        /// Resume the deployment after the upload.
+        #[arg(long = "continue")]
+        resume: bool,
+        #[arg(long = "as", default_value_t = default_user())]
+        commander: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DebugCommand {
+    /// Resume the paused stage as a success (a stage paused before it runs, runs).
+    Continue {
+        deployment: String,
+        #[arg(long = "as", default_value_t = default_user())]
+        commander: String,
+    },
+    /// Resume the paused stage as a failure; rollback follows as usual.
+    FailContinue {
+        deployment: String,
+        #[arg(long = "as", default_value_t = default_user())]
+        commander: String,
+    },
+    /// Run the paused stage once, verbosely, and leave it paused.
+    Run { deployment: String },
 }
 
 #[derive(Subcommand)]
@@ -166,6 +207,15 @@ struct TriggerArgs {
     /// Who triggers the deployment.
     #[arg(long = "as", default_value_t = default_user())]
     commander: String,
+    /// Pause before this stage runs (id or name; repeatable).
+    #[arg(long = "break-before", value_name = "STAGE")]
+    break_before: Vec<String>,
+    /// Pause after this stage ran (id or name; repeatable).
+    #[arg(long = "break-after", value_name = "STAGE")]
+    break_after: Vec<String>,
+    /// Pause at any stage that fails, instead of failing.
+    #[arg(long = "break-on-failure")]
+    break_on_failure: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -184,6 +234,11 @@ impl TriggerArgs {
                 SyncArg::Quick => Strategy::QuickSync,
                 SyncArg::Pipeline => Strategy::PipelineSync,
             }),
+            breakpoints: crate::debug::Breakpoints {
+                break_before: self.break_before.clone(),
+                break_after: self.break_after.clone(),
+                break_on_failure: self.break_on_failure,
+            },
         }
     }
 }
@@ -267,6 +322,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             keys_filter(&config, &io, unclassified.as_deref(), jobs, prefixes).await
         }
         Command::Items(ItemsCommand::Apply { io }) => items_apply(&config, &io).await,
+        Command::Debug(DebugCommand::Continue { deployment, commander }) => debug_resume(&config, &deployment, false, &commander),
+        Command::Debug(DebugCommand::FailContinue { deployment, commander }) => debug_resume(&config, &deployment, true, &commander),
+        Command::Debug(DebugCommand::Run { deployment }) => debug_run(&config, &deployment).await,
+        Command::Upload { deployment, dir, to, ignore, archive, resume, commander } => {
+            upload(&config, &deployment, dir.as_deref(), &to, &ignore, archive.as_deref(), resume, &commander)
+        }
     }
 }
 
@@ -569,7 +630,13 @@ async fn logs(config_path: &Path, id: &str, stage: Option<&str>, keep_following:
 
 fn command(config_path: &Path, id: &str, stage: Option<&str>, kind: CommandKind, commander: &str) -> Result<ExitCode> {
     let (_, store) = open_store(config_path)?;
-    let d = deployment_or_err(&store, id)?;
+    send_command(&store, id, stage, kind, commander)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Validates and stores a command for deployment `id` (or one of its stages).
+fn send_command(store: &dyn StateStore, id: &str, stage: Option<&str>, kind: CommandKind, commander: &str) -> Result<()> {
+    let d = deployment_or_err(store, id)?;
     if d.status.is_final() {
         bail!("deployment {id} already ended ({}); there is nothing to {kind}", d.status);
     }
@@ -598,6 +665,109 @@ fn command(config_path: &Path, id: &str, stage: Option<&str>, kind: CommandKind,
     store.add_command(&record)?;
     let target = if stage_id.is_empty() { format!("deployment {id}") } else { format!("stage {stage_id} of {id}") };
     println!("{kind} sent to {target} as {commander}");
+    Ok(())
+}
+
+/// The stage of `id` paused at a breakpoint.
+fn paused_stage(store: &dyn StateStore, id: &str) -> Result<StageRecord> {
+    let d = deployment_or_err(store, id)?;
+    store.stages(id)?.into_iter().find(|s| s.status == crate::store::StageStatus::Paused).with_context(|| {
+        format!("deployment {id} ({}) has no paused stage; deploy with --break-before, --break-after or --break-on-failure", d.status)
+    })
+}
+
+fn debug_resume(config_path: &Path, id: &str, fail: bool, commander: &str) -> Result<ExitCode> {
+    let (_, store) = open_store(config_path)?;
+    paused_stage(&store, id)?;
+    let kind = if fail { CommandKind::DebugFailContinue } else { CommandKind::DebugContinue };
+    send_command(&store, id, None, kind, commander)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn debug_run(config_path: &Path, id: &str) -> Result<ExitCode> {
+    let config = AgentConfig::load(config_path)?;
+    let host = Host::open(&config).await?;
+    let stage = paused_stage(host.store.as_ref(), id)?;
+    let record = deployment_or_err(host.store.as_ref(), id)?;
+    let app = AppConfig::load(Path::new(&record.target_snapshot))?;
+    let trigger: TriggerInfo = serde_json::from_str(&record.trigger).context("the stored trigger is not readable")?;
+    let plugin = host.plugins.get(&stage.plugin).with_context(|| format!("plugin `{}` is no longer in the agent config", stage.plugin))?.clone();
+    let info = pipeline::deployment_info(&record, &app, &trigger);
+    let call = pipeline::run::stage_call(&host, &record, &app, &info, &stage, &format!("{}-debug", stage.id), Arc::new(TerminalSink))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "debug run of stage {} ({}) of deployment {id}; it stays paused", stage.id, stage.name)?;
+    writeln!(out, "  plugin:   {} (world {}, {}, sha256 {})", plugin.name, plugin.world, plugin.path.display(), plugin.sha256)?;
+    writeln!(out, "  options:  {}", stage.options)?;
+    writeln!(out, "  settings: {}", call.app_config)?;
+    writeln!(out, "  mounts:")?;
+    let show = |guest: &str, host: &Option<PathBuf>, access: &str| host.as_ref().map(|p| format!("    {guest:<10} <- {} ({access})", p.display()));
+    for line in [
+        show(crate::sandbox::fs::TARGET, &call.dirs.target, "read-only"),
+        show(crate::sandbox::fs::RUNNING, &call.dirs.running, "read-only"),
+        show(crate::sandbox::fs::SCRATCH, &call.dirs.scratch, "read-write"),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        writeln!(out, "{line}")?;
+    }
+    let grants = plugin.sandbox.grants();
+    for m in &grants.mounts {
+        writeln!(out, "    {:<10} <- {} ({:?}, granted)", m.guest, m.host.display(), m.access)?;
+    }
+    let allow: Vec<String> = grants.network.allow.iter().map(|d| d.to_string()).collect();
+    writeln!(out, "  network:  {}", if allow.is_empty() { "none".to_string() } else { allow.join(", ") })?;
+    let env: Vec<&String> = grants.env.keys().chain(&grants.inherit_env).collect();
+    writeln!(out, "  env:      {}", if env.is_empty() { "none".to_string() } else { env.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ") })?;
+    let secrets: Vec<&String> = grants.secrets.keys().collect();
+    writeln!(out, "  secrets:  {}", if secrets.is_empty() { "none".to_string() } else { secrets.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ") })?;
+    let limits = plugin.sandbox.limits();
+    writeln!(out, "  limits:   memory {}, timeout {}, log {}, result {}", limits.memory, humantime::format_duration(limits.timeout.min(Duration::from_millis(stage.timeout_ms))), limits.log_bytes, limits.result_bytes)?;
+    drop(out);
+    let started = Instant::now();
+    let outcome = runner::execute_stage(&host.runtime, &plugin, call).await;
+    let detail = if outcome.message.is_empty() { String::new() } else { format!(": {}", outcome.message) };
+    println!("{}: {} in {:.2}s{detail} (not recorded; the stage stays paused)", stage.id, outcome.status, started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn upload(
+    config_path: &Path,
+    id: &str,
+    dir: Option<&Path>,
+    to: &Path,
+    ignore: &[String],
+    archive: Option<&Path>,
+    resume: bool,
+    commander: &str,
+) -> Result<ExitCode> {
+    let (_, store) = open_store(config_path)?;
+    let stage = paused_stage(&store, id)?;
+    let record = deployment_or_err(&store, id)?;
+    let workspace = PathBuf::from(&record.target_snapshot);
+    let limits = crate::debug::upload::Limits::default();
+    let summary = match archive {
+        Some(file) => {
+            let reader = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+            crate::debug::upload::extract(std::io::BufReader::new(reader), &workspace, to, &limits)?
+        }
+        None => {
+            let dir = dir.unwrap_or(Path::new("."));
+            crate::debug::upload::upload_dir(dir, ignore, &workspace, to, &limits)?
+        }
+    };
+    println!(
+        "uploaded {} files ({} bytes) into {}/{} of deployment {id}, paused at {}",
+        summary.files,
+        summary.bytes,
+        crate::sandbox::fs::TARGET,
+        to.display(),
+        stage.id
+    );
+    if resume {
+        send_command(&store, id, None, CommandKind::DebugContinue, commander)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

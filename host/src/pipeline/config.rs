@@ -63,6 +63,9 @@ pub struct AppConfig {
     /// Settings per plugin, handed to it as JSON `app-config`.
     #[serde(default)]
     pub plugins: BTreeMap<String, serde_json::Value>,
+    /// Breakpoints (`breakBefore`, `breakAfter`, `breakOnFailure`).
+    #[serde(default)]
+    pub debug: Option<crate::debug::Breakpoints>,
     /// Directory the config was read from.
     #[serde(skip)]
     pub dir: PathBuf,

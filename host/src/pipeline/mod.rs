@@ -83,6 +83,7 @@ pub fn deployment_info(d: &DeploymentRecord, app: &AppConfig, trigger: &TriggerI
 pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<DeploymentRecord> {
     let app = AppConfig::load(app_dir)?;
     plan::check_app(&app, &host.plugins)?;
+    check_breakpoints(&app, &host.plugins, &trigger.breakpoints)?;
     let dir = std::fs::canonicalize(app_dir).with_context(|| format!("cannot resolve {}", app_dir.display()))?;
     host.store.upsert_application(&app.name, &dir.to_string_lossy())?;
     let trigger_json = serde_json::to_string(&trigger)?;
@@ -108,4 +109,22 @@ pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<Depl
             }
         }
     }
+}
+
+/// Every breakpoint must name a configured stage (by id or name) or a stage
+/// some plugin defines (for stages planners add).
+fn check_breakpoints(app: &AppConfig, plugins: &Plugins, cli: &crate::debug::Breakpoints) -> Result<()> {
+    let from_app = app.debug.clone().unwrap_or_default();
+    for (source, reference) in cli.references().map(|r| ("--break", r)).chain(from_app.references().map(|r| ("debug", r))) {
+        let configured = app.stages().iter().any(|s| s.key() == reference || s.name == *reference);
+        if !configured && plugins.route(reference).is_err() {
+            let known: Vec<&str> = app.stages().iter().map(|s| s.key()).collect();
+            anyhow::bail!(
+                "{}: breakpoint `{reference}` ({source}) names no stage of the pipeline (stages: {}) and no stage any plugin defines",
+                app.file.display(),
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            );
+        }
+    }
+    Ok(())
 }

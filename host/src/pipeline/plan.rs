@@ -64,6 +64,9 @@ pub struct TriggerInfo {
     pub commander: String,
     /// An explicitly requested strategy (`cordon deploy --sync`).
     pub sync: Option<Strategy>,
+    /// Breakpoints from `cordon deploy --break-*`.
+    #[serde(default)]
+    pub breakpoints: crate::debug::Breakpoints,
 }
 
 /// A version a planner reported.

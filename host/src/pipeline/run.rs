@@ -32,6 +32,7 @@ use super::services::{StoreLog, StoreServices, now_ms};
 use super::{Host, deployment_info, snapshot};
 use crate::runner::{self, Deployment, Outcome, Stage, StageCall, Status};
 use crate::sandbox::RunDirs;
+use crate::debug::{self, Breakpoints, Pause};
 use crate::store::{CommandKind, DeploymentRecord, DeploymentStatus, StageRecord, StageStatus};
 
 /// How often commands are read while stages run.
@@ -123,6 +124,47 @@ async fn plan_deployment(host: &Arc<Host>, record: &DeploymentRecord, app: &AppC
     host.store.deployment(&record.id)?.context("the deployment vanished")
 }
 
+/// The call that performs `stage` of deployment `record`: its sources, a
+/// fresh scratch directory named `scratch`, store-backed services.
+pub fn stage_call(
+    host: &Host,
+    record: &DeploymentRecord,
+    app: &AppConfig,
+    info: &Deployment,
+    stage: &StageRecord,
+    scratch: &str,
+    sink: Arc<dyn crate::sandbox::LogSink>,
+) -> Result<StageCall> {
+    let scratch = host.scratch_dir(&record.id).join(scratch);
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)?;
+    }
+    std::fs::create_dir_all(&scratch)?;
+    let running = (!record.running_snapshot.is_empty()).then(|| PathBuf::from(&record.running_snapshot));
+    Ok(StageCall {
+        deployment: info.clone(),
+        stage: Stage {
+            id: stage.id.clone(),
+            name: stage.name.clone(),
+            desc: stage.desc.clone(),
+            index: stage.index,
+            rollback: stage.rollback,
+            options: stage.options.clone(),
+        },
+        app_config: app.plugin_settings(&stage.plugin),
+        dirs: RunDirs { target: Some(PathBuf::from(&record.target_snapshot)), running, scratch: Some(scratch) },
+        services: Arc::new(StoreServices {
+            store: host.store.clone(),
+            deployment: record.id.clone(),
+            stage: stage.id.clone(),
+            application: app.name.clone(),
+            plugin: stage.plugin.clone(),
+        }),
+        sink,
+        timeout: Some(Duration::from_millis(stage.timeout_ms)),
+    })
+}
+
 /// One deployment being driven: its stages in memory, mirrored to the store.
 struct Run {
     host: Arc<Host>,
@@ -136,6 +178,11 @@ struct Run {
     seen_commands: HashSet<String>,
     cancel: Option<String>,
     skips: HashMap<String, String>,
+    /// Debug resumes not yet applied: (fail, who).
+    resumes: Vec<(bool, String)>,
+    breakpoints: Breakpoints,
+    /// Since when a stage has been paused, if one is.
+    paused_since: Option<std::time::Instant>,
     last_poll: Option<std::time::Instant>,
 }
 
@@ -144,6 +191,7 @@ impl Run {
         let stages = host.store.stages(&record.id)?;
         let position = stages.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect();
         let info = deployment_info(&record, &app, &trigger);
+        let breakpoints = app.debug.clone().unwrap_or_default().merged(&trigger.breakpoints);
         Ok(Self {
             host,
             record,
@@ -156,6 +204,9 @@ impl Run {
             seen_commands: HashSet::new(),
             cancel: None,
             skips: HashMap::new(),
+            resumes: Vec::new(),
+            breakpoints,
+            paused_since: None,
             last_poll: None,
         })
     }
@@ -228,6 +279,8 @@ impl Run {
                 CommandKind::Skip => {
                     self.skips.insert(command.stage.clone(), command.commander.clone());
                 }
+                CommandKind::DebugContinue => self.resumes.push((false, command.commander.clone())),
+                CommandKind::DebugFailContinue => self.resumes.push((true, command.commander.clone())),
                 CommandKind::Approve => {}
             }
         }
@@ -236,50 +289,74 @@ impl Run {
 
     /// Records a final status of a stage, if nobody recorded one before.
     fn record(&mut self, stage: &str, status: StageStatus, message: &str, was_running: bool) -> Result<bool> {
+        let from = if was_running { StageStatus::Running } else { StageStatus::NotStarted };
+        self.transition(stage, &[from], status, message)
+    }
+
+    /// Moves a stage between statuses, in the store and in memory.
+    fn transition(&mut self, stage: &str, from: &[StageStatus], to: StageStatus, message: &str) -> Result<bool> {
         let at = now_ms();
-        let recorded = if was_running {
-            self.host.store.finish_stage(self.id(), stage, status, message, at)?
-        } else {
-            self.host.store.settle_stage(self.id(), stage, status, message, at)?
-        };
-        if recorded {
+        let moved = self.host.store.transition_stage(self.id(), stage, from, to, message, at)?;
+        if moved {
             let s = &mut self.stages[self.position[stage]];
-            s.status = status;
+            s.status = to;
             s.message = message.to_string();
-            s.finished_at = Some(at);
+            if to.is_final() {
+                s.finished_at = Some(at);
+            }
         }
-        Ok(recorded)
+        Ok(moved)
+    }
+
+    /// Holds a stage at a breakpoint.
+    fn pause(&mut self, stage: &str, from: StageStatus, pause: Pause) -> Result<()> {
+        pause.save(self.host.store.as_ref(), self.id(), stage)?;
+        let how = match &pause {
+            Pause::Before => "before it runs".to_string(),
+            Pause::After { status, .. } => format!("after it ran ({status})"),
+            Pause::OnFailure { .. } => "because it failed".to_string(),
+        };
+        let message = format!("paused {how}: cordon debug continue|fail-continue|run {}", self.id());
+        self.transition(stage, &[from], StageStatus::Paused, &message)?;
+        self.host.store.set_deployment_status(self.id(), DeploymentStatus::Running, &format!("stage {stage} is paused"), now_ms())?;
+        Ok(())
+    }
+
+    /// Applies `cordon debug continue|fail-continue` to every paused stage.
+    fn apply_resumes(&mut self) -> Result<()> {
+        let resumes = std::mem::take(&mut self.resumes);
+        let Some((fail, who)) = resumes.into_iter().next_back() else { return Ok(()) };
+        let paused: Vec<String> = self.stages.iter().filter(|s| s.status == StageStatus::Paused).map(|s| s.id.clone()).collect();
+        for stage in paused {
+            let pause = Pause::load(self.host.store.as_ref(), self.id(), &stage);
+            let before = matches!(pause, Ok(Pause::Before));
+            let (status, message) = Pause::resume(pause, fail, &who);
+            if before && status == StageStatus::NotStarted {
+                debug::mark_passed(self.host.store.as_ref(), self.id(), &stage)?;
+            }
+            self.transition(&stage, &[StageStatus::Paused], status, &message)?;
+        }
+        self.host.store.set_deployment_status(self.id(), DeploymentStatus::Running, "", now_ms())?;
+        Ok(())
+    }
+
+    /// Keeps the deployment timeout from counting paused time.
+    fn account_pause(&mut self) -> Result<()> {
+        let paused = self.stages.iter().any(|s| s.status == StageStatus::Paused);
+        match (paused, self.paused_since) {
+            (true, None) => self.paused_since = Some(std::time::Instant::now()),
+            (false, Some(since)) => {
+                debug::add_paused_ms(self.host.store.as_ref(), self.id(), since.elapsed().as_millis() as u64)?;
+                self.paused_since = None;
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn call(&self, stage: &StageRecord) -> Result<StageCall> {
-        let scratch = self.host.scratch_dir(self.id()).join(&stage.id);
-        if scratch.exists() {
-            std::fs::remove_dir_all(&scratch)?;
-        }
-        std::fs::create_dir_all(&scratch)?;
-        let running = (!self.record.running_snapshot.is_empty()).then(|| PathBuf::from(&self.record.running_snapshot));
-        Ok(StageCall {
-            deployment: self.info.clone(),
-            stage: Stage {
-                id: stage.id.clone(),
-                name: stage.name.clone(),
-                desc: stage.desc.clone(),
-                index: stage.index,
-                rollback: stage.rollback,
-                options: stage.options.clone(),
-            },
-            app_config: self.app.plugin_settings(&stage.plugin),
-            dirs: RunDirs { target: Some(PathBuf::from(&self.record.target_snapshot)), running, scratch: Some(scratch) },
-            services: Arc::new(StoreServices {
-                store: self.host.store.clone(),
-                deployment: self.record.id.clone(),
-                stage: stage.id.clone(),
-                application: self.app.name.clone(),
-                plugin: stage.plugin.clone(),
-            }),
-            sink: Arc::new(StoreLog { store: self.host.store.clone(), deployment: self.record.id.clone(), stage: stage.id.clone() }),
-            timeout: Some(Duration::from_millis(stage.timeout_ms)),
-        })
+        let sink = Arc::new(StoreLog { store: self.host.store.clone(), deployment: self.record.id.clone(), stage: stage.id.clone() });
+        stage_call(&self.host, &self.record, &self.app, &self.info, stage, &stage.id, sink)
     }
 
     /// Why a ready stage is skipped without running, if it is.
@@ -296,12 +373,19 @@ impl Run {
 
     /// Drives the forward stages (`rollback = false`) or the rollback stages.
     async fn phase(&mut self, rollback: bool) -> Result<Ending> {
-        let deadline = (!rollback).then(|| self.record.started_at.unwrap_or_else(now_ms) + self.summary.timeout_ms);
+        let started = self.record.started_at.unwrap_or_else(now_ms) + self.summary.timeout_ms;
         let mut tasks: JoinSet<(String, Outcome)> = JoinSet::new();
         let mut running: HashMap<String, AbortHandle> = HashMap::new();
         let mut exited: Option<String> = None;
         let ending = loop {
             self.poll_commands()?;
+            self.apply_resumes()?;
+            self.account_pause()?;
+            // The deployment timeout bounds the forward stages, paused time excluded.
+            let deadline = match (rollback, self.paused_since) {
+                (false, None) => Some(started + debug::paused_ms(self.host.store.as_ref(), self.id())?),
+                _ => None,
+            };
             // Skips of running stages interrupt them.
             let skipped: Vec<(String, String)> =
                 self.skips.iter().filter(|(s, _)| running.contains_key(*s)).map(|(s, w)| (s.clone(), w.clone())).collect();
@@ -368,6 +452,10 @@ impl Run {
                         self.record(&stage.id, StageStatus::Skipped, &why, false)?;
                         continue;
                     }
+                    if self.breakpoints.before(&stage) && !debug::passed(self.host.store.as_ref(), self.id(), &stage.id)? {
+                        self.pause(&stage.id, StageStatus::NotStarted, Pause::Before)?;
+                        continue;
+                    }
                     let plugin = self.host.plugins.get(&stage.plugin).cloned().with_context(|| {
                         format!("stage {} needs plugin `{}`, which is no longer in the agent config", stage.id, stage.plugin)
                     });
@@ -391,6 +479,11 @@ impl Run {
                     running.insert(stage.id.clone(), handle);
                 }
             }
+            let paused = phase.iter().any(|&i| self.stages[i].status == StageStatus::Paused);
+            if running.is_empty() && paused {
+                tokio::time::sleep(COMMAND_POLL).await;
+                continue;
+            }
             if running.is_empty() {
                 // Nothing runs and nothing could start: a stage waits on one
                 // that will never let it run (a skipped-by-failure chain).
@@ -410,7 +503,15 @@ impl Run {
                     if let Some(Ok((stage, outcome))) = joined
                         && running.remove(&stage).is_some()
                     {
-                        self.record(&stage, status_of(outcome.status), &outcome.message, true)?;
+                        let status = status_of(outcome.status);
+                        let record = self.stages[self.position[&stage]].clone();
+                        if !rollback && self.breakpoints.after(&record) {
+                            self.pause(&stage, StageStatus::Running, Pause::After { status, message: outcome.message })?;
+                        } else if !rollback && self.breakpoints.break_on_failure && status == StageStatus::Failure {
+                            self.pause(&stage, StageStatus::Running, Pause::OnFailure { message: outcome.message })?;
+                        } else {
+                            self.record(&stage, status, &outcome.message, true)?;
+                        }
                     }
                 }
                 _ = tokio::time::sleep(COMMAND_POLL) => {}

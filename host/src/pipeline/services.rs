@@ -74,7 +74,7 @@ impl StageServices for StoreServices {
                 let kind = match c.kind {
                     store::CommandKind::Approve => CommandKind::Approve,
                     store::CommandKind::Skip => CommandKind::Skip,
-                    store::CommandKind::Cancel => return None,
+                    store::CommandKind::Cancel | store::CommandKind::DebugContinue | store::CommandKind::DebugFailContinue => return None,
                 };
                 Some(StageCommand { id: c.id, kind, commander: c.commander, created_at: c.created_at })
             })

@@ -48,6 +48,8 @@ impl DeploymentStatus {
 pub enum StageStatus {
     NotStarted,
     Running,
+    /// Held at a breakpoint until `cordon debug continue|fail-continue`.
+    Paused,
     Success,
     Failure,
     Cancelled,
@@ -57,7 +59,7 @@ pub enum StageStatus {
 
 impl StageStatus {
     pub fn is_final(self) -> bool {
-        !matches!(self, Self::NotStarted | Self::Running)
+        !matches!(self, Self::NotStarted | Self::Running | Self::Paused)
     }
 
     /// Whether stages that need this one may run.
@@ -102,6 +104,7 @@ text_enum!(DeploymentStatus {
 text_enum!(StageStatus {
     NotStarted => "not-started",
     Running => "running",
+    Paused => "paused",
     Success => "success",
     Failure => "failure",
     Cancelled => "cancelled",
@@ -204,12 +207,18 @@ pub enum CommandKind {
     Approve,
     Skip,
     Cancel,
+    /// Resume a paused stage as a success (or run it, if paused before).
+    DebugContinue,
+    /// Resume a paused stage as a failure.
+    DebugFailContinue,
 }
 
 text_enum!(CommandKind {
     Approve => "approve",
     Skip => "skip",
     Cancel => "cancel",
+    DebugContinue => "debug-continue",
+    DebugFailContinue => "debug-fail-continue",
 });
 
 /// An application known to the agent.
@@ -250,12 +259,19 @@ pub trait StateStore: Send + Sync {
     fn stages(&self, deployment: &str) -> Result<Vec<StageRecord>>;
     /// `not-started → running`; counts an attempt.
     fn start_stage(&self, deployment: &str, stage: &str, at: u64) -> Result<()>;
-    /// `running → status`; false (and nothing written) if the stage was not
-    /// running, so a result is never recorded twice.
-    fn finish_stage(&self, deployment: &str, stage: &str, status: StageStatus, message: &str, at: u64) -> Result<bool>;
+    /// Moves a stage from one of `from` to `to`, recording `message` (and,
+    /// for a final status, the finish time); false (and nothing written) if
+    /// the stage was in none of `from`, so no transition happens twice.
+    fn transition_stage(&self, deployment: &str, stage: &str, from: &[StageStatus], to: StageStatus, message: &str, at: u64) -> Result<bool>;
+    /// `running → status`: a stage's result, recorded at most once.
+    fn finish_stage(&self, deployment: &str, stage: &str, status: StageStatus, message: &str, at: u64) -> Result<bool> {
+        self.transition_stage(deployment, stage, &[StageStatus::Running], status, message, at)
+    }
     /// `not-started → status` for stages decided without running them
-    /// (skip rules, stages after an exit).
-    fn settle_stage(&self, deployment: &str, stage: &str, status: StageStatus, message: &str, at: u64) -> Result<bool>;
+    /// (skip rules, stages after an exit, breakpoints).
+    fn settle_stage(&self, deployment: &str, stage: &str, status: StageStatus, message: &str, at: u64) -> Result<bool> {
+        self.transition_stage(deployment, stage, &[StageStatus::NotStarted], status, message, at)
+    }
     /// `running → not-started` for every stage of the deployment; returns how many.
     fn reset_running_stages(&self, deployment: &str) -> Result<usize>;
 

@@ -341,18 +341,13 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
-    fn finish_stage(&self, deployment: &str, stage: &str, status: StageStatus, message: &str, at: u64) -> Result<bool> {
+    fn transition_stage(&self, deployment: &str, stage: &str, from: &[StageStatus], to: StageStatus, message: &str, at: u64) -> Result<bool> {
+        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let finished = to.is_final().then_some(at);
         let n = self.conn().execute(
-            "UPDATE stages SET status = ?3, message = ?4, finished_at = ?5 WHERE deployment = ?1 AND id = ?2 AND status = 'running'",
-            params![deployment, stage, status.as_str(), message, at],
-        )?;
-        Ok(n == 1)
-    }
-
-    fn settle_stage(&self, deployment: &str, stage: &str, status: StageStatus, message: &str, at: u64) -> Result<bool> {
-        let n = self.conn().execute(
-            "UPDATE stages SET status = ?3, message = ?4, finished_at = ?5 WHERE deployment = ?1 AND id = ?2 AND status = 'not-started'",
-            params![deployment, stage, status.as_str(), message, at],
+            "UPDATE stages SET status = ?3, message = ?4, finished_at = ?5
+             WHERE deployment = ?1 AND id = ?2 AND status IN (SELECT value FROM json_each(?6))",
+            params![deployment, stage, to.as_str(), message, finished, serde_json::to_string(&from)?],
         )?;
         Ok(n == 1)
     }
