@@ -24,7 +24,7 @@ test: guests host
 	$(CARGO) test --workspace
 
 bench: guests
-	$(CARGO) bench -p cordon --bench runtime --bench pipeline --bench keys
+	$(CARGO) bench -p cordon --bench runtime --bench pipeline --bench keys --bench upload
 
 # The demo needs python3 for its loopback web servers.
 demo-tools:

@@ -19,8 +19,8 @@
 //! A refused or interrupted upload therefore leaves the workspace exactly as
 //! it was.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -68,22 +68,32 @@ fn confined(path: &Path, what: &str) -> Result<PathBuf> {
 }
 
 /// Clones `from` into `to`: directories created, files hard-linked,
-/// symlinks copied as symlinks.
-fn clone_tree(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
-        let entry = entry?;
-        let (src, dst) = (entry.path(), to.join(entry.file_name()));
-        let kind = entry.file_type()?;
-        if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
-        } else if kind.is_dir() {
-            clone_tree(&src, &dst)?;
-        } else {
-            std::fs::hard_link(&src, &dst).or_else(|_| std::fs::copy(&src, &dst).map(drop))?;
+/// symlinks copied as symlinks. Returns the cloned non-directories,
+/// relative to `to`: writing one of those must replace it, not write
+/// through the link.
+fn clone_tree(from: &Path, to: &Path) -> Result<HashSet<PathBuf>> {
+    fn walk(from: &Path, to: &Path, rel: &Path, out: &mut HashSet<PathBuf>) -> Result<()> {
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+            let entry = entry?;
+            let (src, dst, rel) = (entry.path(), to.join(entry.file_name()), rel.join(entry.file_name()));
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(&src, &dst, &rel, out)?;
+                continue;
+            }
+            if kind.is_symlink() {
+                std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+            } else {
+                std::fs::hard_link(&src, &dst).or_else(|_| std::fs::copy(&src, &dst).map(drop))?;
+            }
+            out.insert(rel);
         }
+        Ok(())
     }
-    Ok(())
+    let mut out = HashSet::new();
+    walk(from, to, Path::new(""), &mut out)?;
+    Ok(out)
 }
 
 /// Swaps two directories atomically (falling back to two renames where the
@@ -109,7 +119,7 @@ pub fn extract(archive: impl Read, workspace: &Path, to: &Path, limits: &Limits)
     let parent = workspace.parent().context("the workspace has no parent directory")?;
     let staging = tempfile::Builder::new().prefix(".upload-").tempdir_in(parent)?;
     let tree = staging.path().join("tree");
-    clone_tree(workspace, &tree).context("cannot stage the workspace")?;
+    let cloned = clone_tree(workspace, &tree).context("cannot stage the workspace")?;
     let root = Dir::open_ambient_dir(&tree, ambient_authority())?;
     let dest = if to.as_os_str().is_empty() {
         root.open_dir(".")?
@@ -120,6 +130,7 @@ pub fn extract(archive: impl Read, workspace: &Path, to: &Path, limits: &Limits)
 
     let mut summary = Summary::default();
     let mut links: Vec<PathBuf> = Vec::new();
+    let mut created: HashSet<PathBuf> = HashSet::new();
     let mut archive = tar::Archive::new(archive);
     for (n, entry) in archive.entries().context("not a tar archive")?.enumerate() {
         let mut entry = entry.with_context(|| format!("archive entry {}: cannot be read (truncated or corrupt archive)", n + 1))?;
@@ -143,26 +154,33 @@ pub fn extract(archive: impl Read, workspace: &Path, to: &Path, limits: &Limits)
                 if summary.bytes > limits.max_bytes {
                     bail!("the archive holds more than {} bytes, the upload limit (at entry {})", limits.max_bytes, raw.display());
                 }
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+                    && created.insert(dir.to_path_buf())
+                {
                     dest.create_dir_all(dir).with_context(|| format!("archive entry {}: cannot create its directory", raw.display()))?;
                 }
-                if dest.symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
-                    bail!("archive entry {}: a directory of that name is in the way", raw.display());
-                }
-                // A new file renamed into place: never a write through a hard
-                // link into the live workspace.
+                let mode = (entry.header().mode().unwrap_or(0o644) & 0o755) | 0o600;
+                // A file that exists in the clone is hard-linked to the live
+                // workspace: write a new file and rename it over, never
+                // write through the link.
+                let replace = cloned.contains(&to.join(&path));
                 let tmp = path.with_file_name(format!(".{}.cordon-upload", path.file_name().unwrap_or_default().to_string_lossy()));
-                let mut file = dest.create(&tmp).with_context(|| format!("archive entry {}: cannot be written", raw.display()))?;
+                let written = if replace { &tmp } else { &path };
+                let mut options = cap_std::fs::OpenOptions::new();
+                options.write(true).create_new(true);
+                cap_std::fs::OpenOptionsExt::mode(&mut options, mode);
+                let mut file = dest.open_with(written, &options).with_context(|| {
+                    format!("archive entry {}: cannot be written (a directory or an earlier entry is in the way)", raw.display())
+                })?;
                 let copied = std::io::copy(&mut (&mut entry).take(size), &mut file)
                     .with_context(|| format!("archive entry {}: truncated archive", raw.display()))?;
                 if copied != size {
                     bail!("archive entry {}: truncated archive ({copied} of {size} bytes)", raw.display());
                 }
-                let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
-                file.set_permissions(cap_std::fs::Permissions::from_std(std::fs::Permissions::from_mode(mode | 0o600)))?;
-                file.flush()?;
                 drop(file);
-                dest.rename(&tmp, &dest, &path).with_context(|| format!("archive entry {}: cannot be put in place", raw.display()))?;
+                if replace {
+                    dest.rename(&tmp, &dest, &path).with_context(|| format!("archive entry {}: cannot be put in place", raw.display()))?;
+                }
                 summary.files += 1;
             }
             tar::EntryType::Symlink => {
