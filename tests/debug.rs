@@ -126,6 +126,18 @@ async fn breakpoints_from_the_app_config_and_the_paused_time_does_not_count() {
 }
 
 #[tokio::test]
+async fn cancel_ends_a_paused_stage() {
+    let world = World::new();
+    let host = world.host().await;
+    let (d, serving) = start(&world, &host, "cp", &two("cp", "success"), Breakpoints { break_before: vec!["two".into()], ..Default::default() }).await;
+    until("the breakpoint", || status_of(&host, &d, "two") == StageStatus::Paused).await;
+    send(&host, &d, CommandKind::Cancel);
+    serving.await.unwrap();
+    assert_eq!(finished(&host, &d).status, DeploymentStatus::Cancelled);
+    assert_eq!(status_of(&host, &d, "two"), StageStatus::Cancelled);
+}
+
+#[tokio::test]
 async fn an_unreadable_pause_record_fails_closed() {
     let world = World::new();
     let host = world.host().await;

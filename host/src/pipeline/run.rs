@@ -521,12 +521,17 @@ impl Run {
         Ok(ending)
     }
 
-    /// Stops every running stage, recording it cancelled with `why`.
+    /// Stops every running stage, and ends every paused one, recording them
+    /// cancelled with `why`.
     fn interrupt(&mut self, running: &mut HashMap<String, AbortHandle>, why: &str) -> Result<()> {
         for (stage, handle) in running.drain().collect::<Vec<_>>() {
             handle.abort();
             self.record(&stage, StageStatus::Cancelled, why, true)?;
         }
-        Ok(())
+        let paused: Vec<String> = self.stages.iter().filter(|s| s.status == StageStatus::Paused).map(|s| s.id.clone()).collect();
+        for stage in paused {
+            self.transition(&stage, &[StageStatus::Paused], StageStatus::Cancelled, why)?;
+        }
+        self.account_pause()
     }
 }
