@@ -71,6 +71,12 @@ done
 
 export CORDON_CONFIG=$STATE/agent.yaml
 "$CORDON" agent > "$STATE/agent.log" 2>&1 & PIDS+=($!)
+for _ in $(seq 100); do
+  grep -q "agent serving" "$STATE/agent.log" 2>/dev/null && break
+  kill -0 "${PIDS[-1]}" 2>/dev/null || { cat "$STATE/agent.log" >&2; exit 1; }
+  sleep 0.1
+done
+grep -q "agent serving" "$STATE/agent.log" || { echo "the agent did not start" >&2; cat "$STATE/agent.log" >&2; exit 1; }
 
 echo "== primary http://127.0.0.1:$PRIMARY/  canary http://127.0.0.1:$CANARY/"
 echo "== deployment 1: version 1 through the canary"

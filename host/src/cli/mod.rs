@@ -22,7 +22,7 @@ use crate::pipeline::config::AppConfig;
 use crate::pipeline::plan::{PlanInput, Strategy, TriggerInfo};
 use crate::pipeline::services::now_ms;
 use crate::pipeline::{self, Host};
-use crate::plugin::{AgentConfig, Plugin};
+use crate::plugin::{AgentConfig, Plugin, signature};
 use crate::runner::{self, Deployment, Stage, StageCall, Status, Trigger};
 use crate::sandbox::output::{LogSink, Source, NullSink};
 use crate::sandbox::{MemoryServices, RunDirs};
@@ -254,6 +254,22 @@ enum PluginCommand {
         /// The component (.wasm) to inspect.
         file: PathBuf,
     },
+    /// Create a signing key pair: KEY (private, mode 0600) and KEY.pub.
+    Keygen { key: PathBuf },
+    /// Sign a component: writes FILE.sig (ed25519 over its sha256).
+    Sign {
+        file: PathBuf,
+        /// The private key from `cordon plugin keygen`.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Verify FILE.sig against public keys (or the agent config's trusted keys).
+    Verify {
+        file: PathBuf,
+        /// A `.pub` file to trust (repeatable); without it, the agent config's `trusted-keys`.
+        #[arg(long = "public-key")]
+        public_keys: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -307,6 +323,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let config = cli.config;
     match cli.command {
         Command::Plugin(PluginCommand::Inspect { file }) => inspect(&file).await,
+        Command::Plugin(PluginCommand::Keygen { key }) => {
+            let (public, _) = signature::keygen(&key)?;
+            println!("private key {} (keep it secret), public key {}", key.display(), public.display());
+            println!("trust it in the agent config:\n  trusted-keys:\n    {}: \"{}\"", key.file_name().unwrap_or_default().to_string_lossy(), std::fs::read_to_string(&public)?.trim());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugin(PluginCommand::Sign { file, key }) => {
+            let sig = signature::sign(&file, &key)?;
+            println!("signed {} -> {}", file.display(), sig.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugin(PluginCommand::Verify { file, public_keys }) => verify(&config, &file, &public_keys),
         Command::Stage(StageCommand::Run { plugin, stage, with, source, running }) => {
             stage_run(&config, &plugin, &stage, &with, source.as_deref(), running.as_deref()).await
         }
@@ -378,6 +406,9 @@ async fn list_stages(file: &Path, bytes: &[u8], world: World) -> Result<Vec<crat
         world,
         grants: Default::default(),
         limits: Default::default(),
+        signature: None,
+        signature_file: None,
+        trust: Default::default(),
     };
     Ok(Plugin::load(&runtime, &config).await?.stages)
 }
@@ -936,4 +967,24 @@ impl LogSink for StderrSink {
     fn line(&self, source: Source, text: &str) {
         eprintln!("{source:>7} | {text}");
     }
+}
+
+fn verify(config_path: &Path, file: &Path, public_keys: &[PathBuf]) -> Result<ExitCode> {
+    let keys: std::collections::BTreeMap<String, ed25519_dalek::VerifyingKey> = if public_keys.is_empty() {
+        let config = AgentConfig::load(config_path)?;
+        config.trusted_keys.iter().map(|(n, k)| Ok((n.clone(), signature::parse_public(k)?))).collect::<Result<_>>()?
+    } else {
+        public_keys
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+                Ok((p.display().to_string(), signature::parse_public(&text).with_context(|| format!("{}", p.display()))?))
+            })
+            .collect::<Result<_>>()?
+    };
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let sha = hex::encode(Sha256::digest(&bytes));
+    let signer = signature::check(file, &signature::signature_path(file), &sha, &keys)?;
+    println!("{}: sha256 {sha}, signed by `{signer}`", file.display());
+    Ok(ExitCode::SUCCESS)
 }

@@ -21,9 +21,12 @@
 //! name or a grant that cannot be honoured is one error naming the file,
 //! the plugin and the fix, before anything is loaded.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
 
 use crate::contract::World;
@@ -36,6 +39,13 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
+    /// Publisher keys whose signatures are trusted, by name
+    /// (`cordon-public-key-v1 <base64>`, as `cordon plugin keygen` writes).
+    #[serde(default)]
+    pub trusted_keys: BTreeMap<String, String>,
+    /// Require a trusted signature on every plugin.
+    #[serde(default)]
+    pub require_signatures: bool,
     /// The file this config was read from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -53,6 +63,31 @@ pub struct PluginConfig {
     pub grants: Grants,
     #[serde(default)]
     pub limits: Limits,
+    /// `required` or `optional` (a signature that is present must still
+    /// verify); default: `required` when `require-signatures` is set.
+    #[serde(default)]
+    pub signature: Option<SignatureMode>,
+    /// The signature file; default `<path>.sig`.
+    #[serde(default)]
+    pub signature_file: Option<PathBuf>,
+    /// What loading checks, resolved from the fields above.
+    #[serde(skip)]
+    pub trust: Trust,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignatureMode {
+    Required,
+    Optional,
+}
+
+/// The signature check of one plugin.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    /// The signature file to check; `None` when none is required or present.
+    pub signature: Option<PathBuf>,
+    pub keys: Arc<BTreeMap<String, VerifyingKey>>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -105,6 +140,29 @@ impl AgentConfig {
                 bail!("{file}: plugin `{name}`: limits.timeout must be more than zero");
             }
             plugin.grants.validate(&base).map_err(|e| anyhow::anyhow!("{file}: plugin `{name}`: {e}"))?;
+        }
+        let mut keys = BTreeMap::new();
+        for (name, text) in &config.trusted_keys {
+            let key = super::signature::parse_public(text).map_err(|e| anyhow::anyhow!("{file}: trusted-keys.{name}: {e:#}; use the line of a `.pub` file that `cordon plugin keygen` wrote"))?;
+            keys.insert(name.clone(), key);
+        }
+        let keys = Arc::new(keys);
+        for plugin in &mut config.plugins {
+            let required = match plugin.signature {
+                Some(SignatureMode::Required) => true,
+                Some(SignatureMode::Optional) => false,
+                None => config.require_signatures,
+            };
+            let sig = match &plugin.signature_file {
+                Some(p) if p.is_relative() => base.join(p),
+                Some(p) => p.clone(),
+                None => super::signature::signature_path(&plugin.path),
+            };
+            if required && keys.is_empty() {
+                bail!("{file}: plugin `{}` requires a signature, but `trusted-keys` is empty; add the publisher's public key", plugin.name);
+            }
+            let present = sig.exists();
+            plugin.trust = Trust { signature: (required || present).then_some(sig), keys: keys.clone() };
         }
         for plugin in &config.plugins {
             if names.contains(&plugin.name.as_str()) {

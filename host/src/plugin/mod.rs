@@ -4,12 +4,14 @@
 //!
 //! Loading order, each step refusing with an error that names the plugin,
 //! the file and the fix: read the file → compare its sha256 with the pin
-//! (a tampered file is refused before it is compiled) → check it is a
+//! (a tampered file is refused before it is compiled) → check its signature
+//! where one is required or present → check it is a
 //! component of the declared world and contract version → compile (or take
 //! from the cache) → pre-link against the host imports → for stage
 //! plugins, ask which stages it defines.
 
 pub mod config;
+pub mod signature;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -94,6 +96,11 @@ impl Plugin {
         }
         for (secret, source) in &config.grants.secrets {
             source.read().map_err(|e| anyhow::anyhow!("plugin `{name}`: secret {secret:?} cannot be read: {e}; fix its source or remove the grant"))?;
+        }
+        if let Some(sig) = &config.trust.signature {
+            let signer = signature::check(&config.path, sig, &sha256, &config.trust.keys)
+                .with_context(|| format!("plugin `{name}`: refusing {file}"))?;
+            tracing::info!("plugin `{name}`: {file} is signed by trusted key `{signer}`");
         }
         let summary = contract::summarize(&bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
         summary.check(config.world).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;

@@ -105,17 +105,32 @@ impl SqliteStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let conn = Connection::open(path).with_context(|| format!("cannot open the state database {}", path.display()))?;
+        let mut conn = Connection::open(path).with_context(|| format!("cannot open the state database {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Several processes (the agent, `cordon deploy`, `cordon approve`)
+        // may open a new database at the same moment: switching to WAL can
+        // report "busy" without waiting, so retry it; the schema is created
+        // in an IMMEDIATE transaction, which waits for the write lock
+        // instead of failing on a read-to-write upgrade.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)) {
+                Ok(_) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e).with_context(|| format!("cannot open the state database {}", path.display())),
+            }
+        }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         match version {
             0 => {
-                let tx = conn.unchecked_transaction()?;
                 tx.execute_batch(SCHEMA)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-                tx.commit()?;
             }
             SCHEMA_VERSION => {}
             other => anyhow::bail!(
@@ -123,6 +138,7 @@ impl SqliteStore {
                 path.display()
             ),
         }
+        tx.commit()?;
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -490,6 +506,21 @@ mod tests {
             started_at: None,
             finished_at: None,
             attempts: 0,
+        }
+    }
+
+    #[test]
+    fn many_processes_can_create_the_database_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || SqliteStore::open(&path).map(|s| s.applications().unwrap().len()))
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap().unwrap(), 0);
         }
     }
 
