@@ -140,3 +140,97 @@ async fn cache_is_reused_and_a_corrupt_entry_is_recompiled() {
     let fourth = Runtime::new(options()).unwrap();
     assert_eq!(Plugin::load(&fourth, &config.plugins[0]).await.unwrap().origin, Origin::Cache);
 }
+
+fn cordon(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(cordon_tests::cordon_bin()).args(args).output().unwrap()
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// A signed copy of the `noop` guest and an agent config that requires
+/// signatures from `trusted` (the public key file's line).
+fn signed_setup(dir: &Path) -> (std::path::PathBuf, String) {
+    let wasm = dir.join("noop.wasm");
+    std::fs::copy(guest("noop"), &wasm).unwrap();
+    let key = dir.join("publisher");
+    let out = cordon(&["plugin", "keygen", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions()) & 0o777, 0o600);
+    let out = cordon(&["plugin", "sign", wasm.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let public = std::fs::read_to_string(dir.join("publisher.pub")).unwrap().trim().to_string();
+    (wasm, public)
+}
+
+fn signed_config(dir: &Path, wasm: &Path, trusted: &str) -> AgentConfig {
+    let yaml = format!(
+        "state-dir: state\nrequire-signatures: true\ntrusted-keys:\n  publisher: \"{trusted}\"\nplugins:\n  - {{name: noop, path: {}, sha256: {}, world: executor}}\n",
+        wasm.display(),
+        sha256_file(wasm)
+    );
+    std::fs::write(dir.join("agent.yaml"), yaml).unwrap();
+    AgentConfig::load(&dir.join("agent.yaml")).unwrap()
+}
+
+async fn refused(config: &AgentConfig) -> String {
+    let runtime = Runtime::new(RuntimeOptions { cache_dir: Some(config.cache_dir()), pooling: false, ..Default::default() }).unwrap();
+    let err = format!("{:#}", Plugin::load(&runtime, &config.plugins[0]).await.err().expect("refused"));
+    assert_eq!(std::fs::read_dir(config.cache_dir()).unwrap().count(), 0, "something was compiled: {err}");
+    err
+}
+
+#[tokio::test]
+async fn signed_components_load_and_bad_signatures_are_refused_before_compiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wasm, public) = signed_setup(dir.path());
+    let config = signed_config(dir.path(), &wasm, &public);
+    Plugin::load(runtime(), &config.plugins[0]).await.expect("a signed component loads");
+    let out = cordon(&["--config", dir.path().join("agent.yaml").to_str().unwrap(), "plugin", "verify", wasm.to_str().unwrap()]);
+    assert!(out.status.success() && text(&out).contains("signed by `publisher`"), "{}", text(&out));
+
+    // Signed by a key that is not trusted.
+    let stranger = tempfile::tempdir().unwrap();
+    let (_, other_public) = signed_setup(stranger.path());
+    let config = signed_config(dir.path(), &wasm, &other_public);
+    let err = refused(&config).await;
+    assert!(err.contains("plugin `noop`") && err.contains("not in `trusted-keys`"), "{err}");
+
+    // A forged signature line.
+    let config = signed_config(dir.path(), &wasm, &public);
+    let sig = dir.path().join("noop.wasm.sig");
+    let original = std::fs::read_to_string(&sig).unwrap();
+    let forged: String = original
+        .lines()
+        .map(|l| if let Some(rest) = l.strip_prefix("signature: ") { format!("signature: {}\n", rest.chars().rev().collect::<String>()) } else { format!("{l}\n") })
+        .collect();
+    std::fs::write(&sig, forged).unwrap();
+    let err = refused(&config).await;
+    assert!(err.contains("noop.wasm.sig"), "{err}");
+
+    // Unsigned.
+    std::fs::remove_file(&sig).unwrap();
+    let err = refused(&config).await;
+    assert!(err.contains("must be signed") && err.contains("cordon plugin sign"), "{err}");
+
+    // Rebuilt and re-pinned, but the signature is for the old build.
+    std::fs::write(&sig, original).unwrap();
+    let mut bytes = std::fs::read(&wasm).unwrap();
+    bytes.extend_from_slice(&[0, 4, b'n', b'o', b't', b'e']); // an extra (empty-named) custom section
+    std::fs::write(&wasm, bytes).unwrap();
+    let config = signed_config(dir.path(), &wasm, &public);
+    let err = refused(&config).await;
+    assert!(err.contains("the signature belongs to another build"), "{err}");
+}
+
+#[test]
+fn requiring_signatures_without_trusted_keys_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!("state-dir: s\nrequire-signatures: true\nplugins:\n  - {{name: a, path: a.wasm, sha256: {}, world: executor}}\n", "0".repeat(64));
+    let err = format!("{:#}", AgentConfig::parse(&yaml, &dir.path().join("agent.yaml")).unwrap_err());
+    assert!(err.contains("requires a signature, but `trusted-keys` is empty"), "{err}");
+    let yaml = "state-dir: s\ntrusted-keys:\n  x: \"not a key\"\n";
+    let err = format!("{:#}", AgentConfig::parse(yaml, &dir.path().join("agent.yaml")).unwrap_err());
+    assert!(err.contains("trusted-keys.x"), "{err}");
+}
