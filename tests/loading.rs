@@ -234,3 +234,29 @@ fn requiring_signatures_without_trusted_keys_is_a_config_error() {
     let err = format!("{:#}", AgentConfig::parse(yaml, &dir.path().join("agent.yaml")).unwrap_err());
     assert!(err.contains("trusted-keys.x"), "{err}");
 }
+
+#[tokio::test]
+async fn a_manifest_that_asks_for_more_than_the_grants_is_refused_naming_each_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = load_err("needs-grants", &guest("needs-grants"), "executor").await;
+    for part in ["needs grants it was not given", "mount /data (read-write)", "network https://api.example.com", "network tcp", "env REGION", "secret \"db-password\""] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let partial = format!("    grants:\n      mounts: [{{ host: {}, guest: /data, access: read-only }}]\n      env: {{ REGION: eu }}\n", data.display());
+    let config = agent_config(dir.path(), "needs-grants", &guest("needs-grants"), "executor", &partial).unwrap();
+    let err = format!("{:#}", Plugin::load(runtime(), &config.plugins[0]).await.err().unwrap());
+    assert!(err.contains("mount /data (read-write)") && !err.contains("env REGION"), "{err}");
+
+    // SAFETY: the variable is unique to this test and set before it is read.
+    unsafe { std::env::set_var("CORDON_TEST_DB_PASSWORD", "pw") };
+    let full = format!(
+        "    grants:\n      mounts: [{{ host: {}, guest: /data, access: read-write }}]\n      network: {{ allow: [\"https://*.example.com\", \"tcp://10.0.0.0/8:5432\"] }}\n      env: {{ REGION: eu }}\n      secrets: {{ db-password: {{ env: CORDON_TEST_DB_PASSWORD }} }}\n",
+        data.display()
+    );
+    let config = agent_config(dir.path(), "needs-grants", &guest("needs-grants"), "executor", &full).unwrap();
+    let plugin = Plugin::load(runtime(), &config.plugins[0]).await.unwrap();
+    assert_eq!(plugin.manifest.as_ref().map(|m| m.version.as_str()), Some("1.2.3"));
+}

@@ -186,11 +186,17 @@ impl InterfaceName {
     }
 }
 
+/// The custom section that carries a plugin's manifest.
+pub const MANIFEST_SECTION: &str = "cordon:manifest";
+
 /// What a component imports and exports, read from its binary.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
     pub imports: Vec<String>,
     pub exports: Vec<String>,
+    /// The `cordon:manifest` custom section, wherever it sits (a Rust
+    /// guest's lands inside its core module).
+    pub manifest: Option<Vec<u8>>,
 }
 
 /// Why bytes are not a plugin of the expected world.
@@ -228,6 +234,9 @@ pub fn summarize(bytes: &[u8]) -> Result<Summary, ContractError> {
                     let import = import.map_err(|e| ContractError::Malformed(e.to_string()))?;
                     summary.imports.push(import.name.name.to_string());
                 }
+            }
+            Payload::CustomSection(reader) if reader.name() == MANIFEST_SECTION && summary.manifest.is_none() => {
+                summary.manifest = Some(reader.data().to_vec());
             }
             Payload::ComponentExportSection(reader) if depth == 0 => {
                 for export in reader {

@@ -32,6 +32,7 @@ fn one() -> usize {
 }
 
 cordon_sdk::single_stage!("WAIT_APPROVAL", "Wait for approvals from listed approvers", run);
+cordon_sdk::manifest!(r#"{"name": "approval", "version": "0.1.0", "contract": "0.1.0", "stages": ["WAIT_APPROVAL"], "capabilities": {}}"#);
 
 fn run(request: StageRequest) -> StageResult {
     let options: Options = match serde_json::from_str(&request.stage.options) {

@@ -266,3 +266,4 @@ impl planning::Guest for Files {
 }
 
 export!(Files);
+cordon_sdk::manifest!(r#"{"name": "files", "version": "0.1.0", "contract": "0.1.0", "stages": ["FILES_SYNC", "FILES_CANARY_ROLLOUT", "FILES_PRIMARY_ROLLOUT", "FILES_CANARY_CLEAN", "FILES_ROLLBACK"], "capabilities": {}}"#);

@@ -81,6 +81,7 @@ fn digest(body: &[u8]) -> String {
 }
 
 cordon_sdk::single_stage!("HTTP_CHECK", "Check a URL over HTTP until enough checks pass", run);
+cordon_sdk::manifest!(r#"{"name": "http-check", "version": "0.1.0", "contract": "0.1.0", "stages": ["HTTP_CHECK"], "capabilities": {"network": ["http"]}}"#);
 
 fn run(request: StageRequest) -> StageResult {
     let o: Options = match serde_json::from_str(&request.stage.options) {

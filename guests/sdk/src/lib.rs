@@ -129,3 +129,38 @@ macro_rules! single_stage {
         $crate::executor::export_executor!(CordonSingleStage);
     };
 }
+
+/// Embeds the plugin's manifest (JSON) in the component as the custom
+/// section `cordon:manifest`. The host compares the capabilities it
+/// requests with the operator's grants when it loads the plugin, and
+/// `cordon plugin inspect` shows it:
+///
+/// ```ignore
+/// cordon_sdk::manifest!(r#"{
+///   "name": "http-check", "version": "0.1.0", "contract": "0.1.0",
+///   "stages": ["HTTP_CHECK"],
+///   "capabilities": {
+///     "mounts": [{"guest": "/data", "access": "read-write"}],
+///     "network": ["http"],              // a scheme: some destination the operator picks
+///     "env": ["LOG_FORMAT"],
+///     "secrets": ["token"]
+///   }
+/// }"#);
+/// ```
+#[macro_export]
+macro_rules! manifest {
+    ($json:literal) => {
+        #[unsafe(link_section = "cordon:manifest")]
+        #[used]
+        static CORDON_MANIFEST: [u8; $json.len()] = {
+            let bytes = $json.as_bytes();
+            let mut out = [0u8; $json.len()];
+            let mut i = 0;
+            while i < bytes.len() {
+                out[i] = bytes[i];
+                i += 1;
+            }
+            out
+        };
+    };
+}

@@ -87,3 +87,4 @@ impl Guest for Wait {
 }
 
 cordon_sdk::executor::export_executor!(Wait);
+cordon_sdk::manifest!(r#"{"name": "wait", "version": "0.1.0", "contract": "0.1.0", "stages": ["WAIT"], "capabilities": {}}"#);

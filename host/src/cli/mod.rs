@@ -386,7 +386,19 @@ async fn inspect(file: &Path) -> Result<ExitCode> {
     for export in &summary.exports {
         writeln!(out, "  {export}")?;
     }
-    if let Some(world) = worlds.iter().copied().find(|w| w.executes_stages()) {
+    match summary.manifest.as_deref().map(crate::plugin::Manifest::parse) {
+        None => writeln!(out, "manifest:  none (the plugin requests no capabilities up front)")?,
+        Some(Err(e)) => writeln!(out, "manifest:  INVALID: {e}")?,
+        Some(Ok(m)) => {
+            writeln!(out, "manifest:  {} {} (contract {}), stages {}", m.name, m.version, m.contract, m.stages.join(", "))?;
+            let caps = &m.capabilities;
+            let mounts: Vec<String> = caps.mounts.iter().map(|r| format!("{} ({})", r.guest, r.access.as_str())).collect();
+            for (what, list) in [("mounts", mounts), ("network", caps.network.clone()), ("env", caps.env.clone()), ("secrets", caps.secrets.clone())] {
+                writeln!(out, "  requests {what}: {}", if list.is_empty() { "none".to_string() } else { list.join(", ") })?;
+            }
+        }
+    }
+    if let Some(world) = worlds.iter().copied().find(|w| w.defines_stages()) {
         let stages = list_stages(file, &bytes, world).await?;
         writeln!(out, "stages:")?;
         for stage in stages {
@@ -410,7 +422,7 @@ async fn list_stages(file: &Path, bytes: &[u8], world: World) -> Result<Vec<crat
         signature_file: None,
         trust: Default::default(),
     };
-    Ok(Plugin::load(&runtime, &config).await?.stages)
+    Ok(Plugin::load_for_inspection(&runtime, &config).await?.stages)
 }
 
 /// Prints stage log lines as they arrive.
@@ -744,7 +756,7 @@ async fn debug_run(config_path: &Path, id: &str) -> Result<ExitCode> {
     }
     let grants = plugin.sandbox.grants();
     for m in &grants.mounts {
-        writeln!(out, "    {:<10} <- {} ({:?}, granted)", m.guest, m.host.display(), m.access)?;
+        writeln!(out, "    {:<10} <- {} ({}, granted)", m.guest, m.host.display(), m.access.as_str())?;
     }
     let allow: Vec<String> = grants.network.allow.iter().map(|d| d.to_string()).collect();
     writeln!(out, "  network:  {}", if allow.is_empty() { "none".to_string() } else { allow.join(", ") })?;

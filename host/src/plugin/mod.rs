@@ -6,11 +6,13 @@
 //! the file and the fix: read the file → compare its sha256 with the pin
 //! (a tampered file is refused before it is compiled) → check its signature
 //! where one is required or present → check it is a
-//! component of the declared world and contract version → compile (or take
+//! component of the declared world and contract version, and that the
+//! grants give what its manifest requests → compile (or take
 //! from the cache) → pre-link against the host imports → for stage
 //! plugins, ask which stages it defines.
 
 pub mod config;
+pub mod manifest;
 pub mod signature;
 
 use std::collections::BTreeMap;
@@ -30,6 +32,7 @@ use crate::engine::{Origin, Runtime};
 use crate::runner;
 use crate::sandbox::{RunState, Sandbox};
 pub use config::{AgentConfig, PluginConfig};
+pub use manifest::Manifest;
 
 /// A stage a plugin defines.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +50,8 @@ pub struct Plugin {
     pub sandbox: Sandbox,
     pub origin: Origin,
     pub stages: Vec<StageInfo>,
+    /// What the plugin says it is and needs, when it carries a manifest.
+    pub manifest: Option<Manifest>,
     pre: InstancePre<RunState>,
     executor: Option<ExecutorPre<RunState>>,
     planner: Option<PlannerPre<RunState>>,
@@ -81,6 +86,16 @@ impl Plugin {
 
     /// Loads the plugin `config` describes.
     pub async fn load(runtime: &Runtime, config: &PluginConfig) -> Result<Plugin> {
+        Self::load_with(runtime, config, true).await
+    }
+
+    /// Loads a plugin only to look at it (`cordon plugin inspect`): its
+    /// manifest's requests are not held against the (empty) grants.
+    pub async fn load_for_inspection(runtime: &Runtime, config: &PluginConfig) -> Result<Plugin> {
+        Self::load_with(runtime, config, false).await
+    }
+
+    async fn load_with(runtime: &Runtime, config: &PluginConfig, check_grants: bool) -> Result<Plugin> {
         let name = &config.name;
         let file = config.path.display();
         let bytes = std::fs::read(&config.path).with_context(|| {
@@ -104,6 +119,19 @@ impl Plugin {
         }
         let summary = contract::summarize(&bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
         summary.check(config.world).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
+        let manifest = match &summary.manifest {
+            Some(bytes) => Some(Manifest::parse(bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file}: {e}"))?),
+            None => None,
+        };
+        if let Some(m) = manifest.as_ref().filter(|_| check_grants) {
+            let missing = m.missing_grants(&config.grants);
+            if !missing.is_empty() {
+                bail!(
+                    "plugin `{name}`: {file} needs grants it was not given: {}; add them under `grants:` for this plugin in the agent config (or use another plugin)",
+                    missing.join(", ")
+                );
+            }
+        }
         let (component, origin) = runtime
             .load(&bytes, &sha256)
             .with_context(|| format!("plugin `{name}`: cannot compile {file}"))?;
@@ -138,6 +166,7 @@ impl Plugin {
             sandbox: Sandbox::new(config.grants.clone(), config.limits.clone()),
             origin,
             stages: Vec::new(),
+            manifest,
             pre,
             executor,
             planner,
@@ -148,6 +177,11 @@ impl Plugin {
             plugin.stages = runner::defined_stages(runtime, &plugin)
                 .await
                 .with_context(|| format!("plugin `{name}`: cannot list the stages it defines"))?;
+            if let Some(m) = &plugin.manifest
+                && let Some(extra) = m.stages.iter().find(|s| !plugin.stages.iter().any(|d| d.name == **s))
+            {
+                bail!("plugin `{name}`: {file}: its manifest lists stage `{extra}`, which the component does not define");
+            }
         }
         Ok(plugin)
     }

@@ -30,6 +30,13 @@ pub enum Access {
 }
 
 impl Access {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::ReadOnly => "read-only",
+            Access::ReadWrite => "read-write",
+        }
+    }
+
     fn perms(self) -> FsPerms {
         match self {
             Access::ReadOnly => FsPerms::ReadOnly,

@@ -61,6 +61,19 @@ pub enum Scheme {
     Tcp,
 }
 
+impl FromStr for Scheme {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "http" => Ok(Scheme::Http),
+            "https" => Ok(Scheme::Https),
+            "tcp" => Ok(Scheme::Tcp),
+            _ => Err(format!("unknown scheme {s:?}")),
+        }
+    }
+}
+
 impl fmt::Display for Scheme {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -94,6 +107,25 @@ pub struct Destination {
 impl fmt::Display for Destination {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
+    }
+}
+
+impl Destination {
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    /// Whether every connection `other` allows is also allowed by `self`.
+    pub fn covers(&self, other: &Destination) -> bool {
+        let host = match (&self.host, &other.host) {
+            (HostPattern::Any, _) => true,
+            (HostPattern::Name(a), HostPattern::Name(b)) => a == b,
+            (HostPattern::Suffix(a), HostPattern::Name(b)) => b.ends_with(a.as_str()),
+            (HostPattern::Suffix(a), HostPattern::Suffix(b)) => b.ends_with(a.as_str()),
+            (HostPattern::Net(a), HostPattern::Net(b)) => a.contains(b),
+            _ => false,
+        };
+        self.scheme == other.scheme && host && (self.port.is_none() || self.port == other.port)
     }
 }
 
