@@ -16,6 +16,21 @@ toolchain:
 
 guests: toolchain
 	cd guests && $(CARGO) build --release --target $(GUEST_TARGET)
+	$(MAKE) --no-print-directory $(GUESTS)/wait_py.wasm
+
+# The Python twin of WAIT, built with componentize-py (from PyPI) in a venv.
+PYENV := guests/target/python
+COMPONENTIZE_PY := componentize-py==0.25.1
+
+$(PYENV)/bin/componentize-py:
+	@python3 -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
+	python3 -m venv $(PYENV)
+	$(PYENV)/bin/pip install -q $(COMPONENTIZE_PY)
+
+$(GUESTS)/wait_py.wasm: guests/python/wait-py/app.py $(wildcard wit/*.wit) $(PYENV)/bin/componentize-py
+	@mkdir -p $(GUESTS)
+	cd guests/python/wait-py && ../../../$(PYENV)/bin/componentize-py -d ../../../wit -w executor componentize app -o ../../../$@.tmp
+	mv $@.tmp $@
 
 host:
 	$(CARGO) build -p cordon

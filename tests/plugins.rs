@@ -24,9 +24,10 @@ async fn until(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test]
-async fn wait_keeps_its_start_time_across_an_agent_restart() {
-    let world = World::new();
+/// The same end-to-end test runs against WAIT in Rust (`wait`) and its
+/// Python twin (`wait-py`, built with componentize-py).
+async fn wait_survives_an_agent_restart(guest: &str) {
+    let world = World::custom(&[(guest, "executor")], |_| String::new());
     let host = world.host().await;
     let app = world.app("w", "name: w\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: 4 } }\n");
     let d = cordon::pipeline::trigger(&host, &app, trigger()).unwrap();
@@ -38,27 +39,49 @@ async fn wait_keeps_its_start_time_across_an_agent_restart() {
     let _agent = start_agent(&world);
     until("the deployment to finish", || host.store.deployment(&d.id).unwrap().unwrap().status.is_final()).await;
     let d = host.store.deployment(&d.id).unwrap().unwrap();
-    assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+    assert_eq!(d.status, DeploymentStatus::Success, "{guest}: {d:?}");
     let took = d.finished_at.unwrap() - d.started_at.unwrap();
     // Starting over would take 2.5 s + 4 s; resuming takes the 4 s plus the restart.
-    assert!((4000..6000).contains(&took), "the wait took {took} ms");
+    assert!((4000..6000).contains(&took), "{guest}: the wait took {took} ms");
     let stage = &host.store.stages(&d.id).unwrap()[0];
     assert_eq!(stage.attempts, 2);
     let logs = host.store.logs(&d.id, Some(&stage.id), 0, 100).unwrap();
-    assert!(logs.iter().any(|l| l.text.starts_with("resuming a wait")), "{logs:?}");
+    assert!(logs.iter().any(|l| l.text.starts_with("resuming a wait")), "{guest}: {logs:?}");
 }
 
-#[tokio::test]
-async fn wait_refuses_bad_options() {
-    let world = World::new();
+async fn wait_refuses_bad_options(guest: &str) {
+    let world = World::custom(&[(guest, "executor")], |_| String::new());
     let host = world.host().await;
     let app = world.app("w", "name: w\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: -1 } }\n");
     let d = deploy(&host, &world.dir.path().join("state"), &app, trigger()).await;
     assert_eq!(d.status, DeploymentStatus::Failure);
-    assert!(d.reason.contains("duration must be a non-negative number"), "{}", d.reason);
+    assert!(d.reason.contains("duration must be a non-negative number"), "{guest}: {}", d.reason);
     let app = world.app("w2", "name: w2\npipeline:\n  stages:\n    - { name: WAIT, with: { duratoin: 1 } }\n");
     let d = deploy(&host, &world.dir.path().join("state"), &app, trigger()).await;
-    assert!(d.reason.contains("unknown field `duratoin`"), "{}", d.reason);
+    assert!(d.reason.contains("unknown field `duratoin`"), "{guest}: {}", d.reason);
+    let app = world.app("w3", "name: w3\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: 0.2 } }\n");
+    let d = deploy(&host, &world.dir.path().join("state"), &app, trigger()).await;
+    assert_eq!(d.status, DeploymentStatus::Success, "{guest}: {d:?}");
+}
+
+#[tokio::test]
+async fn wait_keeps_its_start_time_across_an_agent_restart() {
+    wait_survives_an_agent_restart("wait").await;
+}
+
+#[tokio::test]
+async fn wait_in_python_keeps_its_start_time_across_an_agent_restart() {
+    wait_survives_an_agent_restart("wait-py").await;
+}
+
+#[tokio::test]
+async fn wait_checks_its_options() {
+    wait_refuses_bad_options("wait").await;
+}
+
+#[tokio::test]
+async fn wait_in_python_checks_its_options() {
+    wait_refuses_bad_options("wait-py").await;
 }
 
 fn approve(host: &cordon::pipeline::Host, deployment: &str, stage: &str, who: &str, n: u32) {

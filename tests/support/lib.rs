@@ -239,6 +239,12 @@ impl World {
     /// A world whose extra plugin entries are made from its directory (for
     /// mounts that must live inside it).
     pub fn with(extra: impl FnOnce(&Path) -> String) -> World {
+        Self::custom(&[("step", "executor"), ("test-deploy", "deployment"), ("wait", "executor"), ("spin", "executor")], extra)
+    }
+
+    /// A world with exactly the `base` guests (each with the `/marks` mount
+    /// and the `token` secret) plus `extra` entries.
+    pub fn custom(base: &[(&str, &str)], extra: impl FnOnce(&Path) -> String) -> World {
         let dir = tempfile::tempdir().unwrap();
         let extra = extra(dir.path());
         let marks = dir.path().join("marks");
@@ -246,7 +252,7 @@ impl World {
         let secret = dir.path().join("token.txt");
         std::fs::write(&secret, format!("{TOKEN_VALUE}\n")).unwrap();
         let mut yaml = format!("state-dir: {}\nplugins:\n", dir.path().join("state").display());
-        for (name, world) in [("step", "executor"), ("test-deploy", "deployment"), ("wait", "executor"), ("spin", "executor")] {
+        for &(name, world) in base {
             let file = guest(name);
             yaml.push_str(&format!(
                 "  - name: {name}\n    path: {}\n    sha256: {}\n    world: {world}\n    grants:\n      mounts: [{{ host: {}, guest: /marks, access: read-write }}]\n      secrets: {{ token: {{ file: {} }} }}\n",
