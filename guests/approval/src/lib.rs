@@ -10,9 +10,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cordon_sdk::executor::cordon::plugin::{commands, log, metadata, types::StageStatus};
-use cordon_sdk::executor::exports::cordon::plugin::execution::{StageRequest, StageResult};
-use cordon_sdk::executor::finish;
+use cordon_sdk::{Context, Outcome, StagePlugin, commands, log, metadata};
 use serde::Deserialize;
 
 const APPROVED: &str = "approved-by";
@@ -31,48 +29,54 @@ fn one() -> usize {
     1
 }
 
-cordon_sdk::single_stage!("WAIT_APPROVAL", "Wait for approvals from listed approvers", run);
-cordon_sdk::manifest!(r#"{"name": "approval", "version": "0.1.0", "contract": "0.1.0", "stages": ["WAIT_APPROVAL"], "capabilities": {}}"#);
+struct Approval;
 
-fn run(request: StageRequest) -> StageResult {
-    let options: Options = match serde_json::from_str(&request.stage.options) {
-        Ok(o) => o,
-        Err(e) => return finish(StageStatus::Failure, format!("invalid WAIT_APPROVAL options: {e}")),
-    };
-    if options.min_approvals == 0 {
-        return finish(StageStatus::Failure, "invalid WAIT_APPROVAL options: minApprovals must be at least 1");
-    }
-    if !options.approvers.is_empty() && options.approvers.len() < options.min_approvals {
-        return finish(StageStatus::Failure, format!("invalid WAIT_APPROVAL options: {} approvals needed but only {} approvers listed", options.min_approvals, options.approvers.len()));
-    }
-    let mut approved: BTreeSet<String> = metadata::get(metadata::Scope::Stage, APPROVED)
-        .map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
-        .unwrap_or_default();
-    let mut seen: BTreeSet<String> = BTreeSet::new();
-    let who = if options.approvers.is_empty() { "anyone".to_string() } else { options.approvers.join(", ") };
-    log::write(log::Level::Info, &format!("waiting for {} approval(s) from {who}", options.min_approvals));
-    loop {
-        for command in commands::received() {
-            if command.kind != commands::CommandKind::Approve || !seen.insert(command.id.clone()) {
-                continue;
-            }
-            let name = command.commander;
-            if !options.approvers.is_empty() && !options.approvers.contains(&name) {
-                log::write(log::Level::Warn, &format!("approval by {name} refused: not one of the approvers ({who})"));
-                continue;
-            }
-            if approved.insert(name.clone()) {
-                log::write(log::Level::Info, &format!("approved by {name} ({}/{})", approved.len(), options.min_approvals));
-                let list: Vec<&str> = approved.iter().map(String::as_str).collect();
-                if let Err(e) = metadata::put(metadata::Scope::Stage, APPROVED, &list.join(",")) {
-                    return finish(StageStatus::Failure, format!("cannot record the approval: {e}"));
+impl StagePlugin for Approval {
+    const STAGES: &'static [(&'static str, &'static str)] = &[("WAIT_APPROVAL", "Wait for approvals from listed approvers")];
+    type Options = Options;
+
+    fn run(_ctx: &Context, o: Options) -> Outcome {
+        if o.min_approvals == 0 {
+            return Outcome::Failure("invalid WAIT_APPROVAL options: minApprovals must be at least 1".into());
+        }
+        if !o.approvers.is_empty() && o.approvers.len() < o.min_approvals {
+            return Outcome::Failure(format!(
+                "invalid WAIT_APPROVAL options: {} approvals needed but only {} approvers listed",
+                o.min_approvals,
+                o.approvers.len()
+            ));
+        }
+        let mut approved: BTreeSet<String> =
+            metadata::stage_get(APPROVED).map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()).unwrap_or_default();
+        let mut seen = BTreeSet::new();
+        let who = if o.approvers.is_empty() { "anyone".to_string() } else { o.approvers.join(", ") };
+        log::info(format!("waiting for {} approval(s) from {who}", o.min_approvals));
+        loop {
+            for command in commands::approvals() {
+                if !seen.insert(command.id) {
+                    continue;
+                }
+                let name = command.commander;
+                if !o.approvers.is_empty() && !o.approvers.contains(&name) {
+                    log::warn(format!("approval by {name} refused: not one of the approvers ({who})"));
+                    continue;
+                }
+                if approved.insert(name.clone()) {
+                    log::info(format!("approved by {name} ({}/{})", approved.len(), o.min_approvals));
+                    let list: Vec<&str> = approved.iter().map(String::as_str).collect();
+                    if let Err(e) = metadata::stage_put(APPROVED, &list.join(",")) {
+                        return Outcome::Failure(format!("cannot record the approval: {e}"));
+                    }
                 }
             }
+            if approved.len() >= o.min_approvals {
+                let list: Vec<&str> = approved.iter().map(String::as_str).collect();
+                return Outcome::Success(format!("approved by {}", list.join(", ")));
+            }
+            std::thread::sleep(POLL);
         }
-        if approved.len() >= options.min_approvals {
-            let list: Vec<&str> = approved.iter().map(String::as_str).collect();
-            return finish(StageStatus::Success, format!("approved by {}", list.join(", ")));
-        }
-        std::thread::sleep(POLL);
     }
 }
+
+cordon_sdk::stage_plugin!(Approval);
+cordon_sdk::manifest!(r#"{"name": "approval", "version": "0.1.0", "contract": "0.1.0", "stages": ["WAIT_APPROVAL"], "capabilities": {}}"#);

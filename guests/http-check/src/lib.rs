@@ -18,9 +18,7 @@
 
 use std::time::{Duration, Instant};
 
-use cordon_sdk::executor::cordon::plugin::{blobs, log, types::StageStatus};
-use cordon_sdk::executor::exports::cordon::plugin::execution::{StageRequest, StageResult};
-use cordon_sdk::executor::finish;
+use cordon_sdk::{Context, Outcome, StagePlugin, blobs, log};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -80,16 +78,23 @@ fn digest(body: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-cordon_sdk::single_stage!("HTTP_CHECK", "Check a URL over HTTP until enough checks pass", run);
+struct HttpCheck;
+
+impl StagePlugin for HttpCheck {
+    const STAGES: &'static [(&'static str, &'static str)] = &[("HTTP_CHECK", "Check a URL over HTTP until enough checks pass")];
+    type Options = Options;
+
+    fn run(_ctx: &Context, options: Options) -> Outcome {
+        check(options)
+    }
+}
+
+cordon_sdk::stage_plugin!(HttpCheck);
 cordon_sdk::manifest!(r#"{"name": "http-check", "version": "0.1.0", "contract": "0.1.0", "stages": ["HTTP_CHECK"], "capabilities": {"network": ["http"]}}"#);
 
-fn run(request: StageRequest) -> StageResult {
-    let o: Options = match serde_json::from_str(&request.stage.options) {
-        Ok(o) => o,
-        Err(e) => return finish(StageStatus::Failure, format!("invalid HTTP_CHECK options: {e}")),
-    };
+fn check(o: Options) -> Outcome {
     if o.tries == 0 || o.success_threshold == 0 || o.success_threshold > o.tries || !(o.interval >= 0.0) {
-        return finish(StageStatus::Failure, "invalid HTTP_CHECK options: need 1 <= successThreshold <= tries and interval >= 0");
+        return Outcome::Failure("invalid HTTP_CHECK options: need 1 <= successThreshold <= tries and interval >= 0".into());
     }
     let mut passes = 0;
     let mut latencies = Vec::new();
@@ -107,19 +112,19 @@ fn run(request: StageRequest) -> StageResult {
                 let body_ok = o.body_contains.as_ref().is_none_or(|t| String::from_utf8_lossy(&response.body).contains(t.as_str()));
                 if response.status == o.expected_status && body_ok {
                     passes += 1;
-                    log::write(log::Level::Info, &format!("check {attempt}/{}: {} in {ms} ms, passed", o.tries, response.status));
+                    log::info(format!("check {attempt}/{}: {} in {ms} ms, passed", o.tries, response.status));
                 } else {
                     last_error = if response.status != o.expected_status {
                         format!("status {} (expected {})", response.status, o.expected_status)
                     } else {
                         format!("the body does not contain {:?}", o.body_contains.as_deref().unwrap_or_default())
                     };
-                    log::write(log::Level::Warn, &format!("check {attempt}/{}: {last_error}", o.tries));
+                    log::warn(format!("check {attempt}/{}: {last_error}", o.tries));
                 }
             }
             Err(e) => {
                 last_error = e;
-                log::write(log::Level::Warn, &format!("check {attempt}/{}: {last_error}", o.tries));
+                log::warn(format!("check {attempt}/{}: {last_error}", o.tries));
             }
         }
         if passes >= o.success_threshold || passes + (o.tries - attempt) < o.success_threshold {
@@ -134,18 +139,17 @@ fn run(request: StageRequest) -> StageResult {
     let key = format!("last-result:{}", o.url);
     let previous: Option<CheckResult> = blobs::get(&key).and_then(|b| serde_json::from_slice(&b).ok());
     if let Err(e) = blobs::put(&key, &serde_json::to_vec(&result).unwrap_or_default()) {
-        log::write(log::Level::Warn, &format!("cannot keep the result: {e}"));
+        log::warn(format!("cannot keep the result: {e}"));
     }
     if !ok {
-        return finish(StageStatus::Failure, format!("{passes} of {} checks of {} passed, {} needed: {last_error}", o.tries, o.url, o.success_threshold));
+        return Outcome::Failure(format!("{passes} of {} checks of {} passed, {} needed: {last_error}", o.tries, o.url, o.success_threshold));
     }
     if o.compare_with_last {
         match previous {
-            None => log::write(log::Level::Info, "no last result to compare with"),
+            None => log::info("no last result to compare with"),
             Some(last) => {
-                log::write(
-                    log::Level::Info,
-                    &format!(
+                log::info(
+                    format!(
                         "last result: {} passes, median {} ms, page {}; now: {passes} passes, median {median} ms, page {}",
                         last.passes,
                         last.median_latency_ms,
@@ -155,10 +159,10 @@ fn run(request: StageRequest) -> StageResult {
                 );
                 let limit = (last.median_latency_ms.max(1) as f64 * o.max_latency_regression) as u64;
                 if last.ok && median > limit {
-                    return finish(StageStatus::Failure, format!("median latency {median} ms regressed more than {}x from the last result ({} ms)", o.max_latency_regression, last.median_latency_ms));
+                    return Outcome::Failure(format!("median latency {median} ms regressed more than {}x from the last result ({} ms)", o.max_latency_regression, last.median_latency_ms));
                 }
             }
         }
     }
-    finish(StageStatus::Success, format!("{passes} of {} checks passed", o.tries))
+    Outcome::Success(format!("{passes} of {} checks passed", o.tries))
 }

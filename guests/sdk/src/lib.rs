@@ -1,6 +1,12 @@
-//! Rust bindings for the Cordon plugin contract (`cordon:plugin`, `wit/`).
+//! Rust bindings for the Cordon plugin contract (`cordon:plugin`, `wit/`),
+//! and a plain-Rust layer over them.
 //!
-//! One module per world. A plugin crate (a `cdylib` built for
+//! For a stage plugin, implement [`StagePlugin`] (typed options through
+//! serde) and call [`stage_plugin!`]; the host's services are plain calls in
+//! [`log`], [`metadata`], [`commands`], [`blobs`] and [`secrets`];
+//! [`manifest!`] embeds the plugin's manifest.
+//!
+//! The raw bindings: one module per world. A plugin crate (a `cdylib` built for
 //! `wasm32-wasip2`) implements the `Guest` traits of its world's exports and
 //! registers its type with that module's export macro:
 //!
@@ -103,6 +109,12 @@ pub mod migration_phase {
 /// network over HTTP. The host checks every request (and so every redirect
 /// hop, which is a new request) against the plugin's network grant.
 pub mod http;
+
+mod host;
+pub mod stage;
+
+pub use host::{blobs, commands, log, metadata, secrets};
+pub use stage::{Context, Outcome, StagePlugin};
 
 /// Declares a plugin that defines exactly one stage, run by `run`:
 ///

@@ -6,18 +6,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cordon_sdk::executor::{
-    cordon::plugin::{
-        log::{self, Level},
-        metadata::{self, Scope},
-        types::StageStatus,
-    },
-    exports::cordon::plugin::{
-        execution::{Guest, StageRequest, StageResult},
-        stages::{self, StageDefinition},
-    },
-    finish, stage,
-};
+use cordon_sdk::{Context, Outcome, StagePlugin, log, metadata};
 use serde::Deserialize;
 
 const START_KEY: &str = "wait.start-unix-ms";
@@ -33,58 +22,45 @@ fn default_duration() -> f64 {
     10.0
 }
 
-struct Wait;
-
-impl stages::Guest for Wait {
-    fn defined_stages() -> Vec<StageDefinition> {
-        vec![stage("WAIT", "Wait for a duration; survives agent restarts")]
-    }
-}
-
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-impl Guest for Wait {
-    fn execute_stage(request: StageRequest) -> StageResult {
-        let options: Options = match serde_json::from_str(&request.stage.options) {
-            Ok(o) => o,
-            Err(e) => return finish(StageStatus::Failure, format!("invalid WAIT options: {e}")),
-        };
+struct Wait;
+
+impl StagePlugin for Wait {
+    const STAGES: &'static [(&'static str, &'static str)] = &[("WAIT", "Wait for a duration; survives agent restarts")];
+    type Options = Options;
+
+    fn run(_ctx: &Context, options: Options) -> Outcome {
         if !(options.duration.is_finite() && options.duration >= 0.0) {
-            return finish(StageStatus::Failure, "invalid WAIT options: duration must be a non-negative number of seconds");
+            return Outcome::Failure("invalid WAIT options: duration must be a non-negative number of seconds".into());
         }
-        let total_ms = (options.duration * 1000.0) as u64;
-        let start = match metadata::get(Scope::Stage, START_KEY).and_then(|v| v.parse::<u64>().ok()) {
+        let start = match metadata::stage_get(START_KEY).and_then(|v| v.parse::<u64>().ok()) {
             Some(start) => {
-                log::write(Level::Info, &format!("resuming a wait that started at {start} (unix ms)"));
+                log::info(format!("resuming a wait that started at {start} (unix ms)"));
                 start
             }
             None => {
                 let start = now_ms();
-                if let Err(e) = metadata::put(Scope::Stage, START_KEY, &start.to_string()) {
-                    return finish(StageStatus::Failure, format!("cannot record the start time: {e}"));
+                if let Err(e) = metadata::stage_put(START_KEY, &start.to_string()) {
+                    return Outcome::Failure(format!("cannot record the start time: {e}"));
                 }
                 start
             }
         };
-        let end = start + total_ms;
-        log::write(Level::Info, &format!("waiting {:.1}s", options.duration));
-        loop {
-            let now = now_ms();
-            if now >= end {
-                break;
-            }
-            let left = end - now;
-            std::thread::sleep(Duration::from_millis(left.min(5_000)));
+        let end = start + (options.duration * 1000.0) as u64;
+        log::info(format!("waiting {:.1}s", options.duration));
+        while now_ms() < end {
+            std::thread::sleep(Duration::from_millis((end - now_ms()).min(5_000)));
             if end > now_ms() {
-                log::write(Level::Info, &format!("{:.0}s left", (end - now_ms()) as f64 / 1000.0));
+                log::info(format!("{:.0}s left", (end - now_ms()) as f64 / 1000.0));
             }
         }
-        log::write(Level::Info, "wait finished");
-        finish(StageStatus::Success, "")
+        log::info("wait finished");
+        Outcome::Success(String::new())
     }
 }
 
-cordon_sdk::executor::export_executor!(Wait);
+cordon_sdk::stage_plugin!(Wait);
 cordon_sdk::manifest!(r#"{"name": "wait", "version": "0.1.0", "contract": "0.1.0", "stages": ["WAIT"], "capabilities": {}}"#);
