@@ -303,13 +303,14 @@ mod tests {
         let summary = Summary {
             imports: vec!["cordon:plugin/log@0.1.0".into()],
             exports: vec!["cordon:plugin/stages@0.1.0".into(), "cordon:plugin/execution@0.1.0".into()],
+            manifest: None,
         };
         assert_eq!(summary.check(World::Executor), Ok(()));
         assert_eq!(summary.worlds(), vec![World::Executor]);
         let err = summary.check(World::Planner).unwrap_err().to_string();
         assert!(err.contains("cordon:plugin/planning@0.1.0"), "{err}");
 
-        let newer = Summary { imports: vec![], exports: vec!["cordon:plugin/stages@0.2.0".into()] };
+        let newer = Summary { imports: vec![], exports: vec!["cordon:plugin/stages@0.2.0".into()], manifest: None };
         let err = newer.check(World::Executor).unwrap_err().to_string();
         assert!(err.contains("0.2.0") && err.contains("0.1.0"), "{err}");
     }
