@@ -316,6 +316,11 @@ async fn etcdctl_json_dumps_are_streamed() {
     assert_eq!(first["key"], format!("/registry/core/configmaps/{C}/ns/cm-0"));
     assert_eq!(first["value"], b64("v"));
 
+    let dump = serde_json::json!({ "header": {}, "kvs": [{ "key": b64(&format!("/registry/core/configmaps/{C}/ns/cm")) }, { "key": b64("/registry/core/configmaps/other/ns/cm") }] }).to_string();
+    let mut component = session(&options()).await;
+    let prefixes = filter::delete_prefixes(Cursor::new(dump.into_bytes()), &mut component).await.unwrap();
+    assert_eq!(prefixes, vec![format!("/registry/core/configmaps/{C}/")]);
+
     let bad = r#"{"header":{},"kvs":[{"key":"!!not base64!!"}]}"#;
     let err = filter::run(Cursor::new(bad.as_bytes().to_vec()), vec![session(&options()).await], filter::Sinks { selected: &mut Vec::new(), unclassified: None, progress: &|_| {} })
         .await

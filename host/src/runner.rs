@@ -196,11 +196,9 @@ pub async fn execute_stage(runtime: &Runtime, plugin: &Plugin, call: StageCall) 
     match result {
         Err(reason) => Outcome::failure(reason),
         Ok(StageResult { status, message }) => {
-            let limit = plugin.sandbox.limits().result_bytes.as_u64();
-            if message.len() as u64 > limit {
-                let v = Violation::ResultBytes { size: message.len() as u64, limit };
-                log.host_line(&v.to_string());
-                return Outcome::failure(with_denials(v.to_string(), &log));
+            if let Err(too_big) = check_size(plugin, message.len()) {
+                log.host_line(&too_big);
+                return Outcome::failure(with_denials(too_big, &log));
             }
             let status = Status::from(status);
             let message = log.mask(&message);
@@ -225,14 +223,7 @@ impl StageCall {
 /// Asks a plugin which stages it defines.
 pub async fn defined_stages(runtime: &Runtime, plugin: &Plugin) -> Result<Vec<StageInfo>> {
     let timeout = plugin.sandbox.timeout(Some(Duration::from_secs(10)));
-    let context = RunContext {
-        dirs: RunDirs::default(),
-        services: Arc::new(MemoryServices::default()),
-        sink: Arc::new(NullSink),
-        timeout: Some(timeout),
-    };
-    let mut store = plugin.sandbox.store(runtime.engine(), context)?;
-    let log = store.data().log().clone();
+    let (mut store, log) = memory_store(runtime, plugin, RunDirs::default(), Arc::new(NullSink), timeout).map_err(anyhow::Error::msg)?;
     let stages: Vec<StageInfo> = if let Some(pre) = plugin.executor() {
         guarded(&log, timeout, async {
             let bindings = pre.instantiate_async(&mut store).await?;
@@ -256,11 +247,7 @@ pub async fn defined_stages(runtime: &Runtime, plugin: &Plugin) -> Result<Vec<St
     } else {
         anyhow::bail!("a {} plugin defines no stages", plugin.world);
     };
-    let limit = plugin.sandbox.limits().result_bytes.as_u64();
-    let size: usize = stages.iter().map(|s| s.name.len() + s.description.len()).sum();
-    if size as u64 > limit {
-        anyhow::bail!(Violation::ResultBytes { size: size as u64, limit });
-    }
+    check_size(plugin, stages.iter().map(|s| s.name.len() + s.description.len()).sum()).map_err(anyhow::Error::msg)?;
     for stage in &stages {
         if stage.name.is_empty() || !stage.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
             anyhow::bail!("stage name {:?} must be non-empty ASCII letters, digits, '_' or '-'", stage.name);
@@ -302,14 +289,7 @@ async fn planner_call<T: Send>(
         return Err(format!("plugin `{}` is a {} plugin and plans nothing", plugin.name, plugin.world));
     };
     let timeout = plugin.sandbox.timeout(None);
-    let context = RunContext {
-        dirs: call.dirs.clone(),
-        services: Arc::new(MemoryServices::default()),
-        sink: call.sink.clone(),
-        timeout: Some(timeout),
-    };
-    let mut store = plugin.sandbox.store(runtime.engine(), context).map_err(|e| format!("cannot prepare the sandbox: {e:#}"))?;
-    let log = store.data().log().clone();
+    let (mut store, log) = memory_store(runtime, plugin, call.dirs.clone(), call.sink.clone(), timeout)?;
     let request = call.request();
     guarded(&log, timeout, async {
         let bindings = pre.instantiate_async(&mut store).await?;
@@ -399,13 +379,19 @@ struct Session<B> {
     result_limit: u64,
 }
 
-/// A store for a session: no directories, in-memory services.
-fn session_store(runtime: &Runtime, plugin: &Plugin, sink: Arc<dyn LogSink>) -> Result<(wasmtime::Store<crate::sandbox::RunState>, StageLog, Duration), String> {
-    let timeout = plugin.sandbox.timeout(None);
-    let context = RunContext { dirs: RunDirs::default(), services: Arc::new(MemoryServices::default()), sink, timeout: Some(timeout) };
+/// A fresh store for a call that uses no store-backed services (planning,
+/// listing stages, key-filter and item-action sessions), and its log.
+fn memory_store(
+    runtime: &Runtime,
+    plugin: &Plugin,
+    dirs: RunDirs,
+    sink: Arc<dyn LogSink>,
+    timeout: Duration,
+) -> Result<(wasmtime::Store<crate::sandbox::RunState>, StageLog), String> {
+    let context = RunContext { dirs, services: Arc::new(MemoryServices::default()), sink, timeout: Some(timeout) };
     let store = plugin.sandbox.store(runtime.engine(), context).map_err(|e| format!("cannot prepare the sandbox: {e:#}"))?;
     let log = store.data().log().clone();
-    Ok((store, log, timeout))
+    Ok((store, log))
 }
 
 /// A key packing for [`KeyFilterSession::select`].
@@ -418,7 +404,8 @@ impl KeyFilterSession {
     /// Instantiates the plugin and configures it with `options` (JSON).
     pub async fn open(runtime: &Runtime, plugin: &Plugin, options: &str, sink: Arc<dyn LogSink>) -> Result<Self, String> {
         let pre = plugin.key_filter().ok_or_else(|| format!("plugin `{}` is a {} plugin, not a key filter", plugin.name, plugin.world))?;
-        let (mut store, log, timeout) = session_store(runtime, plugin, sink)?;
+        let timeout = plugin.sandbox.timeout(None);
+        let (mut store, log) = memory_store(runtime, plugin, RunDirs::default(), sink, timeout)?;
         let bindings = guarded(&log, timeout, pre.instantiate_async(&mut store)).await?;
         let configured = guarded(&log, timeout, bindings.cordon_plugin_key_selection().call_configure(&mut store, options)).await?;
         configured.map_err(|e| format!("plugin `{}` refused its options: {e}", plugin.name))?;
@@ -467,7 +454,8 @@ pub struct ItemActionSession(Session<crate::contract::bindings::item_action::Ite
 impl ItemActionSession {
     pub async fn open(runtime: &Runtime, plugin: &Plugin, sink: Arc<dyn LogSink>) -> Result<Self, String> {
         let pre = plugin.item_action().ok_or_else(|| format!("plugin `{}` is a {} plugin, not an item action", plugin.name, plugin.world))?;
-        let (mut store, log, timeout) = session_store(runtime, plugin, sink)?;
+        let timeout = plugin.sandbox.timeout(None);
+        let (mut store, log) = memory_store(runtime, plugin, RunDirs::default(), sink, timeout)?;
         let bindings = guarded(&log, timeout, pre.instantiate_async(&mut store)).await?;
         let result_limit = plugin.sandbox.limits().result_bytes.as_u64();
         Ok(Self(Session { store, bindings, log, timeout, result_limit }))

@@ -43,6 +43,10 @@ struct Emitter<F> {
 
 impl<F: FnMut(Batch) -> bool> Emitter<F> {
     fn push(&mut self, kv: Kv) -> Result<(), String> {
+        if self.stopped {
+            // Nobody reads the batches any more: stop parsing.
+            return Err("the reader was stopped".to_string());
+        }
         self.count += 1;
         let key = base64::engine::general_purpose::STANDARD
             .decode(kv.key.as_bytes())

@@ -203,21 +203,8 @@ pub struct Sinks<'a> {
 pub async fn run<S: Selector, R: BufRead + Send + 'static>(input: R, selectors: Vec<S>, sinks: Sinks<'_>) -> Result<Stats> {
     anyhow::ensure!(!selectors.is_empty(), "at least one selector is needed");
     let workers = selectors.len();
-    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(workers * 2);
+    let (batch_rx, reader) = spawn_reader(input, workers * 2);
     let (done_tx, mut done_rx) = mpsc::channel::<Result<(Batch, Selection)>>(workers * 2);
-    let reader = tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut input = input;
-        if super::etcd_dump::looks_like_dump(input.fill_buf().context("cannot read the input")?) {
-            return super::etcd_dump::stream(input, |batch| batch_tx.blocking_send(batch).is_ok());
-        }
-        let mut reader = Reader::new(input);
-        while let Some(batch) = reader.next_batch()? {
-            if batch_tx.blocking_send(batch).is_err() {
-                break;
-            }
-        }
-        Ok(())
-    });
     let batch_rx = Arc::new(Mutex::new(batch_rx));
     let mut handles = Vec::new();
     for mut selector in selectors {
@@ -285,10 +272,31 @@ pub async fn run<S: Selector, R: BufRead + Send + 'static>(input: R, selectors: 
 /// The union of delete prefixes over the whole input.
 pub async fn delete_prefixes<R: BufRead + Send + 'static>(input: R, session: &mut crate::runner::KeyFilterSession) -> Result<Vec<String>> {
     let mut prefixes = std::collections::BTreeSet::new();
-    let mut reader = Reader::new(input);
-    while let Some(batch) = reader.next_batch()? {
+    let (mut batches, reader) = spawn_reader(input, 2);
+    while let Some(batch) = batches.recv().await {
         let found = session.delete_prefixes(&batch.keys).await.map_err(|e| anyhow::anyhow!("the key filter failed: {e}"))?;
         prefixes.extend(found);
     }
+    reader.await.context("the input reader panicked")??;
     Ok(prefixes.into_iter().collect())
+}
+
+/// Reads `input` in whichever format it is on a blocking thread; batches
+/// arrive in order on the returned channel, at most `capacity` ahead.
+fn spawn_reader<R: BufRead + Send + 'static>(input: R, capacity: usize) -> (mpsc::Receiver<Batch>, tokio::task::JoinHandle<Result<()>>) {
+    let (tx, rx) = mpsc::channel::<Batch>(capacity);
+    let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut input = input;
+        if super::etcd_dump::looks_like_dump(input.fill_buf().context("cannot read the input")?) {
+            return super::etcd_dump::stream(input, |batch| tx.blocking_send(batch).is_ok());
+        }
+        let mut reader = Reader::new(input);
+        while let Some(batch) = reader.next_batch()? {
+            if tx.blocking_send(batch).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
+    (rx, reader)
 }

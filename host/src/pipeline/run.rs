@@ -440,11 +440,7 @@ impl Run {
                 let ready: Vec<usize> = phase
                     .iter()
                     .copied()
-                    .filter(|&i| {
-                        let s = &self.stages[i];
-                        s.status == StageStatus::NotStarted
-                            && s.needs.iter().all(|n| self.position.get(n).is_some_and(|&j| self.stages[j].status.lets_dependents_run()))
-                    })
+                    .filter(|&i| self.ready(i))
                     .collect();
                 for i in ready {
                     let stage = self.stages[i].clone();
@@ -488,11 +484,7 @@ impl Run {
                 // Nothing runs and nothing could start: a stage waits on one
                 // that will never let it run (a skipped-by-failure chain).
                 if phase.iter().any(|&i| self.stages[i].status == StageStatus::NotStarted)
-                    && !phase.iter().any(|&i| {
-                        let s = &self.stages[i];
-                        s.status == StageStatus::NotStarted
-                            && s.needs.iter().all(|n| self.position.get(n).is_some_and(|&j| self.stages[j].status.lets_dependents_run()))
-                    })
+                    && !phase.iter().any(|&i| self.ready(i))
                 {
                     break Ending::Failed("no stage can start: their dependencies did not succeed".to_string());
                 }
@@ -519,6 +511,13 @@ impl Run {
         };
         tasks.abort_all();
         Ok(ending)
+    }
+
+    /// Whether stage `i` has not started and everything it needs let it run.
+    fn ready(&self, i: usize) -> bool {
+        let s = &self.stages[i];
+        s.status == StageStatus::NotStarted
+            && s.needs.iter().all(|n| self.position.get(n).is_some_and(|&j| self.stages[j].status.lets_dependents_run()))
     }
 
     /// Stops every running stage, and ends every paused one, recording them
