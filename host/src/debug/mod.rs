@@ -131,8 +131,7 @@ pub fn paused_ms(store: &dyn StateStore, deployment: &str) -> anyhow::Result<u64
     Ok(store.metadata_get(deployment, HOST_SCOPE, "paused-ms")?.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
-pub fn add_paused_ms(store: &dyn StateStore, deployment: &str, ms: u64) -> anyhow::Result<()> {
-    let total = paused_ms(store, deployment)? + ms;
+pub fn set_paused_ms(store: &dyn StateStore, deployment: &str, total: u64) -> anyhow::Result<()> {
     store.metadata_put(deployment, HOST_SCOPE, "paused-ms", &total.to_string())
 }
 

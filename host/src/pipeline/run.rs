@@ -183,6 +183,8 @@ struct Run {
     breakpoints: Breakpoints,
     /// Since when a stage has been paused, if one is.
     paused_since: Option<std::time::Instant>,
+    /// Time spent paused before that, stored so it survives a restart.
+    paused_ms: u64,
     last_poll: Option<std::time::Instant>,
 }
 
@@ -192,6 +194,7 @@ impl Run {
         let position = stages.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect();
         let info = deployment_info(&record, &app, &trigger);
         let breakpoints = app.debug.clone().unwrap_or_default().merged(&trigger.breakpoints);
+        let paused_ms = debug::paused_ms(host.store.as_ref(), &record.id)?;
         Ok(Self {
             host,
             record,
@@ -207,6 +210,7 @@ impl Run {
             resumes: Vec::new(),
             breakpoints,
             paused_since: None,
+            paused_ms,
             last_poll: None,
         })
     }
@@ -346,7 +350,8 @@ impl Run {
         match (paused, self.paused_since) {
             (true, None) => self.paused_since = Some(std::time::Instant::now()),
             (false, Some(since)) => {
-                debug::add_paused_ms(self.host.store.as_ref(), self.id(), since.elapsed().as_millis() as u64)?;
+                self.paused_ms += since.elapsed().as_millis() as u64;
+                debug::set_paused_ms(self.host.store.as_ref(), self.id(), self.paused_ms)?;
                 self.paused_since = None;
             }
             _ => {}
@@ -373,7 +378,8 @@ impl Run {
 
     /// Drives the forward stages (`rollback = false`) or the rollback stages.
     async fn phase(&mut self, rollback: bool) -> Result<Ending> {
-        let started = self.record.started_at.unwrap_or_else(now_ms) + self.summary.timeout_ms;
+        // When the deployment times out if nothing is ever paused.
+        let unpaused_deadline = self.record.started_at.unwrap_or_else(now_ms) + self.summary.timeout_ms;
         let mut tasks: JoinSet<(String, Outcome)> = JoinSet::new();
         let mut running: HashMap<String, AbortHandle> = HashMap::new();
         let mut exited: Option<String> = None;
@@ -383,7 +389,7 @@ impl Run {
             self.account_pause()?;
             // The deployment timeout bounds the forward stages, paused time excluded.
             let deadline = match (rollback, self.paused_since) {
-                (false, None) => Some(started + debug::paused_ms(self.host.store.as_ref(), self.id())?),
+                (false, None) => Some(unpaused_deadline + self.paused_ms),
                 _ => None,
             };
             // Skips of running stages interrupt them.

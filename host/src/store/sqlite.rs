@@ -147,6 +147,10 @@ impl SqliteStore {
     }
 }
 
+fn application_row(r: &Row<'_>) -> rusqlite::Result<ApplicationRecord> {
+    Ok(ApplicationRecord { name: r.get(0)?, dir: r.get(1)?, last_success: r.get(2)?, running_snapshot: r.get(3)? })
+}
+
 fn deployment_row(r: &Row<'_>) -> rusqlite::Result<(DeploymentRecord, String)> {
     Ok((
         DeploymentRecord {
@@ -227,7 +231,7 @@ impl StateStore for SqliteStore {
             .query_row(
                 "SELECT name, dir, last_success, running_snapshot FROM applications WHERE name = ?1",
                 [name],
-                |r| Ok(ApplicationRecord { name: r.get(0)?, dir: r.get(1)?, last_success: r.get(2)?, running_snapshot: r.get(3)? }),
+                application_row,
             )
             .optional()?)
     }
@@ -235,9 +239,7 @@ impl StateStore for SqliteStore {
     fn applications(&self) -> Result<Vec<ApplicationRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT name, dir, last_success, running_snapshot FROM applications ORDER BY name")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(ApplicationRecord { name: r.get(0)?, dir: r.get(1)?, last_success: r.get(2)?, running_snapshot: r.get(3)? })
-        })?;
+        let rows = stmt.query_map([], application_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
