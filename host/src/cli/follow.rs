@@ -50,12 +50,20 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
     let mut last_lines: HashMap<String, String> = HashMap::new();
     let mut after = 0i64;
     let mut last_status = None;
+    // Above the live view on a terminal, a plain line otherwise.
+    let say = |line: String| -> Result<()> {
+        if tty {
+            multi.println(line)?;
+        } else {
+            println!("{line}");
+        }
+        Ok(())
+    };
     loop {
         let deployment = store.deployment(id)?.with_context(|| format!("no deployment `{id}`"))?;
         if last_status != Some(deployment.status) {
             if !deployment.status.is_final() {
-                let line = format!("deployment {id}: {}", deployment.status);
-                if tty { multi.println(&line)?; } else { println!("{line}"); }
+                say(format!("deployment {id}: {}", deployment.status))?;
             }
             last_status = Some(deployment.status);
         }
@@ -117,8 +125,7 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
                 bar.finish();
             }
             let reason = if deployment.reason.is_empty() { String::new() } else { format!(": {}", deployment.reason) };
-            let line = format!("deployment {id} {}{reason}", deployment.status);
-            if tty { multi.println(&line)?; } else { println!("{line}"); }
+            say(format!("deployment {id} {}{reason}", deployment.status))?;
             return Ok(deployment);
         }
         tokio::time::sleep(TICK).await;
