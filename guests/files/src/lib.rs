@@ -21,15 +21,8 @@
 
 use std::path::Path;
 
-cordon_sdk::deployment_world!("../../wit");
-
-use cordon_sdk::executor::cordon::plugin::log;
-use cordon_sdk::executor::cordon::plugin::types::{StageConfig, StageStatus, SyncStrategy};
-use exports::cordon::plugin::{
-    execution::{self, StageRequest, StageResult},
-    planning::{self, ArtifactVersion, PlanRequest, PlannedStage, Strategy, StrategyAnswer},
-    stages::{self, StageDefinition},
-};
+use cordon_sdk::log::info;
+use cordon_sdk_deployment::{ArtifactVersion, Context, DeploymentPlugin, Outcome, PlanContext, PlannedStage, StageConfig, StagePlugin, SyncStrategy, planned};
 use serde::Deserialize;
 use wasip2::filesystem::types::Descriptor;
 
@@ -47,12 +40,8 @@ fn default_exclude() -> Vec<String> {
     vec!["app.cordon.yaml".to_string()]
 }
 
-fn settings(app_config: &str) -> Result<Settings, String> {
-    serde_json::from_str(app_config).map_err(|e| format!("invalid `plugins.files` settings: {e}; expected {{\"target\": \"/www\", \"canary\": \"/canary\"}}"))
-}
-
-fn info(message: &str) {
-    log::write(log::Level::Info, message);
+fn settings(settings: Result<Settings, String>) -> Result<Settings, String> {
+    settings.map_err(|e| format!("{e}; expected `plugins.files` as {{\"target\": \"/www\", \"canary\": \"/canary\"}}"))
 }
 
 /// The preopened directory mounted at `guest_path`.
@@ -82,7 +71,7 @@ fn copy_tree(from: &Path, to: &Path, exclude: &[String], top: bool) -> Result<u6
             std::fs::copy(&src, &dst).map_err(|e| format!("copy {}: {e}", src.display()))?;
             count += 1;
         } else {
-            info(&format!("skipping {} (not a regular file)", src.display()));
+            info(format!("skipping {} (not a regular file)", src.display()));
         }
     }
     Ok(count)
@@ -134,19 +123,19 @@ fn clear(mount_path: &str) -> Result<String, String> {
     Ok(format!("{mount_path} emptied"))
 }
 
-fn release_id(request: &StageRequest) -> String {
-    format!("{}-{}", request.deployment.id, request.stage.id).replace(['/', ':'], "_")
+fn release_id(ctx: &Context) -> String {
+    format!("{}-{}", ctx.deployment().id, ctx.stage().id).replace(['/', ':'], "_")
 }
 
-fn perform(request: &StageRequest) -> Result<String, String> {
-    let s = settings(&request.app_config)?;
+fn perform(ctx: &Context) -> Result<String, String> {
+    let s = settings(ctx.settings())?;
     let canary = || s.canary.as_deref().ok_or("this stage needs `canary` in the `plugins.files` settings".to_string());
-    let id = release_id(request);
-    let source = &request.sources.target;
-    match request.stage.name.as_str() {
+    let id = release_id(ctx);
+    let source = ctx.source();
+    match ctx.stage().name.as_str() {
         "FILES_SYNC" | "FILES_PRIMARY_ROLLOUT" => {
             let done = release(&s.target, source, &id, &s.exclude)?;
-            if request.stage.name == "FILES_SYNC"
+            if ctx.stage().name == "FILES_SYNC"
                 && let Some(c) = &s.canary
             {
                 clear(c)?;
@@ -159,7 +148,7 @@ fn perform(request: &StageRequest) -> Result<String, String> {
             if let Some(c) = &s.canary {
                 clear(c)?;
             }
-            match &request.sources.running {
+            match ctx.running_source() {
                 Some(running) => release(&s.target, running, &id, &s.exclude).map(|d| format!("rolled back: {d}")),
                 None => clear(&s.target).map(|d| format!("rolled back to nothing (first deployment): {d}")),
             }
@@ -168,32 +157,29 @@ fn perform(request: &StageRequest) -> Result<String, String> {
     }
 }
 
+/// The stages take no options.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoOptions {}
+
 struct Files;
 
-impl stages::Guest for Files {
-    fn defined_stages() -> Vec<StageDefinition> {
-        [
-            ("FILES_SYNC", "Make the target directory equal the source"),
-            ("FILES_CANARY_ROLLOUT", "Roll the source out to the canary directory"),
-            ("FILES_PRIMARY_ROLLOUT", "Roll the source out to the target directory"),
-            ("FILES_CANARY_CLEAN", "Empty the canary directory"),
-            ("FILES_ROLLBACK", "Restore the running source in the target directory"),
-        ]
-        .into_iter()
-        .map(|(name, description)| StageDefinition { name: name.into(), description: description.into() })
-        .collect()
-    }
-}
+impl StagePlugin for Files {
+    const STAGES: &'static [(&'static str, &'static str)] = &[
+        ("FILES_SYNC", "Make the target directory equal the source"),
+        ("FILES_CANARY_ROLLOUT", "Roll the source out to the canary directory"),
+        ("FILES_PRIMARY_ROLLOUT", "Roll the source out to the target directory"),
+        ("FILES_CANARY_CLEAN", "Empty the canary directory"),
+        ("FILES_ROLLBACK", "Restore the running source in the target directory"),
+    ];
+    type Options = NoOptions;
 
-impl execution::Guest for Files {
-    fn execute_stage(request: StageRequest) -> StageResult {
-        match perform(&request) {
-            Ok(message) => {
-                info(&message);
-                StageResult { status: StageStatus::Success, message }
-            }
-            Err(message) => StageResult { status: StageStatus::Failure, message },
+    fn run(ctx: &Context, _: NoOptions) -> Outcome {
+        let done = perform(ctx);
+        if let Ok(message) = &done {
+            info(message);
         }
+        done.into()
     }
 }
 
@@ -218,33 +204,28 @@ fn content_hash(dir: &Path, h: &mut u64) {
     }
 }
 
-fn planned(index: u32, name: &str, rollback: bool, options: &str) -> PlannedStage {
-    PlannedStage { index, name: name.into(), desc: String::new(), rollback, options: options.into() }
-}
-
-impl planning::Guest for Files {
-    fn determine_strategy(request: PlanRequest) -> Result<StrategyAnswer, String> {
-        settings(&request.app_config)?;
-        let Some(running) = &request.sources.running else { return Ok(StrategyAnswer::Unsupported) };
-        let (new, old) = (version_of(&request.sources.target), version_of(running));
-        Ok(match (new, old) {
-            (Some(n), Some(o)) if n == o => StrategyAnswer::Decided(Strategy { strategy: SyncStrategy::QuickSync, summary: format!("VERSION is still {n}: only content changed") }),
-            (Some(n), Some(o)) => StrategyAnswer::Decided(Strategy { strategy: SyncStrategy::PipelineSync, summary: format!("VERSION changed from {o} to {n}") }),
-            _ => StrategyAnswer::Unsupported,
+impl DeploymentPlugin for Files {
+    fn determine_strategy(ctx: &PlanContext) -> Result<Option<(SyncStrategy, String)>, String> {
+        settings(ctx.settings())?;
+        let Some(running) = ctx.running_source() else { return Ok(None) };
+        Ok(match (version_of(ctx.source()), version_of(running)) {
+            (Some(n), Some(o)) if n == o => Some((SyncStrategy::QuickSync, format!("VERSION is still {n}: only content changed"))),
+            (Some(n), Some(o)) => Some((SyncStrategy::PipelineSync, format!("VERSION changed from {o} to {n}"))),
+            _ => None,
         })
     }
 
-    fn determine_versions(request: PlanRequest) -> Result<Vec<ArtifactVersion>, String> {
-        let version = version_of(&request.sources.target).unwrap_or_else(|| {
+    fn determine_versions(ctx: &PlanContext) -> Result<Vec<ArtifactVersion>, String> {
+        let version = version_of(ctx.source()).unwrap_or_else(|| {
             let mut h = 0xcbf29ce484222325u64;
-            content_hash(Path::new(&request.sources.target), &mut h);
+            content_hash(Path::new(ctx.source()), &mut h);
             format!("content-{h:016x}")
         });
-        Ok(vec![ArtifactVersion { kind: "directory".into(), name: request.deployment.application_name.clone(), version, url: String::new() }])
+        Ok(vec![ArtifactVersion { kind: "directory".into(), name: ctx.deployment().application_name.clone(), version, url: String::new() }])
     }
 
-    fn build_quick_sync_stages(request: PlanRequest, rollback: bool) -> Result<Vec<PlannedStage>, String> {
-        settings(&request.app_config)?;
+    fn quick_sync_stages(ctx: &PlanContext, rollback: bool) -> Result<Vec<PlannedStage>, String> {
+        settings(ctx.settings())?;
         let mut out = vec![planned(0, "FILES_SYNC", false, "{}")];
         if rollback {
             out.push(planned(0, "FILES_ROLLBACK", true, "{}"));
@@ -252,8 +233,8 @@ impl planning::Guest for Files {
         Ok(out)
     }
 
-    fn build_pipeline_sync_stages(request: PlanRequest, given: Vec<StageConfig>, rollback: bool) -> Result<Vec<PlannedStage>, String> {
-        let s = settings(&request.app_config)?;
+    fn pipeline_sync_stages(ctx: &PlanContext, given: &[StageConfig], rollback: bool) -> Result<Vec<PlannedStage>, String> {
+        let s = settings(ctx.settings())?;
         if s.canary.is_none() && given.iter().any(|g| g.name.starts_with("FILES_CANARY")) {
             return Err("canary stages need `canary` in the `plugins.files` settings".into());
         }
@@ -265,5 +246,5 @@ impl planning::Guest for Files {
     }
 }
 
-export!(Files);
+cordon_sdk_deployment::deployment_plugin!(Files);
 cordon_sdk::manifest!(r#"{"name": "files", "version": "0.1.0", "contract": "0.1.0", "stages": ["FILES_SYNC", "FILES_CANARY_ROLLOUT", "FILES_PRIMARY_ROLLOUT", "FILES_CANARY_CLEAN", "FILES_ROLLBACK"], "capabilities": {}}"#);

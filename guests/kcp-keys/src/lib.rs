@@ -96,7 +96,10 @@ const MAX_SEGMENTS: usize = 8;
 
 impl Classifier {
     pub fn new(options: &str) -> Result<Self, String> {
-        let o: Options = serde_json::from_str(options).map_err(|e| format!("invalid kcp-keys options: {e}"))?;
+        Self::from_options(serde_json::from_str(options).map_err(|e| format!("invalid kcp-keys options: {e}"))?)
+    }
+
+    pub fn from_options(o: Options) -> Result<Self, String> {
         if !valid_segment(&o.cluster) {
             return Err(format!("invalid kcp-keys options: `cluster` {:?} must be a non-empty name without '/'", o.cluster));
         }
@@ -269,44 +272,36 @@ impl Classifier {
 
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use std::cell::RefCell;
+    use cordon_sdk::keys::{self, KeyFilter, Keys, Selection};
 
-    use cordon_sdk::key_filter::exports::cordon::plugin::key_selection::{Guest, KeyBatch, Selection};
+    use super::{Classifier, Options, Verdict};
 
-    use super::Classifier;
+    impl KeyFilter for Classifier {
+        type Options = Options;
 
-    thread_local! {
-        static CLASSIFIER: RefCell<Option<Classifier>> = const { RefCell::new(None) };
-    }
-
-    struct KcpKeys;
-
-    fn with<T>(f: impl FnOnce(&Classifier) -> Result<T, String>) -> Result<T, String> {
-        CLASSIFIER.with(|c| match c.borrow().as_ref() {
-            Some(classifier) => f(classifier),
-            None => Err("kcp-keys is not configured: the host must call `configure` first".to_string()),
-        })
-    }
-
-    impl Guest for KcpKeys {
-        fn configure(options: String) -> Result<(), String> {
-            let classifier = Classifier::new(&options)?;
-            CLASSIFIER.with(|c| *c.borrow_mut() = Some(classifier));
-            Ok(())
+        fn new(options: Options) -> Result<Self, String> {
+            Classifier::from_options(options)
         }
 
-        fn select(batch: KeyBatch) -> Result<Selection, String> {
-            with(|c| {
-                let (mut selected, mut unclassified) = (Vec::new(), Vec::new());
-                c.select_batch(&batch.data, &batch.ends, &mut selected, &mut unclassified, |_, _| {})?;
-                Ok(Selection { selected, unclassified })
-            })
+        fn classify(&self, key: &[u8]) -> keys::Verdict {
+            match Classifier::classify(self, key).0 {
+                Verdict::Selected => keys::Verdict::Selected,
+                Verdict::Rejected => keys::Verdict::Rejected,
+                Verdict::Unclassified => keys::Verdict::Unclassified,
+            }
         }
 
-        fn delete_prefixes(batch: KeyBatch) -> Vec<String> {
-            with(|c| c.delete_prefixes(&batch.data, &batch.ends)).unwrap_or_default()
+        fn select(&self, batch: &Keys<'_>) -> Selection {
+            let mut s = keys::selection(0);
+            // `Keys::new` has checked the batch, so this cannot fail.
+            let _ = self.select_batch(batch.data, batch.ends, &mut s.selected, &mut s.unclassified, |_, _| {});
+            s
+        }
+
+        fn delete_prefixes(&self, batch: &Keys<'_>) -> Vec<String> {
+            Classifier::delete_prefixes(self, batch.data, batch.ends).unwrap_or_default()
         }
     }
 
-    cordon_sdk::key_filter::export_key_filter!(KcpKeys);
+    cordon_sdk::key_filter_plugin!(Classifier);
 }

@@ -14,7 +14,7 @@
 //! passes it on byte for byte; a rewritten item keeps its field order,
 //! unknown fields and exact numbers. Needs no grants.
 
-use cordon_sdk::item_action::exports::cordon::plugin::item_rewrite::{Guest, Outcome, Selector};
+use cordon_sdk::items::{Action, ItemAction, Selector};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -23,14 +23,6 @@ use serde_json::Value;
 struct Options {
     from: String,
     to: String,
-}
-
-fn options(text: &str) -> Result<Options, String> {
-    let o: Options = serde_json::from_str(text).map_err(|e| format!("invalid registry-rewrite options: {e}; expected {{\"from\": REGISTRY, \"to\": REGISTRY}}"))?;
-    if o.from.is_empty() || o.to.is_empty() || o.from.contains('/') || o.to.contains('/') {
-        return Err("invalid registry-rewrite options: `from` and `to` must be registry hosts such as \"registry.example.com:5000\"".into());
-    }
-    Ok(o)
 }
 
 const KINDS: [&str; 9] = ["Pod", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "ReplicationController", "Job", "CronJob", "PodTemplate"];
@@ -51,46 +43,49 @@ fn rewrite(image: &str, o: &Options) -> Option<String> {
     Some(format!("{}/{rest}", o.to))
 }
 
+fn owned_by_controller(pod: &Value) -> bool {
+    pod.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .is_some_and(|refs| refs.iter().any(|r| r.get("controller").and_then(Value::as_bool) == Some(true)))
+}
+
 struct RegistryRewrite;
 
-impl Guest for RegistryRewrite {
-    fn applies_to(text: String) -> Result<Selector, String> {
-        options(&text)?;
-        Ok(Selector { kinds: KINDS.iter().map(|k| k.to_string()).collect(), namespaces: vec![], labels: vec![] })
+impl ItemAction for RegistryRewrite {
+    type Options = Options;
+
+    fn check(o: &Options) -> Result<(), String> {
+        if o.from.is_empty() || o.to.is_empty() || o.from.contains('/') || o.to.contains('/') {
+            return Err("invalid registry-rewrite options: `from` and `to` must be registry hosts such as \"registry.example.com:5000\"".into());
+        }
+        Ok(())
     }
 
-    fn execute(text: String, item: String) -> Result<Outcome, String> {
-        let o = options(&text)?;
-        let mut value: Value = serde_json::from_str(&item).map_err(|e| format!("item is not JSON: {e}"))?;
-        let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
-        if kind == "Pod" {
-            let owned = value
-                .pointer("/metadata/ownerReferences")
-                .and_then(Value::as_array)
-                .is_some_and(|refs| refs.iter().any(|r| r.get("controller").and_then(Value::as_bool) == Some(true)));
-            if owned {
-                return Ok(Outcome::Skip);
-            }
+    fn applies_to(_: &Options) -> Selector {
+        Selector::kinds(&KINDS)
+    }
+
+    fn execute(o: &Options, mut item: Value) -> Result<Action, String> {
+        let kind = item.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+        if kind == "Pod" && owned_by_controller(&item) {
+            return Ok(Action::Skip);
         }
-        let Some(spec) = pod_spec(&mut value, &kind) else {
-            return Ok(Outcome::Unchanged);
+        let Some(spec) = pod_spec(&mut item, &kind) else {
+            return Ok(Action::Unchanged);
         };
         let mut changed = false;
         for list in ["containers", "initContainers", "ephemeralContainers"] {
             let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) else { continue };
             for container in containers {
                 let Some(image) = container.get_mut("image") else { continue };
-                if let Some(new) = image.as_str().and_then(|i| rewrite(i, &o)) {
+                if let Some(new) = image.as_str().and_then(|i| rewrite(i, o)) {
                     *image = Value::String(new);
                     changed = true;
                 }
             }
         }
-        if !changed {
-            return Ok(Outcome::Unchanged);
-        }
-        serde_json::to_string(&value).map(Outcome::Modified).map_err(|e| e.to_string())
+        Ok(if changed { Action::Modified(item) } else { Action::Unchanged })
     }
 }
 
-cordon_sdk::item_action::export_item_action!(RegistryRewrite);
+cordon_sdk::item_action_plugin!(RegistryRewrite);

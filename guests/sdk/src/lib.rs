@@ -1,10 +1,20 @@
 //! Rust bindings for the Cordon plugin contract (`cordon:plugin`, `wit/`),
 //! and a plain-Rust layer over them.
 //!
-//! For a stage plugin, implement [`StagePlugin`] (typed options through
-//! serde) and call [`stage_plugin!`]; the host's services are plain calls in
-//! [`log`], [`metadata`], [`commands`], [`blobs`] and [`secrets`];
-//! [`manifest!`] embeds the plugin's manifest.
+//! One trait per kind of plugin, each registered with its macro; options
+//! are typed through serde:
+//!
+//! | kind | trait | macro |
+//! | --- | --- | --- |
+//! | stage plugin (`executor` world) | [`StagePlugin`] | [`stage_plugin!`] |
+//! | deployment plugin (planner + executor) | `DeploymentPlugin` in the `cordon-sdk-deployment` crate | `deployment_plugin!` |
+//! | key filter | [`KeyFilter`] | [`key_filter_plugin!`] |
+//! | item action | [`ItemAction`] | [`item_action_plugin!`] |
+//! | migration phase | [`MigrationPhase`] | [`migration_phase_plugin!`] |
+//!
+//! The host's services are plain calls in [`log`], [`metadata`],
+//! [`commands`], [`blobs`] and [`secrets`]; [`manifest!`] embeds the
+//! plugin's manifest.
 //!
 //! The raw bindings: one module per world. A plugin crate (a `cdylib` built for
 //! `wasm32-wasip2`) implements the `Guest` traits of its world's exports and
@@ -40,34 +50,6 @@ pub mod executor {
     pub fn finish(status: StageStatus, message: impl Into<String>) -> StageResult {
         StageResult { status, message: message.into() }
     }
-}
-
-/// Generates bindings for the `deployment` world (a planner and an executor
-/// in one component) in the calling crate, sharing this crate's types and
-/// host imports; `$wit` is the path of `wit/` from the crate's manifest.
-///
-/// (`planner` and `deployment` export the same interfaces as `executor`;
-/// wit-bindgen names its exported helper macros after the interface, so one
-/// crate cannot export macros for all three, and deployment plugins generate
-/// their bindings themselves. Then implement the `Guest` traits under
-/// `exports::cordon::plugin::{stages, execution, planning}` and call
-/// `export!(MyPlugin)`.)
-#[macro_export]
-macro_rules! deployment_world {
-    ($wit:literal) => {
-        wit_bindgen::generate!({
-            path: $wit,
-            world: "deployment",
-            with: {
-                "cordon:plugin/types@0.1.0": cordon_sdk::executor::cordon::plugin::types,
-                "cordon:plugin/log@0.1.0": cordon_sdk::executor::cordon::plugin::log,
-                "cordon:plugin/metadata@0.1.0": cordon_sdk::executor::cordon::plugin::metadata,
-                "cordon:plugin/commands@0.1.0": cordon_sdk::executor::cordon::plugin::commands,
-                "cordon:plugin/blobs@0.1.0": cordon_sdk::executor::cordon::plugin::blobs,
-                "cordon:plugin/secrets@0.1.0": cordon_sdk::executor::cordon::plugin::secrets,
-            },
-        });
-    };
 }
 
 /// The `key-filter` world: batched key selection, no host imports.
@@ -111,9 +93,15 @@ pub mod migration_phase {
 pub mod http;
 
 mod host;
+pub mod items;
+pub mod keys;
+pub mod migrate;
 pub mod stage;
 
 pub use host::{blobs, commands, log, metadata, secrets};
+pub use items::{Action, ItemAction};
+pub use keys::{KeyFilter, Verdict};
+pub use migrate::{MigrationPhase, Step, StepContext};
 pub use stage::{Context, Outcome, StagePlugin};
 
 /// Declares a plugin that defines exactly one stage, run by `run`:

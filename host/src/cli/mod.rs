@@ -249,6 +249,19 @@ fn default_user() -> String {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Write a new plugin project (Rust, on the SDK) to build, try and sign.
+    New {
+        /// The plugin's name: a-z, 0-9 and '-'.
+        name: String,
+        #[arg(long, value_enum, default_value = "stage")]
+        kind: crate::plugin::scaffold::Kind,
+        /// Where to write it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The `guests/sdk` directory of a Cordon checkout (default: the one this binary was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Show a component's worlds, imports, exports, contract version, size and sha256.
     Inspect {
         /// The component (.wasm) to inspect.
@@ -322,6 +335,12 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode> {
     let config = cli.config;
     match cli.command {
+        Command::Plugin(PluginCommand::New { name, kind, dir, sdk }) => {
+            let request = crate::plugin::scaffold::Request { name: &name, kind, dir: dir.as_deref(), sdk: sdk.as_deref() };
+            let dir = crate::plugin::scaffold::new_plugin(&request)?;
+            println!("wrote {}; next: cd {} && cargo build --release (then follow its README.md)", dir.display(), dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plugin(PluginCommand::Inspect { file }) => inspect(&file).await,
         Command::Plugin(PluginCommand::Keygen { key }) => {
             let (public, _) = signature::keygen(&key)?;

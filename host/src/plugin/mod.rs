@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod manifest;
+pub mod scaffold;
 pub mod signature;
 
 use std::collections::BTreeMap;

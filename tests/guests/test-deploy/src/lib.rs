@@ -9,9 +9,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-cordon_sdk::deployment_world!("../../../wit");
-
-use exports::cordon::plugin::{
+use cordon_sdk_deployment::bindings::exports::cordon::plugin::{
     execution::{self, StageRequest, StageResult},
     planning::{self, ArtifactVersion, PlanRequest, PlannedStage, Strategy, StrategyAnswer},
     stages::{self, StageDefinition},
@@ -115,4 +113,4 @@ impl execution::Guest for TestDeploy {
     }
 }
 
-export!(TestDeploy);
+cordon_sdk_deployment::bindings::export_deployment!(TestDeploy);
