@@ -9,10 +9,21 @@ GUESTS := guests/target/$(GUEST_TARGET)/release
 STATE := .cordon-state
 CORDON := target/debug/cordon
 
-.PHONY: demo demo-tools test bench guests toolchain host clean
+.PHONY: demo demo-tools test test-tools bench guests toolchain host clean
+
+# Debian packages the build and the tests need: protoc (the etcd client's
+# gRPC code is generated at build time) and etcd (the migration tests and
+# benchmark start their own servers on loopback ports).
+APT_PACKAGES := protobuf-compiler:protoc etcd-server:etcd
 
 toolchain:
 	@rustup target list --installed | grep -qx '$(GUEST_TARGET)' || rustup target add $(GUEST_TARGET)
+	@missing=""; for p in $(APT_PACKAGES); do command -v $${p#*:} >/dev/null || missing="$$missing $${p%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 guests: toolchain
 	cd guests && $(CARGO) build --release --target $(GUEST_TARGET)
@@ -32,7 +43,7 @@ $(GUESTS)/wait_py.wasm: guests/python/wait-py/app.py $(wildcard wit/*.wit) $(PYE
 	cd guests/python/wait-py && ../../../$(PYENV)/bin/componentize-py -d ../../../wit -w executor componentize app -o ../../../$@.tmp
 	mv $@.tmp $@
 
-host:
+host: toolchain
 	$(CARGO) build -p cordon
 
 test: guests host

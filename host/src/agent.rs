@@ -29,14 +29,21 @@ pub struct AgentLock {
 impl AgentLock {
     /// Takes the lock, or `None` if another agent holds it.
     pub fn try_acquire(state_dir: &Path) -> Result<Option<AgentLock>> {
-        std::fs::create_dir_all(state_dir).with_context(|| format!("cannot create {}", state_dir.display()))?;
-        let path = state_dir.join("agent.lock");
-        let file = File::options().create(true).truncate(false).write(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => Ok(Some(AgentLock { _file: file })),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
-        }
+        Ok(try_lock_file(&state_dir.join("agent.lock"))?.map(|file| AgentLock { _file: file }))
+    }
+}
+
+/// Takes an exclusive lock on `path` (created with its directory), held
+/// while the returned file lives; `None` when another process holds it.
+pub fn try_lock_file(path: &Path) -> Result<Option<File>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let file = File::options().create(true).truncate(false).write(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
     }
 }
 

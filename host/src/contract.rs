@@ -83,7 +83,11 @@ pub mod bindings {
             world: "migration-phase",
             imports: { default: async | trappable },
             exports: { default: async },
-            with: { "cordon:plugin/log": super::cordon::plugin::log },
+            with: {
+                "cordon:plugin/log": super::cordon::plugin::log,
+                "cordon:plugin/store.source": crate::sandbox::stores::SourceHandle,
+                "cordon:plugin/store.destination": crate::sandbox::stores::DestinationHandle,
+            },
         });
     }
 }

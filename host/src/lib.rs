@@ -15,6 +15,7 @@ pub mod contract;
 pub mod debug;
 pub mod engine;
 pub mod keys;
+pub mod migrate;
 pub mod pipeline;
 pub mod plugin;
 pub mod runner;

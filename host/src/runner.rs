@@ -480,3 +480,26 @@ impl ItemActionSession {
         Ok(outcome)
     }
 }
+
+pub use crate::contract::bindings::migration_phase::exports::cordon::plugin::phase::{ErrorPolicy, StepOutcome, StepRequest};
+
+/// Runs one step of a migration phase in a fresh instance whose store
+/// handles are `stores`. The outcome's checkpoint is bounded by the
+/// plugin's result limit.
+pub async fn migration_step(
+    runtime: &Runtime,
+    plugin: &Plugin,
+    stores: Arc<dyn crate::sandbox::stores::MigrationStores>,
+    request: &StepRequest,
+    sink: Arc<dyn LogSink>,
+) -> Result<StepOutcome, String> {
+    let pre = plugin.migration_phase().ok_or_else(|| format!("plugin `{}` is a {} plugin, not a migration phase", plugin.name, plugin.world))?;
+    let timeout = plugin.sandbox.timeout(None);
+    let (mut store, log) = memory_store(runtime, plugin, RunDirs::default(), sink, timeout)?;
+    let handles = store.data_mut().grant_stores(stores).map_err(|e| format!("cannot hand out the store handles: {e:#}"))?;
+    let bindings = guarded(&log, timeout, pre.instantiate_async(&mut store)).await?;
+    let call = bindings.cordon_plugin_phase().call_step(&mut store, request, handles.source, handles.destination);
+    let outcome = guarded(&log, timeout, call).await??;
+    check_size_limit(plugin.sandbox.limits().result_bytes.as_u64(), outcome.checkpoint.as_ref().map_or(0, String::len) + outcome.summary.len())?;
+    Ok(outcome)
+}

@@ -328,3 +328,74 @@ impl Drop for AgentProcess {
 pub fn start_agent(world: &World) -> AgentProcess {
     AgentProcess(std::process::Command::new(cordon_bin()).arg("--config").arg(&world.config).arg("agent").spawn().unwrap())
 }
+
+/// A single-member etcd server on loopback ports, stopped when dropped.
+/// `make test` installs etcd from Debian's `etcd-server`.
+pub struct EtcdServer {
+    child: std::process::Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl EtcdServer {
+    pub async fn start() -> EtcdServer {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"].into_iter().find(|p| Path::new(p).exists()).expect("etcd is not installed: run `make test` (it installs Debian's etcd-server)");
+        let child = std::process::Command::new(etcd)
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("test={peer_url}"), "--log-level", "error", "--logger", "zap"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("etcd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let server = EtcdServer { child, endpoint, _dir: dir };
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(kv) = server.kv().await
+                && cordon::migrate::kv::KvStore::get(&kv, b"probe").await.is_ok()
+            {
+                return server;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "etcd did not start on {}", server.endpoint);
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn kv(&self) -> anyhow::Result<cordon::migrate::kv::Etcd> {
+        cordon::migrate::kv::Etcd::connect(std::slice::from_ref(&self.endpoint), "", 128).await
+    }
+
+    /// Every key and value, in key order.
+    pub async fn dump(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        use cordon::migrate::kv::KvStore;
+        let kv = self.kv().await.unwrap();
+        let (mut all, mut start) = (Vec::new(), Vec::new());
+        loop {
+            let (page, more) = kv.range(&start, 5000).await.unwrap();
+            if let Some((last, _)) = page.last() {
+                start = [last.as_slice(), &[0]].concat();
+            }
+            all.extend(page);
+            if !more {
+                return all;
+            }
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -16,10 +16,10 @@ fn default_page() -> u32 {
     1000
 }
 
-/// Where the scan stands, and what it counted so far.
+/// Where the scan stands (the host's continue token), and what it counted so far.
 #[derive(Serialize, Deserialize)]
 struct Checkpoint {
-    next: Vec<u8>,
+    next: String,
     counted: u64,
 }
 

@@ -12,7 +12,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use crate::migration_phase::cordon::plugin::store::{Budget, Destination, Entry, Page, Source};
-use crate::migration_phase::exports::cordon::plugin::phase::{StepOutcome, StepRequest};
+pub use crate::migration_phase::exports::cordon::plugin::phase::ErrorPolicy as OnError;
+use crate::migration_phase::exports::cordon::plugin::phase::{ErrorPolicy, StepOutcome, StepRequest};
 
 /// What a step knows.
 pub struct StepContext<'a> {
@@ -21,6 +22,15 @@ pub struct StepContext<'a> {
     pub phase: &'a str,
     pub source: &'a Source,
     pub destination: &'a Destination,
+    pub on_error: ErrorPolicy,
+}
+
+impl StepContext<'_> {
+    /// The operator chose `continue-and-report`: record errors on single
+    /// entries (in [`Step::failed`] and the summary) and go on.
+    pub fn continue_on_error(&self) -> bool {
+        self.on_error == ErrorPolicy::ContinueAndReport
+    }
 }
 
 /// The result of one step.
@@ -32,6 +42,8 @@ pub struct Step<C> {
     /// Entries and bytes this step handled, for the progress display.
     pub entries: u64,
     pub bytes: u64,
+    /// Entries this step could not handle (under `continue-and-report`).
+    pub failed: u64,
     /// One line for the progress display.
     pub summary: String,
 }
@@ -39,18 +51,24 @@ pub struct Step<C> {
 impl<C> Step<C> {
     /// The phase is finished.
     pub fn done(summary: impl Into<String>) -> Self {
-        Step { done: true, checkpoint: None, entries: 0, bytes: 0, summary: summary.into() }
+        Step { done: true, checkpoint: None, entries: 0, bytes: 0, failed: 0, summary: summary.into() }
     }
 
     /// More to do, from `checkpoint`.
     pub fn more(checkpoint: C, summary: impl Into<String>) -> Self {
-        Step { done: false, checkpoint: Some(checkpoint), entries: 0, bytes: 0, summary: summary.into() }
+        Step { done: false, checkpoint: Some(checkpoint), entries: 0, bytes: 0, failed: 0, summary: summary.into() }
     }
 
     /// Counts what the step handled.
     pub fn counted(mut self, entries: u64, bytes: u64) -> Self {
         self.entries = entries;
         self.bytes = bytes;
+        self
+    }
+
+    /// Counts the entries it could not handle.
+    pub fn failed(mut self, failed: u64) -> Self {
+        self.failed = failed;
         self
     }
 }
@@ -73,10 +91,10 @@ pub fn step<P: MigrationPhase>(request: StepRequest, source: &Source, destinatio
         Some(text) => Some(serde_json::from_str(text).map_err(|e| format!("invalid {phase} checkpoint {text:?}: {e}"))?),
         None => None,
     };
-    let ctx = StepContext { migration_id: &request.migration_id, phase, source, destination };
+    let ctx = StepContext { migration_id: &request.migration_id, phase, source, destination, on_error: request.on_error };
     let step = P::step(&ctx, options, checkpoint)?;
     let checkpoint = step.checkpoint.map(|c| serde_json::to_string(&c)).transpose().map_err(|e| e.to_string())?;
-    Ok(StepOutcome { done: step.done, checkpoint, entries: step.entries, bytes: step.bytes, summary: step.summary })
+    Ok(StepOutcome { done: step.done, checkpoint, entries: step.entries, bytes: step.bytes, failed: step.failed, summary: step.summary })
 }
 
 /// Registers a [`MigrationPhase`] as the component's `phase` export.

@@ -29,6 +29,7 @@ use crate::sandbox::{MemoryServices, RunDirs};
 use crate::store::{CommandKind, CommandRecord, DeploymentRecord, SqliteStore, StageRecord, StateStore};
 
 mod follow;
+mod migrate;
 
 #[derive(Parser)]
 #[command(name = "cordon", version, about = "Deploy through pipelines whose every stage is a sandboxed WebAssembly component")]
@@ -107,6 +108,9 @@ enum Command {
     /// Work with a deployment paused at a breakpoint.
     #[command(subcommand)]
     Debug(DebugCommand),
+    /// Move one unit of keys between stores through migration-phase plugins.
+    #[command(subcommand)]
+    Migrate(MigrateCommand),
     /// Upload a local directory into the source of a paused deployment.
     Upload {
         deployment: String,
@@ -166,6 +170,18 @@ enum KeysCommand {
         #[arg(long)]
         prefixes: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum MigrateCommand {
+    /// Start the migration a spec describes and run it to its end.
+    ///
+    /// Exits 0 when it completed, 1 when it failed or completed with errors.
+    Run { spec: PathBuf },
+    /// List migrations, or show one with its phases' progress.
+    Status { id: Option<String> },
+    /// Continue an interrupted or failed migration from its last checkpoint.
+    Resume { id: String },
 }
 
 #[derive(Subcommand)]
@@ -369,6 +385,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             keys_filter(&config, &io, unclassified.as_deref(), jobs, prefixes).await
         }
         Command::Items(ItemsCommand::Apply { io }) => items_apply(&config, &io).await,
+        Command::Migrate(MigrateCommand::Run { spec }) => migrate::start(&config, &spec).await,
+        Command::Migrate(MigrateCommand::Status { id }) => migrate::status(&config, id.as_deref()),
+        Command::Migrate(MigrateCommand::Resume { id }) => migrate::resume(&config, &id).await,
         Command::Debug(DebugCommand::Continue { deployment, commander }) => debug_resume(&config, &deployment, false, &commander),
         Command::Debug(DebugCommand::FailContinue { deployment, commander }) => debug_resume(&config, &deployment, true, &commander),
         Command::Debug(DebugCommand::Run { deployment }) => debug_run(&config, &deployment).await,

@@ -27,6 +27,7 @@ use wasmtime::component::InstancePre;
 use crate::contract::bindings::executor::ExecutorPre;
 use crate::contract::bindings::item_action::ItemActionPre;
 use crate::contract::bindings::key_filter::KeyFilterPre;
+use crate::contract::bindings::migration_phase::MigrationPhasePre;
 use crate::contract::bindings::planner::PlannerPre;
 use crate::contract::{self, World};
 use crate::engine::{Origin, Runtime};
@@ -58,6 +59,7 @@ pub struct Plugin {
     planner: Option<PlannerPre<RunState>>,
     key_filter: Option<KeyFilterPre<RunState>>,
     item_action: Option<ItemActionPre<RunState>>,
+    migration_phase: Option<MigrationPhasePre<RunState>>,
 }
 
 impl Plugin {
@@ -83,6 +85,11 @@ impl Plugin {
     /// Typed entry points for item actions; `None` for other worlds.
     pub fn item_action(&self) -> Option<&ItemActionPre<RunState>> {
         self.item_action.as_ref()
+    }
+
+    /// Typed entry points for migration phases; `None` for other worlds.
+    pub fn migration_phase(&self) -> Option<&MigrationPhasePre<RunState>> {
+        self.migration_phase.as_ref()
     }
 
     /// Loads the plugin `config` describes.
@@ -159,6 +166,11 @@ impl Plugin {
         } else {
             None
         };
+        let migration_phase = if config.world == World::MigrationPhase {
+            Some(MigrationPhasePre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| format!("plugin `{name}`: {file} does not match world `migration-phase`"))?)
+        } else {
+            None
+        };
         let mut plugin = Plugin {
             name: name.clone(),
             world: config.world,
@@ -173,6 +185,7 @@ impl Plugin {
             planner,
             key_filter,
             item_action,
+            migration_phase,
         };
         if config.world.defines_stages() {
             plugin.stages = runner::defined_stages(runtime, &plugin)

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod net;
 pub mod output;
 pub mod services;
+pub mod stores;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -81,11 +82,22 @@ pub struct RunState {
     log: StageLog,
     services: Arc<dyn StageServices>,
     secrets: BTreeMap<String, Result<String, String>>,
+    stores: Option<Arc<dyn stores::MigrationStores>>,
 }
 
 impl RunState {
     pub fn log(&self) -> &StageLog {
         &self.log
+    }
+
+    /// Gives this run (a migration phase step) its scoped store handles.
+    pub fn grant_stores(&mut self, stores: Arc<dyn stores::MigrationStores>) -> Result<stores::Handles> {
+        let handles = stores::Handles {
+            source: self.table.push(stores::SourceHandle)?,
+            destination: self.table.push(stores::DestinationHandle)?,
+        };
+        self.stores = Some(stores);
+        Ok(handles)
     }
 }
 
@@ -155,6 +167,7 @@ pub fn add_to_linker(linker: &mut Linker<RunState>) -> Result<()> {
     host_api::commands::add_to_linker::<_, HasSelf<RunState>>(linker, |s| s)?;
     host_api::blobs::add_to_linker::<_, HasSelf<RunState>>(linker, |s| s)?;
     host_api::secrets::add_to_linker::<_, HasSelf<RunState>>(linker, |s| s)?;
+    crate::contract::bindings::migration_phase::cordon::plugin::store::add_to_linker::<_, HasSelf<RunState>>(linker, |s| s)?;
     Ok(())
 }
 
@@ -231,6 +244,7 @@ impl Sandbox {
             log,
             services: run.services,
             secrets,
+            stores: None,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limiter);

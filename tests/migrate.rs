@@ -1,0 +1,355 @@
+//! Migrations end to end, against real etcd servers on loopback (two, as
+//! two shards): one kcp logical cluster among several moved byte for byte
+//! with everything else untouched on both sides; page-budget edges and a
+//! garbage continue token; SIGKILL during `copy` and during `cleanup`, then
+//! `resume`, with zero lost keys and nothing deleted before `verify`; a
+//! concurrent second migration of the same unit refused; the host refusing
+//! a delete before `verify` and stopping at a `verify` mismatch.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cordon::migrate::kv::{KvStore, Pair, Sqlite};
+use cordon::migrate::run;
+use cordon::migrate::{Ledger, Status};
+use cordon::plugin::AgentConfig;
+use cordon::sandbox::output::NullSink;
+use cordon_tests::{EtcdServer, cordon_bin, plugin_entry, runtime};
+
+const CLUSTERS: [&str; 3] = ["root:org-a", "root:org-b", "root:org-c"];
+
+/// kcp-style keys of `cluster`: built-in, namespaced and CRD resources.
+fn cluster_keys(cluster: &str, n: usize) -> Vec<Pair> {
+    (0..n)
+        .map(|i| {
+            let key = match i % 3 {
+                0 => format!("/registry/core/configmaps/{cluster}/ns-{}/cm-{i}", i % 7),
+                1 => format!("/registry/apps/deployments/{cluster}/ns-{}/app-{i}", i % 5),
+                _ => format!("/registry/example.com/widgets/customresources/{cluster}/w-{i}"),
+            };
+            let value = format!("{{\"kind\":\"Thing\",\"cluster\":\"{cluster}\",\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(i % 50)).into_bytes();
+            (key.into_bytes(), value)
+        })
+        .collect()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let mut yaml = "state-dir: state\nplugins:\n".to_string();
+        yaml.push_str(&plugin_entry("kcp-keys", "key-filter", ""));
+        yaml.push_str(&plugin_entry("registry-rewrite", "item-action", ""));
+        for phase in ["prepare", "copy", "verify", "cleanup", "finalize"] {
+            yaml.push_str(&plugin_entry(&format!("migrate-{phase}"), "migration-phase", ""));
+        }
+        let config = dir.path().join("agent.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        Setup { dir, config }
+    }
+
+    fn agent(&self) -> AgentConfig {
+        AgentConfig::load(&self.config).unwrap()
+    }
+
+    fn ledger(&self) -> Arc<Ledger> {
+        Arc::new(Ledger::open(&self.agent().state_dir).unwrap())
+    }
+
+    /// A spec file from `source`/`destination` YAML and the phase list.
+    fn spec(&self, name: &str, source: &str, destination: &str, budget: &str, phases: &str) -> PathBuf {
+        let text = format!(
+            "source: {source}\ndestination: {destination}\nselector: {{ plugin: kcp-keys, with: {{ cluster: \"root:org-a\" }} }}\nbudget: {budget}\nphases:\n{phases}"
+        );
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn cordon(&self, args: &[&str]) -> Output {
+        Command::new(cordon_bin()).arg("--config").arg(&self.config).args(args).env_remove("CORDON_LOG").output().unwrap()
+    }
+
+    fn spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(cordon_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("CORDON_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+}
+
+const ALL_PHASES: &str = "  - { name: prepare, plugin: migrate-prepare }
+  - { name: copy, plugin: migrate-copy }
+  - { name: verify, plugin: migrate-verify }
+  - { name: cleanup, plugin: migrate-cleanup }
+  - { name: finalize, plugin: migrate-finalize, with: { require-empty-source: true } }
+";
+
+fn etcd(server: &EtcdServer) -> String {
+    format!("{{ etcd: {{ endpoints: [\"{}\"] }} }}", server.endpoint)
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn selected(all: &[Pair]) -> Vec<Pair> {
+    all.iter().filter(|(k, _)| String::from_utf8_lossy(k).contains("/root:org-a/")).cloned().collect()
+}
+
+fn others(all: &[Pair]) -> Vec<Pair> {
+    all.iter().filter(|(k, _)| !String::from_utf8_lossy(k).contains("/root:org-a/")).cloned().collect()
+}
+
+async fn seed(kv: &dyn KvStore, per_cluster: usize, clusters: &[&str]) -> Vec<Pair> {
+    let mut all = Vec::new();
+    for c in clusters {
+        all.extend(cluster_keys(c, per_cluster));
+    }
+    kv.put(&all).await.unwrap();
+    all.sort();
+    all
+}
+
+async fn migrate(setup: &Setup, spec: &Path) -> (String, run::Ended) {
+    let ledger = setup.ledger();
+    let agent = setup.agent();
+    let id = run::create(&agent, &ledger, spec).unwrap();
+    let ended = run::run(&agent, runtime(), ledger, &id, Arc::new(NullSink), |_| {}).await.unwrap();
+    (id, ended)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_logical_cluster_moves_between_etcd_shards_byte_for_byte() {
+    let (a, b) = (EtcdServer::start().await, EtcdServer::start().await);
+    let source_before = seed(&a.kv().await.unwrap(), 400, &CLUSTERS).await;
+    let dest_before = seed(&b.kv().await.unwrap(), 50, &["root:org-z"]).await;
+    let setup = Setup::new();
+    let spec = setup.spec("m.yaml", &etcd(&a), &etcd(&b), "{ entries: 64, bytes: 16KiB }", ALL_PHASES);
+    let (id, ended) = migrate(&setup, &spec).await;
+    assert_eq!(ended.status, Status::Completed, "{:?}", ended.error);
+
+    let (source_after, dest_after) = (a.dump().await, b.dump().await);
+    assert_eq!(source_after, others(&source_before), "the source keeps exactly the other clusters' keys");
+    let mut expected = dest_before.clone();
+    expected.extend(selected(&source_before));
+    expected.sort();
+    assert_eq!(dest_after, expected, "the destination gains org-a's keys byte for byte and keeps its own");
+    assert_eq!(selected(&source_before).len(), 400);
+
+    let phases = setup.ledger().phases(&id).unwrap();
+    assert!(phases.iter().all(|p| p.status == "done"), "{phases:?}");
+    assert_eq!(phases[1].entries, 400, "copy counted every entry once");
+    assert!(phases[1].steps >= 400 / 64, "copy went page by page: {phases:?}");
+    // The claim is released: the same unit can be migrated again (back).
+    let back = setup.spec("back.yaml", &etcd(&b), &etcd(&a), "{ entries: 1000 }", ALL_PHASES);
+    let (_, ended) = migrate(&setup, &back).await;
+    assert_eq!(ended.status, Status::Completed, "{:?}", ended.error);
+    assert_eq!(a.dump().await, source_before);
+}
+
+/// Budgets and tokens, on the scoped store a phase sees (SQLite stores).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_budgets_and_continue_tokens() {
+    use cordon::migrate::scope::Scope;
+    use cordon::migrate::spec::Budget as SpecBudget;
+    use cordon::runner::KeyFilterSession;
+    use cordon::sandbox::stores::{Budget, MigrationStores};
+
+    let setup = Setup::new();
+    let src = Arc::new(Sqlite::open(&setup.dir.path().join("src.sqlite")).unwrap());
+    let dst = Arc::new(Sqlite::open(&setup.dir.path().join("dst.sqlite")).unwrap());
+    let mut keys = cluster_keys("root:org-a", 10);
+    keys.extend(cluster_keys("root:org-b", 10));
+    // One entry far larger than the byte budget.
+    keys.push((b"/registry/core/configmaps/root:org-a/big/huge".to_vec(), vec![b'h'; 10_000]));
+    src.put(&keys).await.unwrap();
+
+    let agent = setup.agent();
+    let plugin = cordon::plugin::Plugin::load(runtime(), agent.plugin("kcp-keys").unwrap()).await.unwrap();
+    let scope = |entries: u32, bytes: u64| {
+        let (src, dst, plugin, ledger) = (src.clone(), dst.clone(), &plugin, setup.ledger());
+        async move {
+            let filter = KeyFilterSession::open(runtime(), plugin, r#"{"cluster": "root:org-a"}"#, Arc::new(NullSink)).await.unwrap();
+            let budget = SpecBudget { entries, bytes: bytesize::ByteSize(bytes) };
+            Scope::new("mig-test", "unit", src, dst, filter, None, budget, ledger, false).unwrap()
+        }
+    };
+    let any = Budget { max_entries: u32::MAX, max_bytes: u64::MAX };
+    let pages = |s: Scope| async move {
+        let (mut sizes, mut token) = (Vec::new(), None);
+        loop {
+            let page = s.source_scan(token, any).await.unwrap();
+            sizes.push(page.entries.len());
+            match page.continue_from {
+                Some(t) => token = Some(t),
+                None => return sizes,
+            }
+        }
+    };
+    // 11 selected entries: pages of 11 (exact), of 5 (5, 5, 1), of 1 (eleven).
+    assert_eq!(pages(scope(11, 1 << 30).await).await, vec![11]);
+    assert_eq!(pages(scope(5, 1 << 30).await).await, vec![5, 5, 1]);
+    assert_eq!(pages(scope(1, 1 << 30).await).await.len(), 11);
+    // A byte budget smaller than the big entry: it comes alone, the scan goes on.
+    let s = scope(1000, 1000).await;
+    let mut token = None;
+    let mut saw_big_alone = false;
+    let mut total = 0;
+    loop {
+        let page = s.source_scan(token, any).await.unwrap();
+        total += page.entries.len();
+        if page.entries.iter().any(|e| e.value.len() == 10_000) {
+            assert_eq!(page.entries.len(), 1, "an oversized entry goes alone");
+            saw_big_alone = true;
+        } else {
+            assert!(page.entries.iter().map(|e| e.key.len() + e.value.len()).sum::<usize>() <= 1000);
+        }
+        match page.continue_from {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    assert!(saw_big_alone);
+    assert_eq!(total, 11);
+
+    // A garbage token, and a real token of another migration, are refused.
+    let e = s.source_scan(Some("garbage".into()), any).await.unwrap_err();
+    assert!(e.contains("invalid continue token \"garbage\"") && e.contains("mig-test"), "{e}");
+    let first = scope(2, 1 << 30).await.source_scan(None, any).await.unwrap().continue_from.unwrap();
+    let other = {
+        let filter = KeyFilterSession::open(runtime(), &plugin, r#"{"cluster": "root:org-a"}"#, Arc::new(NullSink)).await.unwrap();
+        Scope::new("mig-other", "unit", src.clone(), dst.clone(), filter, None, SpecBudget::default(), setup.ledger(), false).unwrap()
+    };
+    assert!(other.source_scan(Some(first), any).await.unwrap_err().contains("invalid continue token"));
+    // Writes need the claim; deletes need verify; nothing outside the selection.
+    let e = s.destination_put(vec![]).await.unwrap_err();
+    assert!(e.contains("claim"), "{e}");
+    let e = s.source_delete(vec![keys[0].0.clone()]).await.unwrap_err();
+    assert!(e.contains("claim"), "{e}");
+}
+
+/// Polls `cond` on the ledger of a migration run by another process.
+async fn until(what: &str, ledger: &Ledger, mut cond: impl FnMut(&Ledger) -> bool) {
+    let started = Instant::now();
+    while !cond(ledger) {
+        assert!(started.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_copy_and_cleanup_then_resume_loses_nothing() {
+    let (a, b) = (EtcdServer::start().await, EtcdServer::start().await);
+    let source_before = seed(&a.kv().await.unwrap(), 1500, &CLUSTERS).await;
+    let setup = Setup::new();
+    // Small pages, so that each phase takes many steps.
+    let spec = setup.spec("m.yaml", &etcd(&a), &etcd(&b), "{ entries: 10 }", ALL_PHASES);
+    let out = setup.cordon(&["migrate", "status"]);
+    assert!(text(&out).contains("no migrations"), "{}", text(&out));
+
+    let mut child = setup.spawn(&["migrate", "run", spec.to_str().unwrap()]);
+    let ledger = setup.ledger();
+    until("copy to be under way", &ledger, |l| {
+        l.list().unwrap().first().is_some_and(|m| l.phases(&m.id).unwrap()[1].entries >= 200)
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let id = ledger.list().unwrap()[0].id.clone();
+    let m = ledger.get(&id).unwrap().unwrap();
+    assert_eq!((m.phase, m.verified), (1, false), "killed during copy");
+    assert_eq!(a.dump().await, source_before, "nothing is deleted before verify");
+
+    // A second migration of the same unit is refused while the first is unfinished.
+    let second = setup.cordon(&["migrate", "run", spec.to_str().unwrap()]);
+    assert_eq!(second.status.code(), Some(1), "{}", text(&second));
+    assert!(text(&second).contains(&format!("already being migrated by {id}")), "{}", text(&second));
+
+    // Resume, and kill again during cleanup.
+    let mut child = setup.spawn(&["migrate", "resume", &id]);
+    until("cleanup to be under way", &ledger, |l| l.phases(&id).unwrap()[3].entries >= 200).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(ledger.get(&id).unwrap().unwrap().verified);
+    let status = setup.cordon(&["migrate", "status", &id]);
+    assert!(text(&status).contains("verified: yes") && text(&status).contains("cleanup"), "{}", text(&status));
+
+    let resumed = setup.cordon(&["migrate", "resume", &id]);
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    assert!(text(&resumed).contains(&format!("migration {id} completed")), "{}", text(&resumed));
+    assert_eq!(a.dump().await, others(&source_before), "every selected key left the source, no other did");
+    assert_eq!(b.dump().await, selected(&source_before), "zero lost keys");
+    let again = setup.cordon(&["migrate", "resume", &id]);
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    assert!(text(&again).contains("already completed"), "{}", text(&again));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_refuses_deletes_before_verify_and_stops_at_a_mismatch() {
+    let setup = Setup::new();
+    let src = setup.dir.path().join("src.sqlite");
+    let kv = Sqlite::open(&src).unwrap();
+    let before = seed(&kv, 30, &CLUSTERS).await;
+    let sqlite = |p: &str| format!("{{ sqlite: {{ path: {p} }} }}");
+
+    // The cleanup plugin run as a phase before verify: its deletes are refused.
+    let early = setup.spec(
+        "early.yaml",
+        &sqlite("src.sqlite"),
+        &sqlite("dst.sqlite"),
+        "{ entries: 100 }",
+        "  - { name: prepare, plugin: migrate-prepare }\n  - { name: early, plugin: migrate-cleanup, with: { retries: 0 } }\n  - { name: verify, plugin: migrate-verify }\n",
+    );
+    let (id, ended) = migrate(&setup, &early).await;
+    assert_eq!(ended.status, Status::Failed);
+    assert!(ended.error.as_deref().unwrap().contains("has not passed `verify`"), "{:?}", ended.error);
+    let (all, _) = kv.range(b"", 10_000).await.unwrap();
+    assert_eq!(all, before, "nothing was deleted");
+    assert!(setup.ledger().holds_claim(&setup.ledger().get(&id).unwrap().unwrap().unit, &id).unwrap(), "a failed migration keeps its claim");
+
+    // Verify without a copy: a mismatch stops the run before cleanup.
+    let setup = Setup::new();
+    let kv = Sqlite::open(&setup.dir.path().join("src.sqlite")).unwrap();
+    seed(&kv, 30, &CLUSTERS).await;
+    let mismatch = setup.spec("mismatch.yaml", &sqlite("src.sqlite"), &sqlite("dst.sqlite"), "{ entries: 100 }", "  - { name: prepare, plugin: migrate-prepare }\n  - { name: verify, plugin: migrate-verify }\n  - { name: cleanup, plugin: migrate-cleanup }\n");
+    let (id, ended) = migrate(&setup, &mismatch).await;
+    assert_eq!(ended.status, Status::Failed);
+    assert!(ended.error.as_deref().unwrap().contains("verify failed"), "{:?}", ended.error);
+    assert_eq!(setup.ledger().phases(&id).unwrap()[2].status, "pending");
+    assert_eq!(kv.range(b"", 10_000).await.unwrap().0.len(), 90);
+}
+
+#[test]
+fn bad_specs_are_refused_with_the_field_and_the_fix() {
+    let setup = Setup::new();
+    let agent = setup.agent();
+    let cases = [
+        ("source: { sqlite: { path: a } }\ndestination: { sqlite: { path: a } }\nselector: { plugin: kcp-keys }\nphases: [{ name: copy, plugin: migrate-copy }]", "same store"),
+        ("source: { sqlite: { path: a } }\ndestination: { sqlite: { path: b } }\nselector: { plugin: migrate-copy }\nphases: [{ name: copy, plugin: migrate-copy }]", "needs a key-filter plugin"),
+        ("source: { sqlite: { path: a } }\ndestination: { sqlite: { path: b } }\nselector: { plugin: kcp-keys }\nphases: [{ name: cleanup, plugin: migrate-cleanup }]", "a `verify` phase must come before it"),
+        ("source: { sqlite: { path: a } }\ndestination: { sqlite: { path: b } }\nselector: { plugin: kcp-keys }\nphases: [{ name: verify, plugin: migrate-verify, on-error: continue-and-report }]", "verify must be fail-fast"),
+        ("source: { etcd: { endpoints: [] } }\ndestination: { sqlite: { path: b } }\nselector: { plugin: kcp-keys }\nphases: [{ name: copy, plugin: migrate-copy }]", "endpoints is empty"),
+        ("source: { sqlite: { path: a } }\ndestination: { sqlite: { path: b } }\nselector: { plugin: nope }\nphases: [{ name: copy, plugin: migrate-copy }]", "no plugin named `nope`"),
+    ];
+    for (yaml, want) in cases {
+        let path = setup.dir.path().join("bad.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let e = format!("{:#}", cordon::migrate::MigrationSpec::load(&path, &agent).unwrap_err());
+        assert!(e.contains(want) && e.contains("bad.yaml"), "{want}: {e}");
+    }
+    let out = setup.cordon(&["migrate", "run", setup.dir.path().join("bad.yaml").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!setup.agent().state_dir.join("migrations.sqlite").exists() || setup.ledger().list().unwrap().is_empty(), "nothing recorded");
+}
