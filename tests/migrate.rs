@@ -353,3 +353,82 @@ fn bad_specs_are_refused_with_the_field_and_the_fix() {
     assert_eq!(out.status.code(), Some(2));
     assert!(!setup.agent().state_dir.join("migrations.sqlite").exists() || setup.ledger().list().unwrap().is_empty(), "nothing recorded");
 }
+
+fn table_rows(state_dir: &Path) -> Vec<(String, i64)> {
+    let conn = rusqlite::Connection::open(cordon::pipeline::database_path(state_dir)).unwrap();
+    ["applications", "deployments", "stages", "logs", "metadata", "blobs", "commands"]
+        .iter()
+        .map(|t| (t.to_string(), conn.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0)).unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_carries_history_maps_taken_ids_and_adds_nothing_twice() {
+    use cordon_tests::{World, deploy};
+    let trigger = || cordon::pipeline::plan::TriggerInfo { commander: "test".into(), ..Default::default() };
+    let app_yaml = "name: st\npipeline:\n  stages:\n    - { name: STEP }\n    - { name: STEP }\n";
+
+    let source = World::new();
+    let host = source.host().await;
+    let app = source.app("st", app_yaml);
+    let state = source.agent_config().state_dir;
+    let d1 = deploy(&host, &state, &app, trigger()).await;
+    let d2 = deploy(&host, &state, &app, trigger()).await;
+    host.store.blob_put("st", "step", "k", b"blob value").unwrap();
+    host.store.metadata_put(&d1.id, "", "note", "kept").unwrap();
+    let logs = host.store.logs(&d1.id, None, 0, 1000).unwrap();
+    drop(host);
+
+    let backup = source.dir.path().join("backup.tar");
+    let out = Command::new(cordon_bin()).arg("--config").arg(&source.config).args(["transfer", "backup", "--output"]).arg(&backup).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A target that already has a deployment with the id `st-1`.
+    let target = World::new();
+    let thost = target.host().await;
+    let tapp = target.app("st", app_yaml);
+    let tstate = target.agent_config().state_dir;
+    deploy(&thost, &tstate, &tapp, trigger()).await;
+    drop(thost);
+
+    let restore = || Command::new(cordon_bin()).args(["transfer", "restore", "--input"]).arg(&backup).arg("--state").arg(&tstate).output().unwrap();
+    let first = restore();
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(text(&first).contains("2 deployments added (0 already there)"), "{}", text(&first));
+    let after_first = table_rows(&tstate);
+    let map_file = std::fs::read_dir(&tstate).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with("transfer-ids-")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&map_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let map: serde_json::Value = serde_json::from_slice(&std::fs::read(&map_file).unwrap()).unwrap();
+    let new1 = map["deployments"][&d1.id].as_str().unwrap().to_string();
+    let new2 = map["deployments"][&d2.id].as_str().unwrap().to_string();
+    assert_ne!(new1, d1.id, "st-1 is taken in the target, so it gets a new id");
+    assert_ne!(new1, new2);
+
+    let store = cordon::store::sqlite::SqliteStore::open(&cordon::pipeline::database_path(&tstate)).unwrap();
+    use cordon::store::StateStore;
+    let restored = store.deployment(&new1).unwrap().unwrap();
+    assert_eq!((restored.status, restored.application.as_str()), (d1.status, "st"));
+    assert_eq!(store.stages(&new1).unwrap().len(), 2);
+    let texts = |l: Vec<cordon::store::LogRecord>| l.into_iter().map(|r| (r.stage, r.text)).collect::<Vec<_>>();
+    assert_eq!(texts(store.logs(&new1, None, 0, 1000).unwrap()), texts(logs), "logs came along");
+    assert_eq!(store.metadata_get(&new1, "", "note").unwrap().as_deref(), Some("kept"));
+    assert_eq!(store.blob_get("st", "step", "k").unwrap().as_deref(), Some(&b"blob value"[..]));
+    assert!(Path::new(&store.deployment(&new2).unwrap().unwrap().target_snapshot).is_dir(), "snapshots came along");
+
+    // Again: nothing is added twice, and the mapping is the same.
+    let map_before = std::fs::read(&map_file).unwrap();
+    let second = restore();
+    assert!(second.status.success(), "{}", text(&second));
+    assert!(text(&second).contains("0 deployments added (2 already there)"), "{}", text(&second));
+    assert_eq!(table_rows(&tstate), after_first);
+    assert_eq!(std::fs::read(&map_file).unwrap(), map_before);
+
+    // Bad input: nothing written.
+    let junk = source.dir.path().join("junk.tar");
+    std::fs::write(&junk, b"not a tar at all").unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(cordon_bin()).args(["transfer", "restore", "--input"]).arg(&junk).arg("--state").arg(empty.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("junk.tar"), "{}", text(&out));
+}

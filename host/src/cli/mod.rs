@@ -108,6 +108,9 @@ enum Command {
     /// Work with a deployment paused at a breakpoint.
     #[command(subcommand)]
     Debug(DebugCommand),
+    /// Back up this control plane's state, or restore a backup into another state directory.
+    #[command(subcommand)]
+    Transfer(TransferCommand),
     /// Move one unit of keys between stores through migration-phase plugins.
     #[command(subcommand)]
     Migrate(MigrateCommand),
@@ -169,6 +172,23 @@ enum KeysCommand {
         /// Print the delete prefixes covering the selected keys instead of the keys.
         #[arg(long)]
         prefixes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TransferCommand {
+    /// Write applications, deployment history, metadata and blobs of the config's state to FILE.
+    Backup {
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Add a backup's records to the state in DIR (again: adds nothing twice).
+    Restore {
+        #[arg(long)]
+        input: PathBuf,
+        /// The target state directory (`state-dir` of the target's agent config).
+        #[arg(long = "state")]
+        state: PathBuf,
     },
 }
 
@@ -385,6 +405,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             keys_filter(&config, &io, unclassified.as_deref(), jobs, prefixes).await
         }
         Command::Items(ItemsCommand::Apply { io }) => items_apply(&config, &io).await,
+        Command::Transfer(TransferCommand::Backup { output }) => {
+            let config = AgentConfig::load(&config)?;
+            let report = crate::store::transfer::backup(&config.state_dir, &output)?;
+            let counts: Vec<String> = report.counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
+            println!("wrote {} (origin {}): {}", output.display(), report.origin, counts.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Transfer(TransferCommand::Restore { input, state }) => {
+            let report = crate::store::transfer::restore(&input, &state)?;
+            println!(
+                "restored into {}: {} applications, {} deployments added ({} already there), {} blobs; id mapping in {}",
+                state.display(),
+                report.applications_added,
+                report.deployments_added,
+                report.deployments_skipped,
+                report.blobs_added,
+                report.id_map.display()
+            );
+            for note in &report.notes {
+                println!("  note: {note}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate(MigrateCommand::Run { spec }) => migrate::start(&config, &spec).await,
         Command::Migrate(MigrateCommand::Status { id }) => migrate::status(&config, id.as_deref()),
         Command::Migrate(MigrateCommand::Resume { id }) => migrate::resume(&config, &id).await,

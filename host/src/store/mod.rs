@@ -14,6 +14,7 @@
 //!   succeeded are never re-run. Plugins keep progress in metadata.
 
 pub mod sqlite;
+pub mod transfer;
 
 use std::fmt;
 use std::str::FromStr;
