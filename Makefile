@@ -49,8 +49,9 @@ host: toolchain
 test: guests host
 	$(CARGO) test --workspace
 
-bench: guests
+bench: guests host
 	$(CARGO) bench -p cordon --bench runtime --bench pipeline --bench keys --bench upload
+	$(CARGO) bench -p cordon-tests --bench migrate
 
 # The demo needs python3 for its loopback web servers.
 demo-tools:

@@ -343,6 +343,11 @@ fn free_port() -> u16 {
 
 impl EtcdServer {
     pub async fn start() -> EtcdServer {
+        Self::start_with(&[]).await
+    }
+
+    /// With extra etcd flags (e.g. `--max-txn-ops`).
+    pub async fn start_with(extra: &[&str]) -> EtcdServer {
         let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
@@ -354,6 +359,7 @@ impl EtcdServer {
             .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
             .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("test={peer_url}"), "--log-level", "error", "--logger", "zap"])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("etcd.log")).unwrap())
             .spawn()

@@ -28,7 +28,7 @@ use crate::plugin::AgentConfig;
 
 /// Where keys live.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case", rename_all_fields = "kebab-case", deny_unknown_fields)]
 pub enum StoreSpec {
     Etcd {
         endpoints: Vec<String>,
