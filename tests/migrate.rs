@@ -432,3 +432,35 @@ async fn transfer_carries_history_maps_taken_ids_and_adds_nothing_twice() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("junk.tar"), "{}", text(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_action_rewrites_values_during_copy_and_verify_agrees() {
+    let setup = Setup::new();
+    let src = Sqlite::open(&setup.dir.path().join("src.sqlite")).unwrap();
+    let deployment = |cluster: &str, i: usize| -> Pair {
+        let key = format!("/registry/apps/deployments/{cluster}/ns/app-{i}");
+        let value = format!(r#"{{"kind":"Deployment","metadata":{{"name":"app-{i}"}},"spec":{{"template":{{"spec":{{"containers":[{{"name":"c","image":"old.example:5000/team/app:{i}"}}]}}}}}}}}"#);
+        (key.into_bytes(), value.into_bytes())
+    };
+    let mut all: Vec<Pair> = (0..20).map(|i| deployment("root:org-a", i)).collect();
+    all.extend((0..5).map(|i| deployment("root:org-b", i)));
+    src.put(&all).await.unwrap();
+    let spec = setup.spec(
+        "rewrite.yaml",
+        "{ sqlite: { path: src.sqlite } }",
+        "{ sqlite: { path: dst.sqlite } }\ntransform: { plugin: registry-rewrite, with: { from: \"old.example:5000\", to: \"new.example\" } }",
+        "{ entries: 7 }",
+        "  - { name: prepare, plugin: migrate-prepare }\n  - { name: copy, plugin: migrate-copy }\n  - { name: verify, plugin: migrate-verify }\n",
+    );
+    let (_, ended) = migrate(&setup, &spec).await;
+    assert_eq!(ended.status, Status::Completed, "{:?}", ended.error);
+    let dst = Sqlite::open(&setup.dir.path().join("dst.sqlite")).unwrap();
+    let (copied, _) = dst.range(b"", 1000).await.unwrap();
+    assert_eq!(copied.len(), 20, "only org-a's keys");
+    for (key, value) in &copied {
+        let v: serde_json::Value = serde_json::from_slice(value).unwrap();
+        let image = v.pointer("/spec/template/spec/containers/0/image").unwrap().as_str().unwrap();
+        assert!(image.starts_with("new.example/team/app:"), "{}: {image}", String::from_utf8_lossy(key));
+    }
+    assert_eq!(src.range(b"", 1000).await.unwrap().0, { all.sort(); all }, "no cleanup phase: the source is untouched");
+}
