@@ -16,6 +16,7 @@ use wasmtime::{Trap, WasmBacktrace};
 use crate::contract::bindings::executor::{
     cordon::plugin::types,
     exports::cordon::plugin::execution::{StageRequest, StageResult},
+    exports::cordon::plugin::stages::GuestIndices as StagesIndices,
 };
 use crate::contract::bindings::planner::{
     Planner,
@@ -224,29 +225,22 @@ impl StageCall {
 pub async fn defined_stages(runtime: &Runtime, plugin: &Plugin) -> Result<Vec<StageInfo>> {
     let timeout = plugin.sandbox.timeout(Some(Duration::from_secs(10)));
     let (mut store, log) = memory_store(runtime, plugin, RunDirs::default(), Arc::new(NullSink), timeout).map_err(anyhow::Error::msg)?;
-    let stages: Vec<StageInfo> = if let Some(pre) = plugin.executor() {
-        guarded(&log, timeout, async {
-            let bindings = pre.instantiate_async(&mut store).await?;
-            bindings.cordon_plugin_stages().call_defined_stages(&mut store).await
-        })
-        .await
-        .map_err(anyhow::Error::msg)?
-        .into_iter()
-        .map(|s| StageInfo { name: s.name, description: s.description })
-        .collect()
-    } else if let Some(pre) = plugin.planner() {
-        guarded(&log, timeout, async {
-            let bindings = pre.instantiate_async(&mut store).await?;
-            bindings.cordon_plugin_stages().call_defined_stages(&mut store).await
-        })
-        .await
-        .map_err(anyhow::Error::msg)?
-        .into_iter()
-        .map(|s| StageInfo { name: s.name, description: s.description })
-        .collect()
-    } else {
+    if !plugin.world.defines_stages() {
         anyhow::bail!("a {} plugin defines no stages", plugin.world);
-    };
+    }
+    // Every world that defines stages exports the same `stages` interface:
+    // look it up on the component, whichever world it was loaded as.
+    let pre = plugin.instance_pre();
+    let stages_export = StagesIndices::new(pre)?;
+    let stages: Vec<StageInfo> = guarded(&log, timeout, async {
+        let instance = pre.instantiate_async(&mut store).await?;
+        stages_export.load(&mut store, &instance)?.call_defined_stages(&mut store).await
+    })
+    .await
+    .map_err(anyhow::Error::msg)?
+    .into_iter()
+    .map(|s| StageInfo { name: s.name, description: s.description })
+    .collect();
     check_size(plugin, stages.iter().map(|s| s.name.len() + s.description.len()).sum()).map_err(anyhow::Error::msg)?;
     for stage in &stages {
         if stage.name.is_empty() || !stage.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {

@@ -10,6 +10,8 @@ use std::sync::Mutex;
 use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use crate::pipeline::services::now_ms;
+
 /// How a migration stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -77,9 +79,6 @@ pub struct Ledger {
     conn: Mutex<Connection>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 impl Ledger {
     pub fn open(state_dir: &Path) -> Result<Self> {

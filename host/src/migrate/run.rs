@@ -50,8 +50,7 @@ pub struct Ended {
 fn new_id() -> String {
     let mut bytes = [0u8; 4];
     let _ = getrandom::fill(&mut bytes);
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-    format!("mig-{ms:x}-{}", hex::encode(bytes))
+    format!("mig-{:x}-{}", crate::pipeline::services::now_ms(), hex::encode(bytes))
 }
 
 /// Validates the spec and records a new migration; returns its id.
@@ -125,7 +124,7 @@ pub async fn run(
             let request = StepRequest {
                 migration_id: id.to_string(),
                 phase: phase.name.clone(),
-                options: if phase.options.is_null() { "{}".to_string() } else { phase.options.to_string() },
+                options: super::spec::options_json(&phase.options),
                 on_error: match phase.on_error {
                     ErrorPolicy::FailFast => runner::ErrorPolicy::FailFast,
                     ErrorPolicy::ContinueAndReport => runner::ErrorPolicy::ContinueAndReport,

@@ -78,8 +78,13 @@ pub struct PluginRef {
 
 impl PluginRef {
     pub fn options_json(&self) -> String {
-        if self.options.is_null() { "{}".to_string() } else { self.options.to_string() }
+        options_json(&self.options)
     }
+}
+
+/// Options (`with:`) as the JSON text a plugin receives; absent is `{}`.
+pub fn options_json(options: &serde_json::Value) -> String {
+    if options.is_null() { "{}".to_string() } else { options.to_string() }
 }
 
 /// What a phase does with errors.

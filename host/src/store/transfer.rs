@@ -32,6 +32,8 @@ use rusqlite::{Connection, OptionalExtension, params_from_iter};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::pipeline::services::now_ms;
+
 const FORMAT: &str = "cordon-transfer-v1";
 const TABLES: [&str; 7] = ["applications", "deployments", "stages", "logs", "metadata", "blobs", "commands"];
 
@@ -90,9 +92,6 @@ fn origin_of(state_dir: &Path) -> String {
     hex::encode(&Sha256::new().chain_update(host.trim()).chain_update([0]).chain_update(dir.to_string_lossy().as_bytes()).finalize()[..8])
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 /// What a backup holds.
 #[derive(Debug)]
@@ -216,6 +215,17 @@ fn read_archive(input: &Path, staging: &Path) -> Result<(Header, Vec<Record>)> {
     Ok((header, records))
 }
 
+/// A snapshot path of the source state (`<old_root>/<id>/…`) as the
+/// target holds it (`<new_root>/<new id>/…`); `new_id` maps restored ids.
+/// Paths outside the old snapshots stay as they are.
+fn rebase(path: &str, old_root: &Path, new_root: &Path, new_id: impl Fn(&str) -> Option<String>) -> String {
+    let Ok(rest) = Path::new(path).strip_prefix(old_root) else { return path.to_string() };
+    let mut parts = rest.components();
+    let id = parts.next().map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
+    let id = new_id(&id).unwrap_or(id);
+    new_root.join(id).join(parts.as_path()).to_string_lossy().into_owned()
+}
+
 fn text<'a>(row: &'a Map<String, Value>, col: &str) -> &'a str {
     row.get(col).and_then(Value::as_str).unwrap_or_default()
 }
@@ -273,17 +283,7 @@ pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
             new = format!("{app}-{n}");
             n += 1;
         }
-        let remap = |path: &str| -> String {
-            match Path::new(path).strip_prefix(&old_snapshots) {
-                Ok(rest) => {
-                    let mut parts = rest.components();
-                    let id = parts.next().map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
-                    let id = map.get(&id).cloned().unwrap_or(if id == old { new.clone() } else { id });
-                    new_snapshots.join(id).join(parts.as_path()).to_string_lossy().into_owned()
-                }
-                Err(_) => path.to_string(),
-            }
-        };
+        let remap = |path: &str| rebase(path, &old_snapshots, &new_snapshots, |id| if id == old { Some(new.clone()) } else { map.get(id).cloned() });
         tx.execute_batch("SAVEPOINT deployment")?;
         let result = (|| -> Result<()> {
             let mut row = d.clone();
@@ -347,11 +347,9 @@ pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
             continue;
         }
         let mut a = a.clone();
-        let running = text(&a, "running_snapshot").to_string();
-        if let Ok(rest) = Path::new(&running).strip_prefix(&old_snapshots) {
-            let id = rest.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
-            let id = map.get(&id).cloned().unwrap_or(id);
-            a.insert("running_snapshot".into(), Value::String(new_snapshots.join(id).to_string_lossy().into_owned()));
+        if let Some(running) = a.get("running_snapshot").and_then(Value::as_str) {
+            let running = rebase(running, &old_snapshots, &new_snapshots, |id| map.get(id).cloned());
+            a.insert("running_snapshot".into(), Value::String(running));
         }
         let last = text(&a, "last_success").to_string();
         if let Some(new) = map.get(&last) {
