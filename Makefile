@@ -50,8 +50,7 @@ test: guests host
 	$(CARGO) test --workspace
 
 bench: guests host
-	$(CARGO) bench -p cordon --bench runtime --bench pipeline --bench keys --bench upload
-	$(CARGO) bench -p cordon-tests --bench migrate
+	$(CARGO) bench -p cordon-tests
 
 # The demo needs python3 for its loopback web servers.
 demo-tools:

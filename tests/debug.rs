@@ -9,11 +9,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cordon::debug::Breakpoints;
-use cordon::debug::upload::{self, Limits};
-use cordon::pipeline::Host;
-use cordon::pipeline::plan::TriggerInfo;
-use cordon::store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, StageStatus};
+use cordon_pipeline::debug::Breakpoints;
+use cordon_pipeline::debug::upload::{self, Limits};
+use cordon_pipeline::Host;
+use cordon_pipeline::plan::TriggerInfo;
+use cordon_store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, StageStatus};
 use cordon_tests::{World, cordon_bin, plugin_entry, serve_until_idle, start_agent};
 
 fn breaking(bp: Breakpoints) -> TriggerInfo {
@@ -23,7 +23,7 @@ fn breaking(bp: Breakpoints) -> TriggerInfo {
 fn send(host: &Host, deployment: &str, kind: CommandKind) {
     host.store
         .add_command(&CommandRecord {
-            id: format!("{deployment}/{kind}/{}", cordon::pipeline::services::now_ms()),
+            id: format!("{deployment}/{kind}/{}", cordon_store::now_ms()),
             deployment: deployment.into(),
             stage: String::new(),
             kind,
@@ -49,7 +49,7 @@ fn status_of(host: &Host, d: &str, stage: &str) -> StageStatus {
 /// deployment and the serving task.
 async fn start(world: &World, host: &Arc<Host>, name: &str, yaml: &str, bp: Breakpoints) -> (String, tokio::task::JoinHandle<()>) {
     let app = world.app(name, yaml);
-    let d = cordon::pipeline::trigger(host, &app, breaking(bp)).unwrap();
+    let d = cordon_pipeline::trigger(host, &app, breaking(bp)).unwrap();
     let state = world.dir.path().join("state");
     let host = host.clone();
     (d.id, tokio::spawn(async move { serve_until_idle(&host, &state).await }))
@@ -208,7 +208,7 @@ async fn breakpoints_must_name_a_stage() {
     let world = World::new();
     let host = world.host().await;
     let app = world.app("bad", "name: bad\npipeline:\n  stages:\n    - { id: one, name: STEP }\n");
-    let err = cordon::pipeline::trigger(&host, &app, breaking(Breakpoints { break_before: vec!["nope".into()], ..Default::default() })).unwrap_err();
+    let err = cordon_pipeline::trigger(&host, &app, breaking(Breakpoints { break_before: vec!["nope".into()], ..Default::default() })).unwrap_err();
     assert!(format!("{err:#}").contains("breakpoint `nope` (--break) names no stage of the pipeline (stages: one)"), "{err:#}");
 }
 

@@ -6,11 +6,13 @@
 use std::io::Cursor;
 use std::sync::Arc;
 
-use cordon::keys::{filter, items};
-use cordon::plugin::Plugin;
-use cordon::runner::{ItemActionSession, KeyBatch, KeyFilterSession};
-use cordon::sandbox::output::NullSink;
-use cordon_tests::{agent_config, guest, runtime};
+use cordon_migrate::items;
+use cordon_runtime::call::RunError;
+use cordon_migrate::keys::filter;
+use cordon_runtime::plugin::Plugin;
+use cordon_runtime::runner::{ItemActionSession, KeyBatch, KeyFilterSession};
+use cordon_runtime::sandbox::output::NullSink;
+use cordon_tests::{agent_config, guest, engine};
 use kcp_keys::{Classifier, Verdict};
 
 const C: &str = "2h5f8mz0cgqnm9y3";
@@ -76,15 +78,15 @@ fn pack(keys: &[String]) -> KeyBatch {
 async fn plugin(name: &str, world: &str) -> Plugin {
     let dir = tempfile::tempdir().unwrap();
     let config = agent_config(dir.path(), name, &guest(name), world, "").unwrap();
-    Plugin::load(runtime(), &config.plugins[0]).await.unwrap()
+    Plugin::load(engine(), &config.plugins[0]).await.unwrap()
 }
 
 async fn session(options: &str) -> KeyFilterSession {
     let plugin = plugin("kcp-keys", "key-filter").await;
-    KeyFilterSession::open(runtime(), &plugin, options, Arc::new(NullSink)).await.unwrap()
+    KeyFilterSession::open(engine(), &plugin, options, Arc::new(NullSink)).await.unwrap()
 }
 
-fn verdicts(selection: &cordon::runner::Selection, n: usize) -> Vec<Verdict> {
+fn verdicts(selection: &cordon_runtime::runner::Selection, n: usize) -> Vec<Verdict> {
     (0..n)
         .map(|i| {
             if selection.selected[i / 8] & (1 << (i % 8)) != 0 {
@@ -156,7 +158,9 @@ async fn bad_options_are_refused_with_the_reason() {
         (r#"{"cluster": "c", "prefix": "registry"}"#, "must start with '/'"),
         (r#"{"cluster": "c", "clsuter": "x"}"#, "unknown field `clsuter`"),
     ] {
-        let err = KeyFilterSession::open(runtime(), &plugin, options, Arc::new(NullSink)).await.err().unwrap();
+        let err = KeyFilterSession::open(engine(), &plugin, options, Arc::new(NullSink)).await.err().unwrap();
+        assert!(matches!(err, RunError::Plugin(_)), "{err:?}");
+        let err = err.to_string();
         assert!(err.contains("refused its options") && err.contains(expected), "{err}");
     }
 }
@@ -212,7 +216,7 @@ async fn json_lines_input_passes_selected_lines_through() {
 
 async fn apply(guest_name: &str, options: &str, input: &str) -> (String, items::Stats) {
     let plugin = plugin(guest_name, "item-action").await;
-    let mut session = ItemActionSession::open(runtime(), &plugin, Arc::new(NullSink)).await.unwrap();
+    let mut session = ItemActionSession::open(engine(), &plugin, Arc::new(NullSink)).await.unwrap();
     let mut out = Vec::new();
     let stats = items::run(Cursor::new(input.as_bytes().to_vec()), &mut out, &mut session, options).await.unwrap();
     (String::from_utf8(out).unwrap(), stats)

@@ -4,14 +4,14 @@
 
 use std::path::Path;
 
-use cordon::engine::{Origin, Runtime, RuntimeOptions};
-use cordon::plugin::{AgentConfig, Plugin, Plugins};
-use cordon_tests::{agent_config, guest, runtime, sha256_file};
+use cordon_runtime::engine::{Origin, Engine, EngineOptions};
+use cordon_runtime::plugin::{AgentConfig, Plugin, Plugins};
+use cordon_tests::{agent_config, guest, engine, sha256_file};
 
 async fn load_err(name: &str, file: &Path, world: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let config = agent_config(dir.path(), name, file, world, "").unwrap();
-    match Plugin::load(runtime(), &config.plugins[0]).await {
+    match Plugin::load(engine(), &config.plugins[0]).await {
         Ok(_) => panic!("{} loaded as {world}", file.display()),
         Err(e) => format!("{e:#}"),
     }
@@ -26,7 +26,7 @@ async fn missing_file_names_plugin_and_fix() {
     );
     std::fs::write(dir.path().join("agent.yaml"), yaml).unwrap();
     let config = AgentConfig::load(&dir.path().join("agent.yaml")).unwrap();
-    let err = format!("{:#}", Plugin::load(runtime(), &config.plugins[0]).await.err().unwrap());
+    let err = format!("{:#}", Plugin::load(engine(), &config.plugins[0]).await.err().unwrap());
     assert!(err.contains("plugin `ghost`") && err.contains("nowhere.wasm") && err.contains("build the component"), "{err}");
 }
 
@@ -45,9 +45,9 @@ async fn tampered_component_is_refused_before_compiling() {
     );
     std::fs::write(dir.path().join("agent.yaml"), yaml).unwrap();
     let config = AgentConfig::load(&dir.path().join("agent.yaml")).unwrap();
-    // A runtime of its own, so its cache shows whether anything was compiled.
-    let runtime = Runtime::new(RuntimeOptions { cache_dir: Some(config.cache_dir()), pooling: false, ..Default::default() }).unwrap();
-    let err = format!("{:#}", Plugin::load(&runtime, &config.plugins[0]).await.err().unwrap());
+    // A engine of its own, so its cache shows whether anything was compiled.
+    let engine = Engine::new(EngineOptions { cache_dir: Some(config.cache_dir()), pooling: false, ..Default::default() }).unwrap();
+    let err = format!("{:#}", Plugin::load(&engine, &config.plugins[0]).await.err().unwrap());
     assert!(err.contains("plugin `noop`") && err.contains("refusing to compile") && err.contains(&sha256_file(&original)), "{err}");
     assert_eq!(std::fs::read_dir(config.cache_dir()).unwrap().count(), 0, "something was compiled");
 }
@@ -91,7 +91,7 @@ async fn a_stage_defined_twice_names_both_plugins() {
     );
     std::fs::write(dir.path().join("agent.yaml"), yaml).unwrap();
     let config = AgentConfig::load(&dir.path().join("agent.yaml")).unwrap();
-    let err = format!("{:#}", Plugins::load(runtime(), &config).await.err().unwrap());
+    let err = format!("{:#}", Plugins::load(engine(), &config).await.err().unwrap());
     assert!(err.contains("stage `NOOP` is defined by both plugin `first` and plugin `second`"), "{err}");
 }
 
@@ -108,7 +108,7 @@ async fn routes_stages_to_their_plugin() {
     );
     std::fs::write(dir.path().join("agent.yaml"), yaml).unwrap();
     let config = AgentConfig::load(&dir.path().join("agent.yaml")).unwrap();
-    let plugins = Plugins::load(runtime(), &config).await.unwrap();
+    let plugins = Plugins::load(engine(), &config).await.unwrap();
     assert_eq!(plugins.route("WAIT").unwrap().name, "wait");
     assert_eq!(plugins.route("NOOP").unwrap().name, "noop");
     let err = format!("{:#}", plugins.route("DEPLOY").err().unwrap());
@@ -119,10 +119,10 @@ async fn routes_stages_to_their_plugin() {
 async fn cache_is_reused_and_a_corrupt_entry_is_recompiled() {
     let dir = tempfile::tempdir().unwrap();
     let config = agent_config(dir.path(), "noop", &guest("noop"), "executor", "").unwrap();
-    let options = || RuntimeOptions { cache_dir: Some(config.cache_dir()), pooling: false, ..Default::default() };
-    let first = Runtime::new(options()).unwrap();
+    let options = || EngineOptions { cache_dir: Some(config.cache_dir()), pooling: false, ..Default::default() };
+    let first = Engine::new(options()).unwrap();
     assert_eq!(Plugin::load(&first, &config.plugins[0]).await.unwrap().origin, Origin::Compiled);
-    let second = Runtime::new(options()).unwrap();
+    let second = Engine::new(options()).unwrap();
     assert_eq!(Plugin::load(&second, &config.plugins[0]).await.unwrap().origin, Origin::Cache);
 
     // Corrupt the compiled code: the digest check catches it and it is rebuilt.
@@ -135,9 +135,9 @@ async fn cache_is_reused_and_a_corrupt_entry_is_recompiled() {
     let last = code.len() - 1;
     code[last] ^= 0xff;
     std::fs::write(&entry, code).unwrap();
-    let third = Runtime::new(options()).unwrap();
+    let third = Engine::new(options()).unwrap();
     assert_eq!(Plugin::load(&third, &config.plugins[0]).await.unwrap().origin, Origin::Compiled);
-    let fourth = Runtime::new(options()).unwrap();
+    let fourth = Engine::new(options()).unwrap();
     assert_eq!(Plugin::load(&fourth, &config.plugins[0]).await.unwrap().origin, Origin::Cache);
 }
 
@@ -175,8 +175,8 @@ fn signed_config(dir: &Path, wasm: &Path, trusted: &str) -> AgentConfig {
 }
 
 async fn refused(config: &AgentConfig) -> String {
-    let runtime = Runtime::new(RuntimeOptions { cache_dir: Some(config.cache_dir()), pooling: false, ..Default::default() }).unwrap();
-    let err = format!("{:#}", Plugin::load(&runtime, &config.plugins[0]).await.err().expect("refused"));
+    let engine = Engine::new(EngineOptions { cache_dir: Some(config.cache_dir()), pooling: false, ..Default::default() }).unwrap();
+    let err = format!("{:#}", Plugin::load(&engine, &config.plugins[0]).await.err().expect("refused"));
     assert_eq!(std::fs::read_dir(config.cache_dir()).unwrap().count(), 0, "something was compiled: {err}");
     err
 }
@@ -186,7 +186,7 @@ async fn signed_components_load_and_bad_signatures_are_refused_before_compiling(
     let dir = tempfile::tempdir().unwrap();
     let (wasm, public) = signed_setup(dir.path());
     let config = signed_config(dir.path(), &wasm, &public);
-    Plugin::load(runtime(), &config.plugins[0]).await.expect("a signed component loads");
+    Plugin::load(engine(), &config.plugins[0]).await.expect("a signed component loads");
     let out = cordon(&["--config", dir.path().join("agent.yaml").to_str().unwrap(), "plugin", "verify", wasm.to_str().unwrap()]);
     assert!(out.status.success() && text(&out).contains("signed by `publisher`"), "{}", text(&out));
 
@@ -247,7 +247,7 @@ async fn a_manifest_that_asks_for_more_than_the_grants_is_refused_naming_each_gr
     std::fs::create_dir_all(&data).unwrap();
     let partial = format!("    grants:\n      mounts: [{{ host: {}, guest: /data, access: read-only }}]\n      env: {{ REGION: eu }}\n", data.display());
     let config = agent_config(dir.path(), "needs-grants", &guest("needs-grants"), "executor", &partial).unwrap();
-    let err = format!("{:#}", Plugin::load(runtime(), &config.plugins[0]).await.err().unwrap());
+    let err = format!("{:#}", Plugin::load(engine(), &config.plugins[0]).await.err().unwrap());
     assert!(err.contains("mount /data (read-write)") && !err.contains("env REGION"), "{err}");
 
     // SAFETY: the variable is unique to this test and set before it is read.
@@ -257,6 +257,6 @@ async fn a_manifest_that_asks_for_more_than_the_grants_is_refused_naming_each_gr
         data.display()
     );
     let config = agent_config(dir.path(), "needs-grants", &guest("needs-grants"), "executor", &full).unwrap();
-    let plugin = Plugin::load(runtime(), &config.plugins[0]).await.unwrap();
+    let plugin = Plugin::load(engine(), &config.plugins[0]).await.unwrap();
     assert_eq!(plugin.manifest.as_ref().map(|m| m.version.as_str()), Some("1.2.3"));
 }

@@ -11,12 +11,12 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cordon::migrate::kv::{KvStore, Pair, Sqlite};
-use cordon::migrate::run;
-use cordon::migrate::{Ledger, Status};
-use cordon::plugin::AgentConfig;
-use cordon::sandbox::output::NullSink;
-use cordon_tests::{EtcdServer, cordon_bin, plugin_entry, runtime};
+use cordon_migrate::kv::{KvStore, Pair, Sqlite};
+use cordon_migrate::run;
+use cordon_migrate::{Ledger, Status};
+use cordon_runtime::plugin::AgentConfig;
+use cordon_runtime::sandbox::output::NullSink;
+use cordon_tests::{EtcdServer, cordon_bin, plugin_entry, engine};
 
 const CLUSTERS: [&str; 3] = ["root:org-a", "root:org-b", "root:org-c"];
 
@@ -126,7 +126,7 @@ async fn migrate(setup: &Setup, spec: &Path) -> (String, run::Ended) {
     let ledger = setup.ledger();
     let agent = setup.agent();
     let id = run::create(&agent, &ledger, spec).unwrap();
-    let ended = run::run(&agent, runtime(), ledger, &id, Arc::new(NullSink), |_| {}).await.unwrap();
+    let ended = run::run(&agent, engine(), ledger, &id, Arc::new(NullSink), |_| {}).await.unwrap();
     (id, ended)
 }
 
@@ -162,10 +162,10 @@ async fn one_logical_cluster_moves_between_etcd_shards_byte_for_byte() {
 /// Budgets and tokens, on the scoped store a phase sees (SQLite stores).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_budgets_and_continue_tokens() {
-    use cordon::migrate::scope::Scope;
-    use cordon::migrate::spec::Budget as SpecBudget;
-    use cordon::runner::KeyFilterSession;
-    use cordon::sandbox::stores::{Budget, MigrationStores};
+    use cordon_migrate::scope::ScopedStores;
+    use cordon_migrate::spec::Budget as SpecBudget;
+    use cordon_runtime::runner::KeyFilterSession;
+    use cordon_runtime::sandbox::stores::{Budget, MigrationStores};
 
     let setup = Setup::new();
     let src = Arc::new(Sqlite::open(&setup.dir.path().join("src.sqlite")).unwrap());
@@ -177,17 +177,17 @@ async fn page_budgets_and_continue_tokens() {
     src.put(&keys).await.unwrap();
 
     let agent = setup.agent();
-    let plugin = cordon::plugin::Plugin::load(runtime(), agent.plugin("kcp-keys").unwrap()).await.unwrap();
+    let plugin = cordon_runtime::plugin::Plugin::load(engine(), agent.plugin("kcp-keys").unwrap()).await.unwrap();
     let scope = |entries: u32, bytes: u64| {
         let (src, dst, plugin, ledger) = (src.clone(), dst.clone(), &plugin, setup.ledger());
         async move {
-            let filter = KeyFilterSession::open(runtime(), plugin, r#"{"cluster": "root:org-a"}"#, Arc::new(NullSink)).await.unwrap();
+            let filter = KeyFilterSession::open(engine(), plugin, r#"{"cluster": "root:org-a"}"#, Arc::new(NullSink)).await.unwrap();
             let budget = SpecBudget { entries, bytes: bytesize::ByteSize(bytes) };
-            Scope::new("mig-test", "unit", src, dst, filter, None, budget, ledger, false).unwrap()
+            ScopedStores::new("mig-test", "unit", src, dst, filter, None, budget, ledger, false).unwrap()
         }
     };
     let any = Budget { max_entries: u32::MAX, max_bytes: u64::MAX };
-    let pages = |s: Scope| async move {
+    let pages = |s: ScopedStores| async move {
         let (mut sizes, mut token) = (Vec::new(), None);
         loop {
             let page = s.source_scan(token, any).await.unwrap();
@@ -229,8 +229,8 @@ async fn page_budgets_and_continue_tokens() {
     assert!(e.contains("invalid continue token \"garbage\"") && e.contains("mig-test"), "{e}");
     let first = scope(2, 1 << 30).await.source_scan(None, any).await.unwrap().continue_from.unwrap();
     let other = {
-        let filter = KeyFilterSession::open(runtime(), &plugin, r#"{"cluster": "root:org-a"}"#, Arc::new(NullSink)).await.unwrap();
-        Scope::new("mig-other", "unit", src.clone(), dst.clone(), filter, None, SpecBudget::default(), setup.ledger(), false).unwrap()
+        let filter = KeyFilterSession::open(engine(), &plugin, r#"{"cluster": "root:org-a"}"#, Arc::new(NullSink)).await.unwrap();
+        ScopedStores::new("mig-other", "unit", src.clone(), dst.clone(), filter, None, SpecBudget::default(), setup.ledger(), false).unwrap()
     };
     assert!(other.source_scan(Some(first), any).await.unwrap_err().contains("invalid continue token"));
     // Writes need the claim; deletes need verify; nothing outside the selection.
@@ -346,7 +346,7 @@ fn bad_specs_are_refused_with_the_field_and_the_fix() {
     for (yaml, want) in cases {
         let path = setup.dir.path().join("bad.yaml");
         std::fs::write(&path, yaml).unwrap();
-        let e = format!("{:#}", cordon::migrate::MigrationSpec::load(&path, &agent).unwrap_err());
+        let e = format!("{:#}", cordon_migrate::MigrationSpec::load(&path, &agent).unwrap_err());
         assert!(e.contains(want) && e.contains("bad.yaml"), "{want}: {e}");
     }
     let out = setup.cordon(&["migrate", "run", setup.dir.path().join("bad.yaml").to_str().unwrap()]);
@@ -355,7 +355,7 @@ fn bad_specs_are_refused_with_the_field_and_the_fix() {
 }
 
 fn table_rows(state_dir: &Path) -> Vec<(String, i64)> {
-    let conn = rusqlite::Connection::open(cordon::pipeline::database_path(state_dir)).unwrap();
+    let conn = rusqlite::Connection::open(cordon_store::database_path(state_dir)).unwrap();
     ["applications", "deployments", "stages", "logs", "metadata", "blobs", "commands"]
         .iter()
         .map(|t| (t.to_string(), conn.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0)).unwrap()))
@@ -365,7 +365,7 @@ fn table_rows(state_dir: &Path) -> Vec<(String, i64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_carries_history_maps_taken_ids_and_adds_nothing_twice() {
     use cordon_tests::{World, deploy};
-    let trigger = || cordon::pipeline::plan::TriggerInfo { commander: "test".into(), ..Default::default() };
+    let trigger = || cordon_pipeline::plan::TriggerInfo { commander: "test".into(), ..Default::default() };
     let app_yaml = "name: st\npipeline:\n  stages:\n    - { name: STEP }\n    - { name: STEP }\n";
 
     let source = World::new();
@@ -405,12 +405,12 @@ async fn transfer_carries_history_maps_taken_ids_and_adds_nothing_twice() {
     assert_ne!(new1, d1.id, "st-1 is taken in the target, so it gets a new id");
     assert_ne!(new1, new2);
 
-    let store = cordon::store::sqlite::SqliteStore::open(&cordon::pipeline::database_path(&tstate)).unwrap();
-    use cordon::store::StateStore;
+    let store = cordon_store::sqlite::SqliteStore::open(&cordon_store::database_path(&tstate)).unwrap();
+    use cordon_store::StateStore;
     let restored = store.deployment(&new1).unwrap().unwrap();
     assert_eq!((restored.status, restored.application.as_str()), (d1.status, "st"));
     assert_eq!(store.stages(&new1).unwrap().len(), 2);
-    let texts = |l: Vec<cordon::store::LogRecord>| l.into_iter().map(|r| (r.stage, r.text)).collect::<Vec<_>>();
+    let texts = |l: Vec<cordon_store::LogRecord>| l.into_iter().map(|r| (r.stage, r.text)).collect::<Vec<_>>();
     assert_eq!(texts(store.logs(&new1, None, 0, 1000).unwrap()), texts(logs), "logs came along");
     assert_eq!(store.metadata_get(&new1, "", "note").unwrap().as_deref(), Some("kept"));
     assert_eq!(store.blob_get("st", "step", "k").unwrap().as_deref(), Some(&b"blob value"[..]));

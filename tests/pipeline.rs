@@ -8,17 +8,17 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cordon::pipeline::Host;
-use cordon::pipeline::plan::{self, PlanInput, Strategy, TriggerInfo};
-use cordon::sandbox::output::NullSink;
-use cordon::store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, StageStatus};
+use cordon_pipeline::Host;
+use cordon_pipeline::plan::{self, PlanInput, Strategy, TriggerInfo};
+use cordon_runtime::sandbox::output::NullSink;
+use cordon_store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, StageStatus};
 use cordon_tests::{TOKEN_VALUE, World, cordon_bin, deploy, serve_until_idle, start_agent};
 
 fn message(m: &str) -> TriggerInfo {
     TriggerInfo { commit_message: m.into(), commander: "test".into(), ..Default::default() }
 }
 
-fn stages(host: &Host, id: &str) -> Vec<cordon::store::StageRecord> {
+fn stages(host: &Host, id: &str) -> Vec<cordon_store::StageRecord> {
     host.store.stages(id).unwrap()
 }
 
@@ -27,15 +27,15 @@ fn stage_status(host: &Host, d: &DeploymentRecord) -> Vec<(String, StageStatus)>
 }
 
 async fn strategy_of(host: &Host, app_dir: &Path, trigger: TriggerInfo, running: Option<&Path>) -> anyhow::Result<(Strategy, String)> {
-    let app = cordon::pipeline::config::AppConfig::load(app_dir)?;
+    let app = cordon_pipeline::config::AppConfig::load(app_dir)?;
     let scratch = tempfile::tempdir().unwrap();
     let record = DeploymentRecord::queued("preview", &app.name, String::new(), String::new(), 0);
     let input = PlanInput {
-        runtime: &host.runtime,
+        engine: &host.engine,
         plugins: &host.plugins,
         app: &app,
         trigger: &trigger,
-        deployment: cordon::pipeline::deployment_info(&record, &app, &trigger),
+        deployment: cordon_pipeline::deployment_info(&record, &app, &trigger),
         target: app_dir.to_path_buf(),
         running: running.map(Path::to_path_buf),
         scratch: scratch.path().to_path_buf(),
@@ -150,7 +150,7 @@ async fn stage_and_deployment_timeouts() {
 fn send(host: &Host, deployment: &str, stage: &str, kind: CommandKind) {
     host.store
         .add_command(&CommandRecord {
-            id: format!("{deployment}/{stage}/{kind}/{}", cordon::pipeline::services::now_ms()),
+            id: format!("{deployment}/{stage}/{kind}/{}", cordon_store::now_ms()),
             deployment: deployment.into(),
             stage: stage.into(),
             kind,
@@ -178,7 +178,7 @@ async fn cancel_during_a_stage_rolls_back_and_cancel_during_rollback_stops_it() 
     let state = world.dir.path().join("state");
     let yaml = "name: c\nplanner: { alwaysUsePipeline: true }\npipeline:\n  stages:\n    - { name: TD_ROLLOUT, with: { sleep_ms: 20000, rollback_sleep_ms: 50 } }\n";
     let app = world.app("c1", yaml);
-    let d = cordon::pipeline::trigger(&host, &app, message("")).unwrap();
+    let d = cordon_pipeline::trigger(&host, &app, message("")).unwrap();
     let serving = tokio::spawn({
         let host = host.clone();
         let state = state.clone();
@@ -194,7 +194,7 @@ async fn cancel_during_a_stage_rolls_back_and_cancel_during_rollback_stops_it() 
 
     // Now the rollback itself takes long, and is cancelled too.
     let app = world.app("c2", &yaml.replace("rollback_sleep_ms: 50", "rollback_sleep_ms: 20000").replace("sleep_ms: 20000,", "fail: true,"));
-    let d = cordon::pipeline::trigger(&host, &app, message("")).unwrap();
+    let d = cordon_pipeline::trigger(&host, &app, message("")).unwrap();
     let serving = tokio::spawn({
         let host = host.clone();
         async move { serve_until_idle(&host, &state).await }
@@ -215,7 +215,7 @@ async fn cancel_interrupts_a_busy_plugin_at_once() {
     let host = world.host().await;
     let state = world.dir.path().join("state");
     let app = world.app("busy", "name: busy\npipeline:\n  stages:\n    - { name: SPIN }\n    - { name: STEP }\n");
-    let d = cordon::pipeline::trigger(&host, &app, message("")).unwrap();
+    let d = cordon_pipeline::trigger(&host, &app, message("")).unwrap();
     let serving = tokio::spawn({
         let host = host.clone();
         async move { serve_until_idle(&host, &state).await }
@@ -292,7 +292,7 @@ async fn approve_and_skip_from_a_second_process() {
         "ap",
         "name: ap\npipeline:\n  stages:\n    - { id: gate, name: STEP, with: { wait_for: approve } }\n    - { id: soak, name: STEP, with: { sleep_ms: 30000 } }\n    - { name: STEP }\n",
     );
-    let d = cordon::pipeline::trigger(&host, &app, message("")).unwrap();
+    let d = cordon_pipeline::trigger(&host, &app, message("")).unwrap();
     let serving = tokio::spawn({
         let host = host.clone();
         async move { serve_until_idle(&host, &state).await }
@@ -361,7 +361,7 @@ async fn twenty_concurrent_deployments_across_ten_applications() {
     for a in 0..10 {
         let app = world.app(&format!("app{a}"), &format!("name: app{a}\npipeline:\n  stages:\n    - {{ name: STEP, with: {{ sleep_ms: 200, marker: /marks/app{a} }} }}\n    - {{ name: STEP }}\n"));
         for _ in 0..2 {
-            ids.push(cordon::pipeline::trigger(&host, &app, message("")).unwrap().id);
+            ids.push(cordon_pipeline::trigger(&host, &app, message("")).unwrap().id);
         }
     }
     let started = Instant::now();

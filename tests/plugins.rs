@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cordon::pipeline::plan::TriggerInfo;
-use cordon::store::{CommandKind, CommandRecord, DeploymentStatus, StageStatus};
+use cordon_pipeline::plan::TriggerInfo;
+use cordon_store::{CommandKind, CommandRecord, DeploymentStatus, StageStatus};
 use cordon_tests::{Server, World, deploy, plugin_entry, serve_until_idle, start_agent};
 
 fn trigger() -> TriggerInfo {
@@ -30,7 +30,7 @@ async fn wait_survives_an_agent_restart(guest: &str) {
     let world = World::custom(&[(guest, "executor")], |_| String::new());
     let host = world.host().await;
     let app = world.app("w", "name: w\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: 4 } }\n");
-    let d = cordon::pipeline::trigger(&host, &app, trigger()).unwrap();
+    let d = cordon_pipeline::trigger(&host, &app, trigger()).unwrap();
     let mut agent = start_agent(&world);
     until("WAIT to run", || host.store.stages(&d.id).unwrap().first().is_some_and(|s| s.status == StageStatus::Running)).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -84,7 +84,7 @@ async fn wait_in_python_checks_its_options() {
     wait_refuses_bad_options("wait-py").await;
 }
 
-fn approve(host: &cordon::pipeline::Host, deployment: &str, stage: &str, who: &str, n: u32) {
+fn approve(host: &cordon_pipeline::Host, deployment: &str, stage: &str, who: &str, n: u32) {
     host.store
         .add_command(&CommandRecord {
             id: format!("{deployment}/{stage}/approve/{n}"),
@@ -103,7 +103,7 @@ async fn approval_needs_distinct_listed_approvers() {
     let host = world.host().await;
     let state = world.dir.path().join("state");
     let app = world.app("ap", "name: ap\npipeline:\n  stages:\n    - { id: gate, name: WAIT_APPROVAL, with: { approvers: [alice, bob], minApprovals: 2 } }\n");
-    let d = cordon::pipeline::trigger(&host, &app, trigger()).unwrap();
+    let d = cordon_pipeline::trigger(&host, &app, trigger()).unwrap();
     let serving = tokio::spawn({
         let host = host.clone();
         async move { serve_until_idle(&host, &state).await }

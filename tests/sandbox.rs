@@ -3,7 +3,7 @@
 //! running and a following stage of another plugin succeeds. The positive
 //! side — granted access works — is shown with the `probe` guest.
 
-use cordon::runner::{Outcome, Status};
+use cordon_runtime::runner::{Outcome, Status};
 use cordon_tests::{Dirs, Server, load, run};
 
 /// The stage failed, with a reason containing `expected`, and was not a

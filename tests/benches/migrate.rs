@@ -11,11 +11,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cordon::migrate::kv::{Etcd, KvStore, Pair};
-use cordon::migrate::{Ledger, Status, run};
-use cordon::plugin::AgentConfig;
-use cordon::sandbox::output::NullSink;
-use cordon_tests::{EtcdServer, plugin_entry, runtime};
+use cordon_migrate::kv::{Etcd, KvStore, Pair};
+use cordon_migrate::{Ledger, Status, run};
+use cordon_runtime::plugin::AgentConfig;
+use cordon_runtime::sandbox::output::NullSink;
+use cordon_tests::{EtcdServer, plugin_entry, engine};
 
 const KEYS: usize = 1_000_000;
 /// Entries per page and per transaction. etcd 3.4 counts every key of a
@@ -105,7 +105,7 @@ async fn main() {
     let ledger = Arc::new(Ledger::open(&agent.state_dir).unwrap());
     let id = run::create(&agent, &ledger, &dir.path().join("spec.yaml")).unwrap();
     let started = Instant::now();
-    let ended = run::run(&agent, runtime(), ledger.clone(), &id, Arc::new(NullSink), |_| {}).await.unwrap();
+    let ended = run::run(&agent, engine(), ledger.clone(), &id, Arc::new(NullSink), |_| {}).await.unwrap();
     let component_secs = started.elapsed().as_secs_f64();
     assert_eq!(ended.status, Status::Completed, "{:?}", ended.error);
     assert_eq!(count(&connect(&through_components).await).await, KEYS);

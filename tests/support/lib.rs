@@ -1,20 +1,21 @@
 //! Shared helpers of the end-to-end tests: the guests built by `make
-//! guests`, one runtime per test binary, agent configs written on the fly,
+//! guests`, one engine per test binary, agent configs written on the fly,
 //! a log collector and tiny loopback servers.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cordon::agent::{AgentLock, Scope, serve};
-use cordon::engine::{Runtime, RuntimeOptions};
-use cordon::pipeline::Host;
-use cordon::pipeline::plan::TriggerInfo;
-use cordon::store::DeploymentRecord;
-use cordon::plugin::{AgentConfig, Plugin};
-use cordon::runner::{self, Deployment, Outcome, Stage, StageCall, Trigger};
-use cordon::sandbox::output::{LogSink, Source};
-use cordon::sandbox::{MemoryServices, RunDirs};
+use cordon_pipeline::agent::{ServeScope, serve};
+use cordon_store::lock::AgentLock;
+use cordon_runtime::engine::{Engine, EngineOptions};
+use cordon_pipeline::Host;
+use cordon_pipeline::plan::TriggerInfo;
+use cordon_store::DeploymentRecord;
+use cordon_runtime::plugin::{AgentConfig, Plugin};
+use cordon_runtime::runner::{self, Deployment, Outcome, Stage, StageCall, Trigger};
+use cordon_runtime::sandbox::output::{LogSink, Source};
+use cordon_runtime::sandbox::{MemoryServices, RunDirs};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -34,13 +35,13 @@ pub fn sha256_file(path: &Path) -> String {
     hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
 }
 
-/// One runtime per test binary, with a compile cache shared by its tests.
-pub fn runtime() -> &'static Arc<Runtime> {
-    static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
+/// One engine per test binary, with a compile cache shared by its tests.
+pub fn engine() -> &'static Arc<Engine> {
+    static RUNTIME: OnceLock<Arc<Engine>> = OnceLock::new();
     static CACHE: OnceLock<tempfile::TempDir> = OnceLock::new();
     RUNTIME.get_or_init(|| {
         let cache = CACHE.get_or_init(|| tempfile::tempdir().unwrap());
-        Arc::new(Runtime::new(RuntimeOptions { cache_dir: Some(cache.path().to_path_buf()), ..Default::default() }).unwrap())
+        Arc::new(Engine::new(EngineOptions { cache_dir: Some(cache.path().to_path_buf()), ..Default::default() }).unwrap())
     })
 }
 
@@ -61,7 +62,7 @@ pub fn agent_config(dir: &Path, name: &str, file: &Path, world: &str, extra: &st
 pub async fn load(guest_name: &str, extra: &str) -> anyhow::Result<Plugin> {
     let dir = tempfile::tempdir().unwrap();
     let config = agent_config(dir.path(), guest_name, &guest(guest_name), "executor", extra)?;
-    Plugin::load(runtime(), &config.plugins[0]).await
+    Plugin::load(engine(), &config.plugins[0]).await
 }
 
 /// Collects log lines.
@@ -149,12 +150,12 @@ impl Default for Dirs {
 /// Runs `stage` of `plugin` and returns the outcome and the log.
 pub async fn run(plugin: &Plugin, stage: &str, options: &str, dirs: RunDirs) -> (Outcome, Arc<Collect>) {
     let sink = Arc::new(Collect::default());
-    let outcome = runner::execute_stage(runtime(), plugin, call(stage, options, dirs, sink.clone())).await;
+    let outcome = runner::execute_stage(engine(), plugin, call(stage, options, dirs, sink.clone())).await;
     (outcome, sink)
 }
 
 /// A loopback HTTP server answering every request with `response` (a full
-/// HTTP/1.1 response); counts connections. Ends with the test's runtime.
+/// HTTP/1.1 response); counts connections. Ends with the test's engine.
 pub struct Server {
     pub port: u16,
     pub connections: Arc<AtomicUsize>,
@@ -273,7 +274,7 @@ impl World {
     }
 
     pub async fn host(&self) -> Arc<Host> {
-        Arc::new(Host::open_with(runtime().clone(), &self.agent_config()).await.unwrap())
+        Arc::new(Host::open_with(engine().clone(), &self.agent_config()).await.unwrap())
     }
 
     /// Writes an application directory with `yaml` as its config.
@@ -300,7 +301,7 @@ impl Default for World {
 /// Runs deployments in this process until none is left unfinished.
 pub async fn serve_until_idle(host: &Arc<Host>, state_dir: &Path) {
     let lock = AgentLock::try_acquire(state_dir).unwrap().expect("no other agent");
-    let scope = Scope { until_idle: true, ..Default::default() };
+    let scope = ServeScope { until_idle: true, ..Default::default() };
     tokio::time::timeout(std::time::Duration::from_secs(120), serve(host.clone(), &lock, scope))
         .await
         .expect("deployments did not finish in 120 s")
@@ -309,7 +310,7 @@ pub async fn serve_until_idle(host: &Arc<Host>, state_dir: &Path) {
 
 /// Triggers a deployment of `app_dir` and runs it to its end.
 pub async fn deploy(host: &Arc<Host>, state_dir: &Path, app_dir: &Path, trigger: TriggerInfo) -> DeploymentRecord {
-    let record = cordon::pipeline::trigger(host, app_dir, trigger).unwrap();
+    let record = cordon_pipeline::trigger(host, app_dir, trigger).unwrap();
     serve_until_idle(host, state_dir).await;
     host.store.deployment(&record.id).unwrap().unwrap()
 }
@@ -368,7 +369,7 @@ impl EtcdServer {
         let started = std::time::Instant::now();
         loop {
             if let Ok(kv) = server.kv().await
-                && cordon::migrate::kv::KvStore::get(&kv, b"probe").await.is_ok()
+                && cordon_migrate::kv::KvStore::get(&kv, b"probe").await.is_ok()
             {
                 return server;
             }
@@ -377,13 +378,13 @@ impl EtcdServer {
         }
     }
 
-    pub async fn kv(&self) -> anyhow::Result<cordon::migrate::kv::Etcd> {
-        cordon::migrate::kv::Etcd::connect(std::slice::from_ref(&self.endpoint), "", 128).await
+    pub async fn kv(&self) -> anyhow::Result<cordon_migrate::kv::Etcd> {
+        cordon_migrate::kv::Etcd::connect(std::slice::from_ref(&self.endpoint), "", 128).await
     }
 
     /// Every key and value, in key order.
     pub async fn dump(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        use cordon::migrate::kv::KvStore;
+        use cordon_migrate::kv::KvStore;
         let kv = self.kv().await.unwrap();
         let (mut all, mut start) = (Vec::new(), Vec::new());
         loop {

@@ -1,0 +1,55 @@
+//! `cordon deploy`: queue a deployment and follow it, running it in this
+//! process when no agent serves the state directory.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use cordon_pipeline::{self as pipeline, Host, agent};
+use cordon_runtime::plugin::AgentConfig;
+use cordon_store::lock::AgentLock;
+
+use super::trigger::TriggerArgs;
+use crate::follow;
+
+/// Trigger a deployment of the application in APP_DIR and follow it.
+#[derive(clap::Args)]
+pub struct Deploy {
+    app_dir: PathBuf,
+    #[command(flatten)]
+    trigger: TriggerArgs,
+    /// Queue the deployment for a running `cordon agent` and return.
+    #[arg(long)]
+    detach: bool,
+}
+
+impl Deploy {
+    pub async fn run(self, config_path: &Path) -> Result<ExitCode> {
+        let config = AgentConfig::load(config_path)?;
+        let host = Arc::new(Host::open(&config).await?);
+        let record = pipeline::trigger(&host, &self.app_dir, self.trigger.info())?;
+        let id = record.id.clone();
+        println!("deployment {id} of {} queued", record.application);
+        if self.detach {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let runner = match AgentLock::try_acquire(&config.state_dir)? {
+            Some(lock) => {
+                let scope = agent::ServeScope { application: Some(record.application.clone()), until: Some(id.clone()), until_idle: false };
+                let host = host.clone();
+                Some(tokio::spawn(async move { agent::serve(host, &lock, scope).await }))
+            }
+            None => {
+                println!("an agent is running on {}; following", config.state_dir.display());
+                None
+            }
+        };
+        let finished = follow::follow(host.store.as_ref(), &id).await?;
+        if let Some(runner) = runner {
+            runner.await.context("the deployment runner panicked")??;
+        }
+        Ok(ExitCode::from(follow::exit_code(finished.status)))
+    }
+}

@@ -1,0 +1,53 @@
+//! `cordon logs`: a deployment's stage log, optionally followed.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use cordon_pipeline::{control, open_store};
+use cordon_runtime::plugin::AgentConfig;
+use cordon_store::StateStore;
+
+use crate::print::escape;
+
+/// A deployment's stage logs.
+#[derive(clap::Args)]
+pub struct Logs {
+    deployment: String,
+    /// Only this stage (its id or name).
+    #[arg(long)]
+    stage: Option<String>,
+    /// Keep printing new lines until the deployment ends.
+    #[arg(long, short)]
+    follow: bool,
+}
+
+impl Logs {
+    pub async fn run(self, config_path: &Path) -> Result<ExitCode> {
+        let store = open_store(&AgentConfig::load(config_path)?)?;
+        let id = self.deployment.as_str();
+        control::deployment(&store, id)?;
+        let stage_id = match &self.stage {
+            Some(s) => Some(control::resolve_stage(&store.stages(id)?, id, s)?.id.clone()),
+            None => None,
+        };
+        let mut after = 0;
+        loop {
+            let finished = store.deployment(id)?.is_some_and(|d| d.status.is_final());
+            let lines = store.logs(id, stage_id.as_deref(), after, 10_000)?;
+            for l in &lines {
+                after = l.seq;
+                let stage = if l.stage.is_empty() { "plan" } else { &l.stage };
+                println!("{stage} | {}: {}", l.source, escape(&l.text));
+            }
+            if !self.follow || (finished && lines.is_empty()) {
+                return Ok(ExitCode::SUCCESS);
+            }
+            if lines.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! `cordon status`: recent deployments, or one with its stages.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use cordon_pipeline::{control, open_store};
+use cordon_runtime::plugin::AgentConfig;
+use cordon_store::{StateStore, now_ms};
+
+use crate::follow;
+use crate::print::escape;
+
+/// Recent deployments, or one deployment's stages.
+#[derive(clap::Args)]
+pub struct Status {
+    deployment: Option<String>,
+}
+
+fn ago(ms: u64) -> String {
+    let secs = now_ms().saturating_sub(ms) / 1000;
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}
+
+impl Status {
+    pub fn run(self, config_path: &Path) -> Result<ExitCode> {
+        let store = open_store(&AgentConfig::load(config_path)?)?;
+        let mut out = std::io::stdout().lock();
+        match self.deployment.as_deref() {
+            None => {
+                for d in store.deployments(None, 20)? {
+                    writeln!(out, "{:<24} {:<14} {:<12} {:>8}  {}", d.id, d.application, d.status.as_str(), ago(d.created_at), escape(&d.reason))?;
+                }
+            }
+            Some(id) => {
+                let d = control::deployment(&store, id)?;
+                let reason = if d.reason.is_empty() { String::new() } else { format!(" ({})", escape(&d.reason)) };
+                writeln!(out, "deployment {} of {}: {}{reason}", d.id, d.application, d.status)?;
+                for s in store.stages(id)? {
+                    let took = match (s.started_at, s.finished_at) {
+                        (Some(a), Some(b)) => format!("{:.1}s", b.saturating_sub(a) as f64 / 1000.0),
+                        _ => String::new(),
+                    };
+                    writeln!(out, "  {:<24} {:<12} {:>7} {}  {}", s.id, s.status.as_str(), took, follow::needs_text(&s), escape(&s.message))?;
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

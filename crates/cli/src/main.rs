@@ -1,0 +1,118 @@
+//! The `cordon` command line; the only part of Cordon that prints for
+//! humans. Each command lives in its own module under [`commands`]: it
+//! parses, calls the layer that owns the work, and prints.
+//!
+//! Exit codes: 0 when the stage or deployment succeeded (a stage may also
+//! have exited or been skipped), 1 when it failed or was cancelled, 2 when
+//! the input (a config, a file, an option, an unknown deployment) was
+//! refused before anything ran.
+
+mod commands;
+mod follow;
+mod print;
+mod scaffold;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use commands::*;
+
+#[derive(Parser)]
+#[command(name = "cordon", version, about = "Deploy through pipelines whose every stage is a sandboxed WebAssembly component")]
+struct Cli {
+    /// Agent config (plugins, grants, state directory).
+    #[arg(long, global = true, env = "CORDON_CONFIG", default_value = "cordon.yaml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with plugin components.
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
+    /// Run stages outside a pipeline.
+    #[command(subcommand)]
+    Stage(stage::StageCommand),
+    /// Trigger a deployment of the application in APP_DIR and follow it.
+    Deploy(deploy::Deploy),
+    /// Show the strategy, stages, DAG and versions a deployment would get; runs no stage.
+    Plan(plan::Plan),
+    /// Recent deployments, or one deployment's stages.
+    Status(status::Status),
+    /// A deployment's stage logs.
+    Logs(logs::Logs),
+    /// Approve a stage that waits for approval.
+    Approve(control::Approve),
+    /// Skip a stage (interrupting it if it runs).
+    Skip(control::Skip),
+    /// Cancel a deployment; rollback runs if the application enables it.
+    Cancel(control::Cancel),
+    /// Run queued deployments and resume unfinished ones, until interrupted.
+    Agent(agent::Agent),
+    /// Select keys of a key space with a key-filter plugin.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Rewrite JSON items with an item-action plugin.
+    #[command(subcommand)]
+    Items(keys::ItemsCommand),
+    /// Work with a deployment paused at a breakpoint.
+    #[command(subcommand)]
+    Debug(debug::DebugCommand),
+    /// Back up this control plane's state, or restore a backup into another state directory.
+    #[command(subcommand)]
+    Transfer(transfer::TransferCommand),
+    /// Move one unit of keys between stores through migration-phase plugins.
+    #[command(subcommand)]
+    Migrate(migrate::MigrateCommand),
+    /// Upload a local directory into the source of a paused deployment.
+    Upload(upload::Upload),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let config = cli.config.as_path();
+    match cli.command {
+        Command::Plugin(c) => c.run(config).await,
+        Command::Stage(c) => c.run(config).await,
+        Command::Deploy(c) => c.run(config).await,
+        Command::Plan(c) => c.run(config).await,
+        Command::Status(c) => c.run(config),
+        Command::Logs(c) => c.run(config).await,
+        Command::Approve(c) => c.run(config),
+        Command::Skip(c) => c.run(config),
+        Command::Cancel(c) => c.run(config),
+        Command::Agent(c) => c.run(config).await,
+        Command::Keys(c) => c.run(config).await,
+        Command::Items(c) => c.run(config).await,
+        Command::Debug(c) => c.run(config).await,
+        Command::Transfer(c) => c.run(config),
+        Command::Migrate(c) => c.run(config).await,
+        Command::Upload(c) => c.run(config),
+    }
+}

@@ -1,0 +1,79 @@
+//! The agent: runs queued deployments and resumes unfinished ones.
+//!
+//! One agent owns a state directory at a time (an exclusive lock on
+//! `agent.lock`); commands from other processes reach it through the state
+//! store. Deployments of different applications run at once; a deployment
+//! waits while an earlier one of the same application is unfinished.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use cordon_store::lock::AgentLock;
+use tokio::task::JoinSet;
+
+use cordon_store::now_ms;
+use crate::{Host, run};
+use cordon_store::DeploymentStatus;
+
+/// How often the agent looks for new deployments.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Which deployments an agent loop serves.
+#[derive(Debug, Clone, Default)]
+pub struct ServeScope {
+    /// Only this application's deployments (a `cordon deploy` without an agent).
+    pub application: Option<String>,
+    /// Return once this deployment has finished.
+    pub until: Option<String>,
+    /// Return once no deployment is left unfinished.
+    pub until_idle: bool,
+}
+
+/// Runs deployments until `scope` says to stop (or forever).
+pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Result<()> {
+    let mut running: JoinSet<Result<DeploymentStatus>> = JoinSet::new();
+    // Task → (application, deployment), and applications with one running.
+    let mut tasks: HashMap<tokio::task::Id, (String, String)> = HashMap::new();
+    let mut active: HashSet<String> = HashSet::new();
+    loop {
+        if let Some(until) = &scope.until {
+            let done = host.store.deployment(until)?.is_none_or(|d| d.status.is_final());
+            if done && running.is_empty() {
+                return Ok(());
+            }
+        }
+        let unfinished = host.store.unfinished_deployments()?;
+        if scope.until_idle && unfinished.is_empty() && running.is_empty() {
+            return Ok(());
+        }
+        for d in unfinished {
+            if scope.application.as_ref().is_some_and(|a| *a != d.application) || !active.insert(d.application.clone()) {
+                continue;
+            }
+            let task = running.spawn(run::run_deployment(host.clone(), d.id.clone()));
+            tasks.insert(task.id(), (d.application, d.id));
+        }
+        // Wake when a deployment ends (its application may have the next
+        // one queued) or to look for newly queued ones.
+        let finished = tokio::select! {
+            Some(joined) = running.join_next_with_id() => Some(joined),
+            _ = tokio::time::sleep(POLL) => None,
+        };
+        let Some(joined) = finished else { continue };
+        let (task, result) = match joined {
+            Ok((task, result)) => (task, result),
+            Err(e) => (e.id(), Err(anyhow::anyhow!("the deployment task panicked: {e}"))),
+        };
+        let (app, id) = tasks.remove(&task).expect("every task is recorded");
+        active.remove(&app);
+        match result {
+            Ok(status) => tracing::info!("deployment {id} finished: {status}"),
+            Err(e) => {
+                tracing::error!("deployment {id} stopped: {e:#}");
+                host.store.set_deployment_status(&id, DeploymentStatus::Failure, &format!("agent error: {e:#}"), now_ms())?;
+            }
+        }
+    }
+}

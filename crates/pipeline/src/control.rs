@@ -1,0 +1,154 @@
+//! What people do to deployments from outside the agent: approve, skip,
+//! cancel, continue from a breakpoint. Each is checked here against the
+//! deployment's state and recorded as a command in the store, where the
+//! agent that runs the deployment picks it up.
+//!
+//! Deployments and stages are found by what people type: a stage by its id,
+//! or by its name when that is unique in the deployment.
+
+use anyhow::{Context, Result, bail};
+
+use cordon_store::{CommandKind, CommandRecord, DeploymentRecord, StageRecord, StageStatus, StateStore, now_ms};
+
+/// The deployment `id`, or an error that lists recent ones.
+pub fn deployment(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord> {
+    store.deployment(id)?.with_context(|| {
+        let recent: Vec<String> = store.deployments(None, 5).unwrap_or_default().into_iter().map(|d| d.id).collect();
+        format!("no deployment `{id}` (recent: {})", if recent.is_empty() { "none".to_string() } else { recent.join(", ") })
+    })
+}
+
+/// A stage by id, or by name when the name is unique in the deployment.
+pub fn resolve_stage<'a>(stages: &'a [StageRecord], deployment: &str, wanted: &str) -> Result<&'a StageRecord> {
+    if let Some(s) = stages.iter().find(|s| s.id == wanted) {
+        return Ok(s);
+    }
+    let by_name: Vec<&StageRecord> = stages.iter().filter(|s| s.name == wanted).collect();
+    match by_name.as_slice() {
+        [one] => Ok(one),
+        [] => {
+            let ids: Vec<&str> = stages.iter().map(|s| s.id.as_str()).collect();
+            bail!("deployment {deployment} has no stage `{wanted}` (stages: {})", ids.join(", "))
+        }
+        several => {
+            let ids: Vec<&str> = several.iter().map(|s| s.id.as_str()).collect();
+            bail!("`{wanted}` names several stages of {deployment}; use one of the ids: {}", ids.join(", "))
+        }
+    }
+}
+
+/// The stage of `id` paused at a breakpoint.
+pub fn paused_stage(store: &dyn StateStore, id: &str) -> Result<StageRecord> {
+    let d = deployment(store, id)?;
+    store.stages(id)?.into_iter().find(|s| s.status == StageStatus::Paused).with_context(|| {
+        format!("deployment {id} ({}) has no paused stage; deploy with --break-before, --break-after or --break-on-failure", d.status)
+    })
+}
+
+/// Where a command went, for the one line that confirms it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// `deployment ID` or `stage STAGE of ID`.
+    pub target: String,
+}
+
+/// Checks and records a command for deployment `id` (or one of its
+/// stages): the deployment and the stage must not have ended, and the
+/// stage must exist once the deployment is planned.
+pub fn send(store: &dyn StateStore, id: &str, stage: Option<&str>, kind: CommandKind, commander: &str) -> Result<Sent> {
+    let d = deployment(store, id)?;
+    if d.status.is_final() {
+        bail!("deployment {id} already ended ({}); there is nothing to {kind}", d.status);
+    }
+    let stage_id = match stage {
+        Some(wanted) => {
+            let stages = store.stages(id)?;
+            if stages.is_empty() {
+                bail!("deployment {id} is not planned yet; try again in a moment");
+            }
+            let s = resolve_stage(&stages, id, wanted)?;
+            if s.status.is_final() {
+                bail!("stage {} of {id} already ended ({}); there is nothing to {kind}", s.id, s.status);
+            }
+            s.id.clone()
+        }
+        None => String::new(),
+    };
+    let record = CommandRecord {
+        id: format!("{id}/{kind}/{}-{}", now_ms(), std::process::id()),
+        deployment: id.to_string(),
+        stage: stage_id.clone(),
+        kind,
+        commander: commander.to_string(),
+        created_at: now_ms() / 1000,
+    };
+    store.add_command(&record)?;
+    let target = if stage_id.is_empty() { format!("deployment {id}") } else { format!("stage {stage_id} of {id}") };
+    Ok(Sent { target })
+}
+
+/// Continues (or, with `fail`, fails) the stage `id` is paused at.
+pub fn resume(store: &dyn StateStore, id: &str, fail: bool, commander: &str) -> Result<Sent> {
+    paused_stage(store, id)?;
+    let kind = if fail { CommandKind::DebugFailContinue } else { CommandKind::DebugContinue };
+    send(store, id, None, kind, commander)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cordon_store::{DeploymentStatus, SqliteStore};
+
+    fn stage(id: &str, name: &str, status: StageStatus) -> StageRecord {
+        StageRecord {
+            deployment: "d".into(),
+            id: id.into(),
+            ordinal: 0,
+            name: name.into(),
+            desc: String::new(),
+            index: 0,
+            rollback: false,
+            options: "{}".into(),
+            needs: Vec::new(),
+            plugin: "p".into(),
+            timeout_ms: 1000,
+            status,
+            message: String::new(),
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn stages_resolve_by_id_or_unique_name() {
+        let stages = [stage("s0", "WAIT", StageStatus::Success), stage("s1", "CHECK", StageStatus::Running), stage("s2", "CHECK", StageStatus::NotStarted)];
+        assert_eq!(resolve_stage(&stages, "d", "s1").unwrap().id, "s1");
+        assert_eq!(resolve_stage(&stages, "d", "WAIT").unwrap().id, "s0");
+        let err = resolve_stage(&stages, "d", "CHECK").unwrap_err().to_string();
+        assert!(err.contains("several") && err.contains("s1, s2"), "{err}");
+        let err = resolve_stage(&stages, "d", "nope").unwrap_err().to_string();
+        assert!(err.contains("no stage `nope`"), "{err}");
+    }
+
+    #[test]
+    fn commands_are_refused_for_ended_deployments_and_stages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        let err = send(&store, "nope-1", None, CommandKind::Cancel, "alice").unwrap_err().to_string();
+        assert!(err.contains("no deployment `nope-1`"), "{err}");
+
+        store.insert_deployment(&DeploymentRecord::queued("app-1", "app", String::new(), String::new(), now_ms())).unwrap();
+        let err = send(&store, "app-1", Some("WAIT"), CommandKind::Approve, "alice").unwrap_err().to_string();
+        assert!(err.contains("not planned yet"), "{err}");
+        let sent = send(&store, "app-1", None, CommandKind::Cancel, "alice").unwrap();
+        assert_eq!(sent.target, "deployment app-1");
+        assert_eq!(store.commands("app-1", None).unwrap().len(), 1);
+        let err = resume(&store, "app-1", false, "alice").unwrap_err().to_string();
+        assert!(err.contains("no paused stage"), "{err}");
+
+        store.set_deployment_status("app-1", DeploymentStatus::Success, "", now_ms()).unwrap();
+        let err = send(&store, "app-1", None, CommandKind::Cancel, "alice").unwrap_err().to_string();
+        assert!(err.contains("already ended"), "{err}");
+    }
+}

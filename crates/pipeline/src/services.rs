@@ -1,0 +1,87 @@
+//! Host services of a pipeline stage, backed by the state store: the stage
+//! log, metadata scoped to the stage and the deployment, blobs scoped to
+//! the application and plugin, and commands addressed to the stage.
+
+use std::sync::Arc;
+
+use cordon_runtime::sandbox::output::{LogSink, Source};
+use cordon_runtime::sandbox::services::{CommandKind, MetaScope, StageCommand, StageServices};
+use cordon_store::{self as store, LogRecord, StateStore, now_ms};
+
+/// Writes log lines of one stage (or, with an empty stage, of planning)
+/// into the store as they arrive, so `cordon logs --follow` streams them.
+pub struct StoreLog {
+    pub store: Arc<dyn StateStore>,
+    pub deployment: String,
+    pub stage: String,
+}
+
+impl LogSink for StoreLog {
+    fn line(&self, source: Source, text: &str) {
+        let record = LogRecord {
+            seq: 0,
+            deployment: self.deployment.clone(),
+            stage: self.stage.clone(),
+            at_ms: now_ms(),
+            source: source.to_string(),
+            text: text.to_string(),
+        };
+        if let Err(e) = self.store.append_logs(&[record]) {
+            tracing::error!("cannot store a log line of {}/{}: {e:#}", self.deployment, self.stage);
+        }
+    }
+}
+
+/// Metadata, blobs and commands of one stage run.
+pub struct StoreServices {
+    pub store: Arc<dyn StateStore>,
+    pub deployment: String,
+    pub stage: String,
+    pub application: String,
+    pub plugin: String,
+}
+
+impl StoreServices {
+    fn scope(&self, scope: MetaScope) -> &str {
+        match scope {
+            MetaScope::Stage => &self.stage,
+            MetaScope::Deployment => "",
+        }
+    }
+}
+
+impl StageServices for StoreServices {
+    fn metadata_get(&self, scope: MetaScope, key: &str) -> anyhow::Result<Option<String>> {
+        self.store.metadata_get(&self.deployment, self.scope(scope), key)
+    }
+    fn metadata_put(&self, scope: MetaScope, key: &str, value: &str) -> anyhow::Result<()> {
+        self.store.metadata_put(&self.deployment, self.scope(scope), key, value)
+    }
+    fn metadata_entries(&self, scope: MetaScope) -> anyhow::Result<Vec<(String, String)>> {
+        self.store.metadata_entries(&self.deployment, self.scope(scope))
+    }
+    fn commands(&self) -> anyhow::Result<Vec<StageCommand>> {
+        Ok(self
+            .store
+            .commands(&self.deployment, Some(&self.stage))?
+            .into_iter()
+            .filter_map(|c| {
+                let kind = match c.kind {
+                    store::CommandKind::Approve => CommandKind::Approve,
+                    store::CommandKind::Skip => CommandKind::Skip,
+                    store::CommandKind::Cancel | store::CommandKind::DebugContinue | store::CommandKind::DebugFailContinue => return None,
+                };
+                Some(StageCommand { id: c.id, kind, commander: c.commander, created_at: c.created_at })
+            })
+            .collect())
+    }
+    fn blob_get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        self.store.blob_get(&self.application, &self.plugin, key)
+    }
+    fn blob_put(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        self.store.blob_put(&self.application, &self.plugin, key, value)
+    }
+    fn blob_delete(&self, key: &str) -> anyhow::Result<()> {
+        self.store.blob_delete(&self.application, &self.plugin, key)
+    }
+}

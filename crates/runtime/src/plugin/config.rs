@@ -1,0 +1,229 @@
+//! The agent config: where state lives and which plugins exist, each with
+//! its file, digest pin, world, grants and limits.
+//!
+//! ```yaml
+//! state-dir: .cordon-state        # relative to this file
+//! plugins:
+//!   - name: wait
+//!     path: ../guests/target/wasm32-wasip2/release/wait.wasm
+//!     sha256: 9f2c…               # required: the component is refused if it differs
+//!     world: executor
+//!     grants:
+//!       mounts: [{ host: /srv/www, guest: /www, access: read-write }]
+//!       network: { allow: ["http://127.0.0.1:8080"], name-lookup: false }
+//!       env: { LOG_FORMAT: json }
+//!       inherit-env: [TZ]
+//!       secrets: { token: { env: DEPLOY_TOKEN } }
+//!     limits: { memory: 128MiB, timeout: 10m, log-bytes: 4MiB, result-bytes: 1MiB }
+//! ```
+//!
+//! Parsing is strict: unknown fields, a malformed pin, a duplicate plugin
+//! name or a grant that cannot be honoured is one error naming the file,
+//! the plugin and the fix, before anything is loaded.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use ed25519_dalek::VerifyingKey;
+use serde::Deserialize;
+
+use cordon_contract::World;
+use crate::sandbox::{Grants, Limits};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AgentConfig {
+    /// State directory (SQLite state, compiled-component cache, scratch).
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub plugins: Vec<PluginConfig>,
+    /// Publisher keys whose signatures are trusted, by name
+    /// (`cordon-public-key-v1 <base64>`, as `cordon plugin keygen` writes).
+    #[serde(default)]
+    pub trusted_keys: BTreeMap<String, String>,
+    /// Require a trusted signature on every plugin.
+    #[serde(default)]
+    pub require_signatures: bool,
+    /// The file this config was read from.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PluginConfig {
+    pub name: String,
+    pub path: PathBuf,
+    /// Hex sha256 of the component file.
+    pub sha256: String,
+    pub world: World,
+    #[serde(default)]
+    pub grants: Grants,
+    #[serde(default)]
+    pub limits: Limits,
+    /// `required` or `optional` (a signature that is present must still
+    /// verify); default: `required` when `require-signatures` is set.
+    #[serde(default)]
+    pub signature: Option<SignatureMode>,
+    /// The signature file; default `<path>.sig`.
+    #[serde(default)]
+    pub signature_file: Option<PathBuf>,
+    /// What loading checks, resolved from the fields above.
+    #[serde(skip)]
+    pub trust: Trust,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignatureMode {
+    Required,
+    Optional,
+}
+
+/// The signature check of one plugin.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    /// The signature file to check; `None` when none is required or present.
+    pub signature: Option<PathBuf>,
+    pub keys: Arc<BTreeMap<String, VerifyingKey>>,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl AgentConfig {
+    /// Reads and validates the config at `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read agent config {}", path.display()))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses `text` as if read from `path` (relative paths resolve against
+    /// its directory).
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let file = path.display();
+        let mut config: AgentConfig =
+            serde_yaml_ng::from_str(text).with_context(|| format!("{file}: not a valid agent config"))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        config.source = path.to_path_buf();
+        if config.state_dir.is_relative() {
+            config.state_dir = base.join(&config.state_dir);
+        }
+        let mut names: Vec<&str> = Vec::new();
+        for plugin in &mut config.plugins {
+            let name = plugin.name.clone();
+            if !valid_name(&name) {
+                bail!("{file}: plugin name {name:?} must be 1-64 characters of a-z, 0-9, '-' or '_'");
+            }
+            if plugin.path.is_relative() {
+                plugin.path = base.join(&plugin.path);
+            }
+            plugin.sha256 = plugin.sha256.trim().to_ascii_lowercase();
+            if plugin.sha256.len() != 64 || !plugin.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!(
+                    "{file}: plugin `{name}`: sha256 {:?} is not a hex sha256 digest; set it to the output of `sha256sum {}` (or the sha256 that `cordon plugin inspect` prints)",
+                    plugin.sha256,
+                    plugin.path.display()
+                );
+            }
+            if plugin.limits.memory.as_u64() < 1 << 20 || plugin.limits.memory.as_u64() > 4 << 30 {
+                bail!("{file}: plugin `{name}`: limits.memory must be between 1MiB and 4GiB");
+            }
+            if plugin.limits.timeout.is_zero() {
+                bail!("{file}: plugin `{name}`: limits.timeout must be more than zero");
+            }
+            plugin.grants.validate(&base).map_err(|e| anyhow::anyhow!("{file}: plugin `{name}`: {e}"))?;
+        }
+        let mut keys = BTreeMap::new();
+        for (name, text) in &config.trusted_keys {
+            let key = super::signature::parse_public(text).map_err(|e| anyhow::anyhow!("{file}: trusted-keys.{name}: {e:#}; use the line of a `.pub` file that `cordon plugin keygen` wrote"))?;
+            keys.insert(name.clone(), key);
+        }
+        let keys = Arc::new(keys);
+        for plugin in &mut config.plugins {
+            let required = match plugin.signature {
+                Some(SignatureMode::Required) => true,
+                Some(SignatureMode::Optional) => false,
+                None => config.require_signatures,
+            };
+            let sig = match &plugin.signature_file {
+                Some(p) if p.is_relative() => base.join(p),
+                Some(p) => p.clone(),
+                None => super::signature::signature_path(&plugin.path),
+            };
+            if required && keys.is_empty() {
+                bail!("{file}: plugin `{}` requires a signature, but `trusted-keys` is empty; add the publisher's public key", plugin.name);
+            }
+            let present = sig.exists();
+            plugin.trust = Trust { signature: (required || present).then_some(sig), keys: keys.clone() };
+        }
+        for plugin in &config.plugins {
+            if names.contains(&plugin.name.as_str()) {
+                bail!("{file}: two plugins are named `{}`; plugin names must be unique", plugin.name);
+            }
+            names.push(&plugin.name);
+        }
+        Ok(config)
+    }
+
+    pub fn plugin(&self, name: &str) -> Result<&PluginConfig> {
+        self.plugins.iter().find(|p| p.name == name).with_context(|| {
+            let known: Vec<&str> = self.plugins.iter().map(|p| p.name.as_str()).collect();
+            format!(
+                "{}: no plugin named `{name}` (configured: {})",
+                self.source.display(),
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            )
+        })
+    }
+
+    /// Directory of the compiled-component cache.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.state_dir.join("cache").join("components")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIN: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn parse(yaml: &str) -> Result<AgentConfig> {
+        AgentConfig::parse(yaml, Path::new("/etc/cordon/agent.yaml"))
+    }
+
+    #[test]
+    fn resolves_relative_paths_and_defaults() {
+        let c = parse(&format!("state-dir: state\nplugins:\n  - {{name: wait, path: w.wasm, sha256: {PIN}, world: executor}}\n")).unwrap();
+        assert_eq!(c.state_dir, Path::new("/etc/cordon/state"));
+        assert_eq!(c.plugins[0].path, Path::new("/etc/cordon/w.wasm"));
+        assert_eq!(c.plugins[0].limits, Limits::default());
+    }
+
+    #[test]
+    fn names_file_plugin_and_fix() {
+        let cases = [
+            ("state-dir: s\nplugins:\n  - {name: a, path: a.wasm, sha256: abc, world: executor}\n".to_string(), "sha256sum"),
+            (format!("state-dir: s\nplugins:\n  - {{name: a, path: a.wasm, sha256: {PIN}, world: executr}}\n"), "unknown variant"),
+            (format!("state-dir: s\nplugins:\n  - {{name: a, path: a.wasm, sha256: {PIN}, world: executor, grant: {{}}}}\n"), "unknown field `grant`"),
+            (format!("state-dir: s\nplugins:\n  - {{name: a, path: a.wasm, sha256: {PIN}, world: executor}}\n  - {{name: a, path: b.wasm, sha256: {PIN}, world: executor}}\n"), "two plugins are named `a`"),
+            (format!("state-dir: s\nplugins:\n  - {{name: a, path: a.wasm, sha256: {PIN}, world: executor, grants: {{network: {{allow: [\"tcp://db\"]}}}}}}\n"), "tcp destinations need a port"),
+            (format!("state-dir: s\nplugins:\n  - {{name: a, path: a.wasm, sha256: {PIN}, world: executor, grants: {{mounts: [{{host: /nonexistent-dir, guest: /x, access: read-only}}]}}}}\n"), "not an existing directory"),
+            (format!("state-dir: s\nplugins:\n  - {{name: a, path: a.wasm, sha256: {PIN}, world: executor, grants: {{mounts: [{{host: /tmp, guest: /source, access: read-write}}]}}}}\n"), "reserves"),
+            (format!("state-dir: s\nplugins:\n  - {{name: a, path: a.wasm, sha256: {PIN}, world: executor, limits: {{memory: 1KiB}}}}\n"), "limits.memory"),
+        ];
+        for (yaml, expected) in cases {
+            let err = format!("{:#}", parse(&yaml).unwrap_err());
+            assert!(err.contains("/etc/cordon/agent.yaml"), "{err}");
+            assert!(err.contains(expected), "expected {expected:?} in: {err}");
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Plugins: loading a component named by the agent config, with every check
+//! that must pass before its code is compiled, and routing stage names to
+//! the one plugin that defines them.
+//!
+//! Loading order, each step refusing with an error that names the plugin,
+//! the file and the fix: read the file → compare its sha256 with the pin
+//! (a tampered file is refused before it is compiled) → check its signature
+//! where one is required or present → check it is a
+//! component of the declared world and contract version, and that the
+//! grants give what its manifest requests → compile (or take
+//! from the cache) → pre-link against the host imports → for stage
+//! plugins, ask which stages it defines.
+
+pub mod config;
+pub mod manifest;
+pub mod signature;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+use wasmtime::component::InstancePre;
+
+use cordon_contract::bindings::executor::ExecutorPre;
+use cordon_contract::bindings::item_action::ItemActionPre;
+use cordon_contract::bindings::key_filter::KeyFilterPre;
+use cordon_contract::bindings::migration_phase::MigrationPhasePre;
+use cordon_contract::bindings::planner::PlannerPre;
+use cordon_contract::{self as contract, World};
+use cordon_contract::bindings::executor::exports::cordon::plugin::stages::GuestIndices as StagesIndices;
+
+use crate::call::{Call, RunError, guarded};
+use crate::engine::{Engine, Origin};
+use crate::sandbox::{NullSink, RunDirs, RunState, Sandbox};
+pub use config::{AgentConfig, PluginConfig};
+pub use manifest::Manifest;
+
+/// How long a plugin may take to say which stages it defines.
+const STAGES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A stage a plugin defines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageInfo {
+    pub name: String,
+    pub description: String,
+}
+
+/// A loaded, verified and pre-linked plugin.
+pub struct Plugin {
+    pub name: String,
+    pub world: World,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub sandbox: Sandbox,
+    pub origin: Origin,
+    pub stages: Vec<StageInfo>,
+    /// What the plugin says it is and needs, when it carries a manifest.
+    pub manifest: Option<Manifest>,
+    pre: InstancePre<RunState>,
+    executor: Option<ExecutorPre<RunState>>,
+    planner: Option<PlannerPre<RunState>>,
+    key_filter: Option<KeyFilterPre<RunState>>,
+    item_action: Option<ItemActionPre<RunState>>,
+    migration_phase: Option<MigrationPhasePre<RunState>>,
+}
+
+impl Plugin {
+    pub fn instance_pre(&self) -> &InstancePre<RunState> {
+        &self.pre
+    }
+
+    /// Typed entry points for stage plugins; `None` for other worlds.
+    pub fn executor(&self) -> Option<&ExecutorPre<RunState>> {
+        self.executor.as_ref()
+    }
+
+    /// Typed entry points for planners; `None` for other worlds.
+    pub fn planner(&self) -> Option<&PlannerPre<RunState>> {
+        self.planner.as_ref()
+    }
+
+    /// Typed entry points for key filters; `None` for other worlds.
+    pub fn key_filter(&self) -> Option<&KeyFilterPre<RunState>> {
+        self.key_filter.as_ref()
+    }
+
+    /// Typed entry points for item actions; `None` for other worlds.
+    pub fn item_action(&self) -> Option<&ItemActionPre<RunState>> {
+        self.item_action.as_ref()
+    }
+
+    /// Typed entry points for migration phases; `None` for other worlds.
+    pub fn migration_phase(&self) -> Option<&MigrationPhasePre<RunState>> {
+        self.migration_phase.as_ref()
+    }
+
+    /// The error for a call this plugin's world does not offer.
+    pub fn wrong_world(&self, lacks: &'static str) -> RunError {
+        RunError::WrongWorld { plugin: self.name.clone(), world: self.world, lacks }
+    }
+
+    /// Asks the component which stages it defines. Every world that defines
+    /// stages exports the same `stages` interface, so it is looked up on the
+    /// component whichever world it was loaded as.
+    async fn defined_stages(&self, engine: &Engine) -> Result<Vec<StageInfo>> {
+        if !self.world.defines_stages() {
+            bail!("a {} plugin defines no stages", self.world);
+        }
+        let mut run = Call::detached(engine.wasmtime(), &self.sandbox, RunDirs::default(), Arc::new(NullSink))?;
+        run.timeout = run.timeout.min(STAGES_TIMEOUT);
+        let stages_export = StagesIndices::new(&self.pre)?;
+        let Call { store, log, timeout, .. } = &mut run;
+        let stages: Vec<StageInfo> = guarded(log, *timeout, async {
+            let instance = self.pre.instantiate_async(&mut *store).await?;
+            stages_export.load(&mut *store, &instance)?.call_defined_stages(&mut *store).await
+        })
+        .await?
+        .into_iter()
+        .map(|s| StageInfo { name: s.name, description: s.description })
+        .collect();
+        run.check_size(stages.iter().map(|s| s.name.len() + s.description.len()).sum())?;
+        if let Some(bad) = stages.iter().find(|s| s.name.is_empty() || !s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')) {
+            return Err(RunError::Contract(format!("stage name {:?} must be non-empty ASCII letters, digits, '_' or '-'", bad.name)).into());
+        }
+        Ok(stages)
+    }
+
+    /// Loads the plugin `config` describes.
+    pub async fn load(engine: &Engine, config: &PluginConfig) -> Result<Plugin> {
+        Self::load_with(engine, config, true).await
+    }
+
+    /// Loads a plugin only to look at it (`cordon plugin inspect`): its
+    /// manifest's requests are not held against the (empty) grants.
+    pub async fn load_for_inspection(engine: &Engine, config: &PluginConfig) -> Result<Plugin> {
+        Self::load_with(engine, config, false).await
+    }
+
+    async fn load_with(engine: &Engine, config: &PluginConfig, check_grants: bool) -> Result<Plugin> {
+        let name = &config.name;
+        let file = config.path.display();
+        let bytes = std::fs::read(&config.path).with_context(|| {
+            format!("plugin `{name}`: cannot read {file}; build the component or fix `path` in the agent config")
+        })?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if sha256 != config.sha256 {
+            bail!(
+                "plugin `{name}`: {file} has sha256 {sha256}, but the agent config pins {}; refusing to compile it. \
+                 If you rebuilt or upgraded the plugin on purpose, check it and pin the new digest",
+                config.sha256
+            );
+        }
+        for (secret, source) in &config.grants.secrets {
+            source.read().map_err(|e| anyhow::anyhow!("plugin `{name}`: secret {secret:?} cannot be read: {e}; fix its source or remove the grant"))?;
+        }
+        if let Some(sig) = &config.trust.signature {
+            let signer = signature::check(&config.path, sig, &sha256, &config.trust.keys)
+                .with_context(|| format!("plugin `{name}`: refusing {file}"))?;
+            tracing::info!("plugin `{name}`: {file} is signed by trusted key `{signer}`");
+        }
+        let summary = contract::summarize(&bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
+        summary.check(config.world).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
+        let manifest = match &summary.manifest {
+            Some(bytes) => Some(Manifest::parse(bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file}: {e}"))?),
+            None => None,
+        };
+        if let Some(m) = manifest.as_ref().filter(|_| check_grants) {
+            let missing = m.missing_grants(&config.grants);
+            if !missing.is_empty() {
+                bail!(
+                    "plugin `{name}`: {file} needs grants it was not given: {}; add them under `grants:` for this plugin in the agent config (or use another plugin)",
+                    missing.join(", ")
+                );
+            }
+        }
+        let (component, origin) = engine
+            .load(&bytes, &sha256)
+            .with_context(|| format!("plugin `{name}`: cannot compile {file}"))?;
+        let pre = engine.instance_pre(&component).map_err(|e| {
+            anyhow::anyhow!("plugin `{name}`: {file} needs an import this host does not provide: {e:#}")
+        })?;
+        let executor = if config.world.executes_stages() {
+            Some(ExecutorPre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| format!("plugin `{name}`: {file} does not match world `executor`"))?)
+        } else {
+            None
+        };
+        let planner = if config.world.plans() {
+            Some(PlannerPre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| format!("plugin `{name}`: {file} does not match world `planner`"))?)
+        } else {
+            None
+        };
+        let key_filter = if config.world == World::KeyFilter {
+            Some(KeyFilterPre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| format!("plugin `{name}`: {file} does not match world `key-filter`"))?)
+        } else {
+            None
+        };
+        let item_action = if config.world == World::ItemAction {
+            Some(ItemActionPre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| format!("plugin `{name}`: {file} does not match world `item-action`"))?)
+        } else {
+            None
+        };
+        let migration_phase = if config.world == World::MigrationPhase {
+            Some(MigrationPhasePre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| format!("plugin `{name}`: {file} does not match world `migration-phase`"))?)
+        } else {
+            None
+        };
+        let mut plugin = Plugin {
+            name: name.clone(),
+            world: config.world,
+            path: config.path.clone(),
+            sha256,
+            sandbox: Sandbox::new(config.grants.clone(), config.limits.clone()),
+            origin,
+            stages: Vec::new(),
+            manifest,
+            pre,
+            executor,
+            planner,
+            key_filter,
+            item_action,
+            migration_phase,
+        };
+        if config.world.defines_stages() {
+            plugin.stages = plugin
+                .defined_stages(engine)
+                .await
+                .with_context(|| format!("plugin `{name}`: cannot list the stages it defines"))?;
+            if let Some(m) = &plugin.manifest
+                && let Some(extra) = m.stages.iter().find(|s| !plugin.stages.iter().any(|d| d.name == **s))
+            {
+                bail!("plugin `{name}`: {file}: its manifest lists stage `{extra}`, which the component does not define");
+            }
+        }
+        Ok(plugin)
+    }
+}
+
+/// Every configured plugin, loaded, with stage routing.
+pub struct Plugins {
+    plugins: Vec<Arc<Plugin>>,
+    /// Stage name → the plugin that performs it.
+    executors: BTreeMap<String, Arc<Plugin>>,
+    /// Stage name → the plugin that plans it.
+    planners: BTreeMap<String, Arc<Plugin>>,
+}
+
+impl Plugins {
+    /// Loads every plugin of `config`. Two plugins performing (or planning)
+    /// the same stage is an error naming both, never "last one wins".
+    pub async fn load(engine: &Engine, config: &AgentConfig) -> Result<Plugins> {
+        let mut plugins = Vec::new();
+        let mut executors: BTreeMap<String, Arc<Plugin>> = BTreeMap::new();
+        let mut planners: BTreeMap<String, Arc<Plugin>> = BTreeMap::new();
+        for plugin_config in &config.plugins {
+            let plugin = Arc::new(Plugin::load(engine, plugin_config).await?);
+            for (table, role, applies) in [
+                (&mut executors, "performs", plugin.world.executes_stages()),
+                (&mut planners, "plans", plugin.world.plans()),
+            ] {
+                if !applies {
+                    continue;
+                }
+                for stage in &plugin.stages {
+                    if let Some(other) = table.get(&stage.name) {
+                        bail!(
+                            "{}: stage `{}` is defined by both plugin `{}` and plugin `{}` (both {role} it); remove one of them from the agent config",
+                            config.source.display(),
+                            stage.name,
+                            other.name,
+                            plugin.name
+                        );
+                    }
+                    table.insert(stage.name.clone(), plugin.clone());
+                }
+            }
+            plugins.push(plugin);
+        }
+        Ok(Plugins { plugins, executors, planners })
+    }
+
+    pub fn all(&self) -> &[Arc<Plugin>] {
+        &self.plugins
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Plugin>> {
+        self.plugins.iter().find(|p| p.name == name)
+    }
+
+    /// The plugin that performs `stage`.
+    pub fn route(&self, stage: &str) -> Result<&Arc<Plugin>> {
+        self.executors.get(stage).with_context(|| {
+            let known: Vec<&str> = self.executors.keys().map(String::as_str).collect();
+            format!("no plugin defines stage `{stage}` (defined: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") })
+        })
+    }
+
+    /// The plugin that plans `stage`, if any does.
+    pub fn planner_for(&self, stage: &str) -> Option<&Arc<Plugin>> {
+        self.planners.get(stage)
+    }
+}

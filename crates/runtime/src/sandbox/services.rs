@@ -1,0 +1,174 @@
+//! Durable-state capability: the contract's `metadata`, `commands` and
+//! `blobs` imports, and the [`StageServices`] trait behind them that the
+//! caller provides per run.
+//!
+//! The sandbox does not know where metadata or blobs live: `cordon stage run`
+//! keeps them in memory ([`MemoryServices`]); the pipeline engine backs them
+//! with the state store, scoped to one stage of one deployment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use wasmtime::component::{HasSelf, Linker};
+
+use cordon_contract::bindings::cordon::plugin::{blobs, commands, metadata};
+
+use super::RunState;
+
+/// Largest metadata key and value, and blob, a plugin may store.
+pub const MAX_METADATA_KEY: usize = 256;
+pub const MAX_METADATA_VALUE: usize = 64 * 1024;
+pub const MAX_BLOB: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MetaScope {
+    Stage,
+    Deployment,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    Approve,
+    Skip,
+}
+
+/// A command addressed to the running stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageCommand {
+    pub id: String,
+    pub kind: CommandKind,
+    pub commander: String,
+    pub created_at: u64,
+}
+
+/// State a run's host services read and write. Errors are host faults (a
+/// broken state store) and fail the stage; size checks happen before.
+pub trait StageServices: Send + Sync {
+    fn metadata_get(&self, scope: MetaScope, key: &str) -> anyhow::Result<Option<String>>;
+    fn metadata_put(&self, scope: MetaScope, key: &str, value: &str) -> anyhow::Result<()>;
+    fn metadata_entries(&self, scope: MetaScope) -> anyhow::Result<Vec<(String, String)>>;
+    fn commands(&self) -> anyhow::Result<Vec<StageCommand>>;
+    fn blob_get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
+    fn blob_put(&self, key: &str, value: &[u8]) -> anyhow::Result<()>;
+    fn blob_delete(&self, key: &str) -> anyhow::Result<()>;
+}
+
+/// In-memory services for one-off runs and tests.
+#[derive(Default)]
+pub struct MemoryServices {
+    metadata: Mutex<BTreeMap<(MetaScope, String), String>>,
+    blobs: Mutex<HashMap<String, Vec<u8>>>,
+    commands: Mutex<Vec<StageCommand>>,
+}
+
+impl StageServices for MemoryServices {
+    fn metadata_get(&self, scope: MetaScope, key: &str) -> anyhow::Result<Option<String>> {
+        Ok(self.metadata.lock().unwrap().get(&(scope, key.to_string())).cloned())
+    }
+    fn metadata_put(&self, scope: MetaScope, key: &str, value: &str) -> anyhow::Result<()> {
+        self.metadata.lock().unwrap().insert((scope, key.to_string()), value.to_string());
+        Ok(())
+    }
+    fn metadata_entries(&self, scope: MetaScope) -> anyhow::Result<Vec<(String, String)>> {
+        let map = self.metadata.lock().unwrap();
+        Ok(map.iter().filter(|((s, _), _)| *s == scope).map(|((_, k), v)| (k.clone(), v.clone())).collect())
+    }
+    fn commands(&self) -> anyhow::Result<Vec<StageCommand>> {
+        Ok(self.commands.lock().unwrap().clone())
+    }
+    fn blob_get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.blobs.lock().unwrap().get(key).cloned())
+    }
+    fn blob_put(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        self.blobs.lock().unwrap().insert(key.to_string(), value.to_vec());
+        Ok(())
+    }
+    fn blob_delete(&self, key: &str) -> anyhow::Result<()> {
+        self.blobs.lock().unwrap().remove(key);
+        Ok(())
+    }
+}
+
+/// The services of one run, as the guest reaches them.
+pub struct Services(pub Arc<dyn StageServices>);
+
+pub(super) fn add_to_linker(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
+    metadata::add_to_linker::<_, HasSelf<Services>>(linker, |s| &mut s.services)?;
+    commands::add_to_linker::<_, HasSelf<Services>>(linker, |s| &mut s.services)?;
+    blobs::add_to_linker::<_, HasSelf<Services>>(linker, |s| &mut s.services)
+}
+
+/// A host fault becomes a trap that names the service.
+fn host_fault(service: &str, e: anyhow::Error) -> wasmtime::Error {
+    wasmtime::Error::msg(format!("host {service} service failed: {e:#}"))
+}
+
+fn scope(s: metadata::Scope) -> MetaScope {
+    match s {
+        metadata::Scope::Stage => MetaScope::Stage,
+        metadata::Scope::Deployment => MetaScope::Deployment,
+    }
+}
+
+impl metadata::Host for Services {
+    fn get(&mut self, s: metadata::Scope, key: String) -> wasmtime::Result<Option<String>> {
+        self.0.metadata_get(scope(s), &key).map_err(|e| host_fault("metadata", e))
+    }
+
+    fn put(&mut self, s: metadata::Scope, key: String, value: String) -> wasmtime::Result<Result<(), String>> {
+        if key.is_empty() || key.len() > MAX_METADATA_KEY {
+            return Ok(Err(format!("metadata keys must be 1 to {MAX_METADATA_KEY} bytes")));
+        }
+        if value.len() > MAX_METADATA_VALUE {
+            return Ok(Err(format!("metadata values are limited to {MAX_METADATA_VALUE} bytes; use blobs for more")));
+        }
+        self.0.metadata_put(scope(s), &key, &value).map_err(|e| host_fault("metadata", e))?;
+        Ok(Ok(()))
+    }
+
+    fn entries(&mut self, s: metadata::Scope) -> wasmtime::Result<Vec<(String, String)>> {
+        self.0.metadata_entries(scope(s)).map_err(|e| host_fault("metadata", e))
+    }
+}
+
+impl commands::Host for Services {
+    fn received(&mut self) -> wasmtime::Result<Vec<commands::Command>> {
+        let list = self.0.commands().map_err(|e| host_fault("commands", e))?;
+        Ok(list
+            .into_iter()
+            .map(|c| commands::Command {
+                id: c.id,
+                kind: match c.kind {
+                    CommandKind::Approve => commands::CommandKind::Approve,
+                    CommandKind::Skip => commands::CommandKind::Skip,
+                },
+                commander: c.commander,
+                created_at: c.created_at,
+            })
+            .collect())
+    }
+}
+
+impl blobs::Host for Services {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        self.0.blob_get(&key).map_err(|e| host_fault("blobs", e))
+    }
+
+    fn put(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
+        if key.is_empty() || key.len() > MAX_METADATA_KEY {
+            return Ok(Err(format!("blob keys must be 1 to {MAX_METADATA_KEY} bytes")));
+        }
+        if value.len() > MAX_BLOB {
+            return Ok(Err(format!("blobs are limited to {MAX_BLOB} bytes")));
+        }
+        self.0.blob_put(&key, &value).map_err(|e| host_fault("blobs", e))?;
+        Ok(Ok(()))
+    }
+
+    fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.0.blob_delete(&key).map_err(|e| host_fault("blobs", e))
+    }
+}

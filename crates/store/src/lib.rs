@@ -1,0 +1,310 @@
+//! Durable state: applications, deployments, stages, logs, metadata, blobs
+//! and commands.
+//!
+//! Everything a restart needs is here, behind the [`StateStore`] trait so a
+//! server database can back many agents later; [`sqlite::SqliteStore`] is the
+//! embedded default (one file under the state directory, no setup).
+//!
+//! Two rules make resume after a crash safe:
+//! - a stage result is recorded only by the transition `running → final`
+//!   ([`StateStore::finish_stage`] answers whether it recorded it), so a
+//!   result can never be recorded twice;
+//! - on resume, stages still `running` go back to `not-started`
+//!   ([`StateStore::reset_running_stages`]) and run again; stages that
+//!   succeeded are never re-run. Plugins keep progress in metadata.
+
+pub mod lock;
+pub mod sqlite;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+use std::str::FromStr;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+pub use sqlite::SqliteStore;
+
+/// The state database inside a state directory.
+pub fn database_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("state.db")
+}
+
+/// Milliseconds since the Unix epoch: the clock of every stored time.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Lifecycle of a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeploymentStatus {
+    /// Waiting for the agent (or for an earlier deployment of the same app).
+    Queued,
+    Running,
+    RollingBack,
+    Success,
+    Failure,
+    Cancelled,
+}
+
+impl DeploymentStatus {
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Success | Self::Failure | Self::Cancelled)
+    }
+}
+
+/// Lifecycle of a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StageStatus {
+    NotStarted,
+    Running,
+    /// Held at a breakpoint until `cordon debug continue|fail-continue`.
+    Paused,
+    Success,
+    Failure,
+    Cancelled,
+    Skipped,
+    Exited,
+}
+
+impl StageStatus {
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::NotStarted | Self::Running | Self::Paused)
+    }
+
+    /// Whether stages that need this one may run.
+    pub fn lets_dependents_run(self) -> bool {
+        matches!(self, Self::Success | Self::Skipped)
+    }
+}
+
+macro_rules! text_enum {
+    ($ty:ty { $($variant:ident => $text:literal),* $(,)? }) => {
+        impl $ty {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),* }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+        impl FromStr for $ty {
+            type Err = anyhow::Error;
+            fn from_str(s: &str) -> Result<Self> {
+                match s {
+                    $($text => Ok(Self::$variant),)*
+                    other => anyhow::bail!("unknown {} {other:?} in the state store", stringify!($ty)),
+                }
+            }
+        }
+    };
+}
+
+text_enum!(DeploymentStatus {
+    Queued => "queued",
+    Running => "running",
+    RollingBack => "rolling-back",
+    Success => "success",
+    Failure => "failure",
+    Cancelled => "cancelled",
+});
+
+text_enum!(StageStatus {
+    NotStarted => "not-started",
+    Running => "running",
+    Paused => "paused",
+    Success => "success",
+    Failure => "failure",
+    Cancelled => "cancelled",
+    Skipped => "skipped",
+    Exited => "exited",
+});
+
+/// A deployment as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    pub id: String,
+    pub application: String,
+    pub status: DeploymentStatus,
+    /// One line: why it ended as it did, or what it is waiting for.
+    pub reason: String,
+    /// The trigger and options, as JSON (see `pipeline::Trigger`).
+    pub trigger: String,
+    /// The plan (strategy, versions), as JSON; empty until planned.
+    pub plan: String,
+    /// Snapshot directory of the target source.
+    pub target_snapshot: String,
+    /// Snapshot directory of the running source; empty on a first deployment.
+    pub running_snapshot: String,
+    pub created_at: u64,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+}
+
+impl DeploymentRecord {
+    /// A deployment waiting to be planned.
+    pub fn queued(id: &str, application: &str, trigger: String, target_snapshot: String, created_at: u64) -> Self {
+        Self {
+            id: id.to_string(),
+            application: application.to_string(),
+            status: DeploymentStatus::Queued,
+            reason: String::new(),
+            trigger,
+            plan: String::new(),
+            target_snapshot,
+            running_snapshot: String::new(),
+            created_at,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
+/// A stage of a planned deployment, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub deployment: String,
+    pub id: String,
+    /// Position in the plan; stages are listed and started in this order.
+    pub ordinal: u32,
+    pub name: String,
+    pub desc: String,
+    pub index: u32,
+    pub rollback: bool,
+    pub options: String,
+    /// Ids of the stages this one needs.
+    pub needs: Vec<String>,
+    /// The plugin that performs it.
+    pub plugin: String,
+    /// Timeout in milliseconds.
+    pub timeout_ms: u64,
+    pub status: StageStatus,
+    pub message: String,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    /// How many times it was started (more than one after a resume).
+    pub attempts: u32,
+}
+
+/// One stage log line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub seq: i64,
+    pub deployment: String,
+    pub stage: String,
+    pub at_ms: u64,
+    pub source: String,
+    pub text: String,
+}
+
+/// A command an operator addressed to a deployment or one of its stages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    pub id: String,
+    pub deployment: String,
+    /// Empty for deployment commands (cancel).
+    pub stage: String,
+    pub kind: CommandKind,
+    pub commander: String,
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommandKind {
+    Approve,
+    Skip,
+    Cancel,
+    /// Resume a paused stage as a success (or run it, if paused before).
+    DebugContinue,
+    /// Resume a paused stage as a failure.
+    DebugFailContinue,
+}
+
+text_enum!(CommandKind {
+    Approve => "approve",
+    Skip => "skip",
+    Cancel => "cancel",
+    DebugContinue => "debug-continue",
+    DebugFailContinue => "debug-fail-continue",
+});
+
+/// An application known to the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplicationRecord {
+    pub name: String,
+    /// Directory the app config was read from.
+    pub dir: String,
+    /// The last deployment that succeeded, if any.
+    pub last_success: Option<String>,
+    /// Its source snapshot: the running source of the next deployment.
+    pub running_snapshot: Option<String>,
+}
+
+/// Durable state behind one agent (or, later, many).
+pub trait StateStore: Send + Sync {
+    // Applications.
+    fn upsert_application(&self, name: &str, dir: &str) -> Result<()>;
+    fn application(&self, name: &str) -> Result<Option<ApplicationRecord>>;
+    fn applications(&self) -> Result<Vec<ApplicationRecord>>;
+
+    // Deployments.
+    fn insert_deployment(&self, deployment: &DeploymentRecord) -> Result<()>;
+    fn deployment(&self, id: &str) -> Result<Option<DeploymentRecord>>;
+    /// Newest first; `application` filters when given.
+    fn deployments(&self, application: Option<&str>, limit: usize) -> Result<Vec<DeploymentRecord>>;
+    /// Deployments not yet finished, oldest first.
+    fn unfinished_deployments(&self) -> Result<Vec<DeploymentRecord>>;
+    /// Stores the plan, its stages and the running source it was planned
+    /// against, and marks the deployment running, in one transaction.
+    fn save_plan(&self, id: &str, plan: &str, running_snapshot: &str, stages: &[StageRecord], at: u64) -> Result<()>;
+    fn set_deployment_status(&self, id: &str, status: DeploymentStatus, reason: &str, at: u64) -> Result<()>;
+    /// Marks the deployment successful and its target snapshot the
+    /// application's running source, in one transaction.
+    fn complete_success(&self, id: &str, reason: &str, at: u64) -> Result<()>;
+
+    // Stages.
+    fn stages(&self, deployment: &str) -> Result<Vec<StageRecord>>;
+    /// `not-started → running`; counts an attempt.
+    fn start_stage(&self, deployment: &str, stage: &str, at: u64) -> Result<()>;
+    /// Moves a stage from one of `from` to `to`, recording `message` (and,
+    /// for a final status, the finish time); false (and nothing written) if
+    /// the stage was in none of `from`, so no transition happens twice.
+    fn transition_stage(&self, deployment: &str, stage: &str, from: &[StageStatus], to: StageStatus, message: &str, at: u64) -> Result<bool>;
+    /// `running → status`: a stage's result, recorded at most once.
+    fn finish_stage(&self, deployment: &str, stage: &str, status: StageStatus, message: &str, at: u64) -> Result<bool> {
+        self.transition_stage(deployment, stage, &[StageStatus::Running], status, message, at)
+    }
+    /// `not-started → status` for stages decided without running them
+    /// (skip rules, stages after an exit, breakpoints).
+    fn settle_stage(&self, deployment: &str, stage: &str, status: StageStatus, message: &str, at: u64) -> Result<bool> {
+        self.transition_stage(deployment, stage, &[StageStatus::NotStarted], status, message, at)
+    }
+    /// `running → not-started` for every stage of the deployment; returns how many.
+    fn reset_running_stages(&self, deployment: &str) -> Result<usize>;
+
+    // Logs.
+    fn append_logs(&self, lines: &[LogRecord]) -> Result<()>;
+    /// Lines after `after_seq`, optionally of one stage, oldest first.
+    fn logs(&self, deployment: &str, stage: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<LogRecord>>;
+
+    // Metadata: `stage` is empty for deployment scope.
+    fn metadata_get(&self, deployment: &str, stage: &str, key: &str) -> Result<Option<String>>;
+    fn metadata_put(&self, deployment: &str, stage: &str, key: &str, value: &str) -> Result<()>;
+    fn metadata_entries(&self, deployment: &str, stage: &str) -> Result<Vec<(String, String)>>;
+
+    // Blobs, per application and plugin.
+    fn blob_get(&self, application: &str, plugin: &str, key: &str) -> Result<Option<Vec<u8>>>;
+    fn blob_put(&self, application: &str, plugin: &str, key: &str, value: &[u8]) -> Result<()>;
+    fn blob_delete(&self, application: &str, plugin: &str, key: &str) -> Result<()>;
+
+    // Commands.
+    fn add_command(&self, command: &CommandRecord) -> Result<()>;
+    /// Commands of the deployment (`stage` = None) or of one stage.
+    fn commands(&self, deployment: &str, stage: Option<&str>) -> Result<Vec<CommandRecord>>;
+}
