@@ -9,7 +9,7 @@ GUESTS := guests/target/$(GUEST_TARGET)/release
 STATE := .cordon-state
 CORDON := target/debug/cordon
 
-.PHONY: demo demo-tools test test-tools bench guests toolchain host clean
+.PHONY: demo demo-tools test lint bench guests toolchain host clean
 
 # Debian packages the build and the tests need: protoc (the etcd client's
 # gRPC code is generated at build time) and etcd (the migration tests and
@@ -18,6 +18,7 @@ APT_PACKAGES := protobuf-compiler:protoc etcd-server:etcd
 
 toolchain:
 	@rustup target list --installed | grep -qx '$(GUEST_TARGET)' || rustup target add $(GUEST_TARGET)
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	@missing=""; for p in $(APT_PACKAGES); do command -v $${p#*:} >/dev/null || missing="$$missing $${p%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
@@ -46,8 +47,17 @@ $(GUESTS)/wait_py.wasm: guests/python/wait-py/app.py $(wildcard wit/*.wit) $(PYE
 host: toolchain
 	$(CARGO) build -p cordon
 
-test: guests host
+# Clippy with warnings as errors, on the host workspace (every target) and
+# on the guests as they are built (wasm32-wasip2, release).
+lint: toolchain
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	cd guests && $(CARGO) clippy --release --target $(GUEST_TARGET) --workspace -- -D warnings
+
+# The SDK's own tests and doc examples run natively: wit-bindgen's bindings
+# compile on any target, so every example in the SDK docs is built.
+test: guests host lint
 	$(CARGO) test --workspace
+	cd guests && $(CARGO) test -p cordon-sdk -p cordon-sdk-deployment
 
 bench: guests host
 	$(CARGO) bench -p cordon-tests

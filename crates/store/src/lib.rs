@@ -7,8 +7,8 @@
 //!
 //! Two rules make resume after a crash safe:
 //! - a stage result is recorded only by the transition `running → final`
-//!   ([`StateStore::finish_stage`] answers whether it recorded it), so a
-//!   result can never be recorded twice;
+//!   ([`StateStore::transition_stage`] from `running` answers whether it
+//!   recorded it), so a result can never be recorded twice;
 //! - on resume, stages still `running` go back to `not-started`
 //!   ([`StateStore::reset_running_stages`]) and run again; stages that
 //!   succeeded are never re-run. Plugins keep progress in metadata.
@@ -18,8 +18,8 @@ pub mod sqlite;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -276,15 +276,6 @@ pub trait StateStore: Send + Sync {
     /// for a final status, the finish time); false (and nothing written) if
     /// the stage was in none of `from`, so no transition happens twice.
     fn transition_stage(&self, deployment: &str, stage: &str, from: &[StageStatus], to: StageStatus, message: &str, at: u64) -> Result<bool>;
-    /// `running → status`: a stage's result, recorded at most once.
-    fn finish_stage(&self, deployment: &str, stage: &str, status: StageStatus, message: &str, at: u64) -> Result<bool> {
-        self.transition_stage(deployment, stage, &[StageStatus::Running], status, message, at)
-    }
-    /// `not-started → status` for stages decided without running them
-    /// (skip rules, stages after an exit, breakpoints).
-    fn settle_stage(&self, deployment: &str, stage: &str, status: StageStatus, message: &str, at: u64) -> Result<bool> {
-        self.transition_stage(deployment, stage, &[StageStatus::NotStarted], status, message, at)
-    }
     /// `running → not-started` for every stage of the deployment; returns how many.
     fn reset_running_stages(&self, deployment: &str) -> Result<usize>;
 

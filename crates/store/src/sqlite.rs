@@ -547,8 +547,8 @@ mod tests {
         store.insert_deployment(&d).unwrap();
         store.save_plan("d1", "{}", "", &[stage("s0", 0), stage("s1", 1)], 2).unwrap();
         store.start_stage("d1", "s0", 3).unwrap();
-        assert!(store.finish_stage("d1", "s0", StageStatus::Success, "", 4).unwrap());
-        assert!(!store.finish_stage("d1", "s0", StageStatus::Failure, "again", 5).unwrap(), "recorded twice");
+        assert!(store.transition_stage("d1", "s0", &[StageStatus::Running], StageStatus::Success, "", 4).unwrap());
+        assert!(!store.transition_stage("d1", "s0", &[StageStatus::Running], StageStatus::Failure, "again", 5).unwrap(), "recorded twice");
         store.start_stage("d1", "s1", 6).unwrap();
         assert_eq!(store.reset_running_stages("d1").unwrap(), 1);
         let stages = store.stages("d1").unwrap();

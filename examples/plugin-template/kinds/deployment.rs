@@ -74,4 +74,9 @@ impl DeploymentPlugin for Plugin {
 
 cordon_sdk_deployment::deployment_plugin!(Plugin);
 
-cordon_sdk::manifest!(r#"{"name": "{{name}}", "version": "0.1.0", "contract": "0.1.0", "stages": ["{{STAGE}}_SYNC", "{{STAGE}}_ROLLBACK"], "capabilities": {"mounts": [{"guest": "/target", "access": "read-write"}]}}"#);
+cordon_sdk::manifest! {
+    name: "{{name}}",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: <Plugin as StagePlugin>::STAGES,
+    capabilities: r#"{"mounts": [{"guest": "/target", "access": "read-write"}]}"#,
+}

@@ -44,4 +44,9 @@ impl ItemAction for AddLabel {
 
 cordon_sdk::item_action_plugin!(AddLabel);
 
-cordon_sdk::manifest!(r#"{"name": "{{name}}", "version": "0.1.0", "contract": "0.1.0", "stages": [], "capabilities": {}}"#);
+cordon_sdk::manifest! {
+    name: "{{name}}",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: &[],
+    capabilities: r#"{}"#,
+}

@@ -35,4 +35,9 @@ impl KeyFilter for Filter {
 
 cordon_sdk::key_filter_plugin!(Filter);
 
-cordon_sdk::manifest!(r#"{"name": "{{name}}", "version": "0.1.0", "contract": "0.1.0", "stages": [], "capabilities": {}}"#);
+cordon_sdk::manifest! {
+    name: "{{name}}",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: &[],
+    capabilities: r#"{}"#,
+}

@@ -47,4 +47,9 @@ impl MigrationPhase for Count {
 
 cordon_sdk::migration_phase_plugin!(Count);
 
-cordon_sdk::manifest!(r#"{"name": "{{name}}", "version": "0.1.0", "contract": "0.1.0", "stages": [], "capabilities": {}}"#);
+cordon_sdk::manifest! {
+    name: "{{name}}",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: &[],
+    capabilities: r#"{}"#,
+}

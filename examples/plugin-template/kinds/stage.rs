@@ -44,4 +44,9 @@ cordon_sdk::stage_plugin!(Plugin);
 
 // What the plugin is and what it needs; the host refuses to load it when
 // the operator granted less, and `cordon plugin inspect` shows it.
-cordon_sdk::manifest!(r#"{"name": "{{name}}", "version": "0.1.0", "contract": "0.1.0", "stages": ["{{STAGE}}"], "capabilities": {}}"#);
+cordon_sdk::manifest! {
+    name: "{{name}}",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: <Plugin as StagePlugin>::STAGES,
+    capabilities: r#"{}"#,
+}

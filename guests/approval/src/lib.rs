@@ -79,4 +79,9 @@ impl StagePlugin for Approval {
 }
 
 cordon_sdk::stage_plugin!(Approval);
-cordon_sdk::manifest!(r#"{"name": "approval", "version": "0.1.0", "contract": "0.1.0", "stages": ["WAIT_APPROVAL"], "capabilities": {}}"#);
+cordon_sdk::manifest! {
+    name: "approval",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: <Approval as StagePlugin>::STAGES,
+    capabilities: r#"{}"#,
+}

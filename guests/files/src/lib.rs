@@ -247,4 +247,9 @@ impl DeploymentPlugin for Files {
 }
 
 cordon_sdk_deployment::deployment_plugin!(Files);
-cordon_sdk::manifest!(r#"{"name": "files", "version": "0.1.0", "contract": "0.1.0", "stages": ["FILES_SYNC", "FILES_CANARY_ROLLOUT", "FILES_PRIMARY_ROLLOUT", "FILES_CANARY_CLEAN", "FILES_ROLLBACK"], "capabilities": {}}"#);
+cordon_sdk::manifest! {
+    name: "files",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: <Files as StagePlugin>::STAGES,
+    capabilities: r#"{}"#,
+}

@@ -90,10 +90,15 @@ impl StagePlugin for HttpCheck {
 }
 
 cordon_sdk::stage_plugin!(HttpCheck);
-cordon_sdk::manifest!(r#"{"name": "http-check", "version": "0.1.0", "contract": "0.1.0", "stages": ["HTTP_CHECK"], "capabilities": {"network": ["http"]}}"#);
+cordon_sdk::manifest! {
+    name: "http-check",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: <HttpCheck as StagePlugin>::STAGES,
+    capabilities: r#"{"network": ["http"]}"#,
+}
 
 fn check(o: Options) -> Outcome {
-    if o.tries == 0 || o.success_threshold == 0 || o.success_threshold > o.tries || !(o.interval >= 0.0) {
+    if o.tries == 0 || o.success_threshold == 0 || o.success_threshold > o.tries || !o.interval.is_finite() || o.interval < 0.0 {
         return Outcome::Failure("invalid HTTP_CHECK options: need 1 <= successThreshold <= tries and interval >= 0".into());
     }
     let mut passes = 0;

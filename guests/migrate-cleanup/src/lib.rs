@@ -76,4 +76,9 @@ impl MigrationPhase for Cleanup {
 }
 
 cordon_sdk::migration_phase_plugin!(Cleanup);
-cordon_sdk::manifest!(r#"{"name": "migrate-cleanup", "version": "0.1.0", "contract": "0.1.0", "stages": [], "capabilities": {}}"#);
+cordon_sdk::manifest! {
+    name: "migrate-cleanup",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: &[],
+    capabilities: r#"{}"#,
+}

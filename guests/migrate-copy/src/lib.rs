@@ -72,4 +72,9 @@ impl MigrationPhase for Copy {
 }
 
 cordon_sdk::migration_phase_plugin!(Copy);
-cordon_sdk::manifest!(r#"{"name": "migrate-copy", "version": "0.1.0", "contract": "0.1.0", "stages": [], "capabilities": {}}"#);
+cordon_sdk::manifest! {
+    name: "migrate-copy",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: &[],
+    capabilities: r#"{}"#,
+}

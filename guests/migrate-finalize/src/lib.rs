@@ -36,4 +36,9 @@ impl MigrationPhase for Finalize {
 }
 
 cordon_sdk::migration_phase_plugin!(Finalize);
-cordon_sdk::manifest!(r#"{"name": "migrate-finalize", "version": "0.1.0", "contract": "0.1.0", "stages": [], "capabilities": {}}"#);
+cordon_sdk::manifest! {
+    name: "migrate-finalize",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: &[],
+    capabilities: r#"{}"#,
+}

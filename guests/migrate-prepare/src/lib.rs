@@ -37,4 +37,9 @@ impl MigrationPhase for Prepare {
 }
 
 cordon_sdk::migration_phase_plugin!(Prepare);
-cordon_sdk::manifest!(r#"{"name": "migrate-prepare", "version": "0.1.0", "contract": "0.1.0", "stages": [], "capabilities": {}}"#);
+cordon_sdk::manifest! {
+    name: "migrate-prepare",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: &[],
+    capabilities: r#"{}"#,
+}

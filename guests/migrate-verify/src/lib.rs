@@ -102,4 +102,9 @@ impl MigrationPhase for Verify {
 }
 
 cordon_sdk::migration_phase_plugin!(Verify);
-cordon_sdk::manifest!(r#"{"name": "migrate-verify", "version": "0.1.0", "contract": "0.1.0", "stages": [], "capabilities": {}}"#);
+cordon_sdk::manifest! {
+    name: "migrate-verify",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: &[],
+    capabilities: r#"{}"#,
+}

@@ -8,14 +8,31 @@
 //! and shared types are `cordon-sdk`'s, so [`cordon_sdk::log`] and friends
 //! work here unchanged.
 //!
-//! ```ignore
-//! struct Files;
-//! impl cordon_sdk::StagePlugin for Files { /* STAGES, Options, run */ }
-//! impl cordon_sdk_deployment::DeploymentPlugin for Files {
-//!     fn quick_sync_stages(ctx: &PlanContext, rollback: bool) -> Result<Vec<PlannedStage>, String> { ... }
-//!     fn pipeline_sync_stages(ctx: &PlanContext, stages: &[StageConfig], rollback: bool) -> Result<Vec<PlannedStage>, String> { ... }
+//! ```
+//! use cordon_sdk_deployment::{PlanContext, PlannedStage, StageConfig, planned};
+//!
+//! struct Copy;
+//! impl cordon_sdk::StagePlugin for Copy {
+//!     const STAGES: &'static [(&'static str, &'static str)] = &[("COPY_SYNC", "Copies the source"), ("COPY_ROLLBACK", "Copies it back")];
+//!     type Options = serde_json::Value;
+//!     fn run(_: &cordon_sdk::Context, _: serde_json::Value) -> cordon_sdk::Outcome {
+//!         cordon_sdk::Outcome::Success(String::new())
+//!     }
 //! }
-//! cordon_sdk_deployment::deployment_plugin!(Files);
+//! impl cordon_sdk_deployment::DeploymentPlugin for Copy {
+//!     fn quick_sync_stages(_: &PlanContext, rollback: bool) -> Result<Vec<PlannedStage>, String> {
+//!         let mut stages = vec![planned(0, "COPY_SYNC", false, "{}")];
+//!         if rollback {
+//!             stages.push(planned(0, "COPY_ROLLBACK", true, "{}"));
+//!         }
+//!         Ok(stages)
+//!     }
+//!     fn pipeline_sync_stages(_: &PlanContext, stages: &[StageConfig], _: bool) -> Result<Vec<PlannedStage>, String> {
+//!         Ok(stages.iter().map(|s| planned(s.index, &s.name, false, &s.options)).collect())
+//!     }
+//! }
+//! cordon_sdk_deployment::deployment_plugin!(Copy);
+//! # fn main() {}
 //! ```
 
 /// The raw bindings of the `deployment` world, for plugins that need to

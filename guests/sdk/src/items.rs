@@ -4,14 +4,25 @@
 //! Items arrive as parsed JSON; answer [`Action::Unchanged`] when there is
 //! nothing to do so that the host passes the item on byte for byte.
 //!
-//! ```ignore
+//! ```
+//! use cordon_sdk::items::Selector;
+//! use cordon_sdk::Action;
+//! use serde_json::Value;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Options { label: String }
+//!
 //! struct AddLabel;
 //! impl cordon_sdk::ItemAction for AddLabel {
 //!     type Options = Options;
 //!     fn applies_to(_: &Options) -> Selector { Selector::kinds(&["ConfigMap"]) }
-//!     fn execute(o: &Options, mut item: Value) -> Result<Action, String> { ...; Ok(Action::Modified(item)) }
+//!     fn execute(o: &Options, mut item: Value) -> Result<Action, String> {
+//!         item["metadata"]["labels"][&o.label] = Value::from("yes");
+//!         Ok(Action::Modified(item))
+//!     }
 //! }
 //! cordon_sdk::item_action_plugin!(AddLabel);
+//! # fn main() {}
 //! ```
 
 use serde::de::DeserializeOwned;

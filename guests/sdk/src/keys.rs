@@ -7,7 +7,9 @@
 //! without looking at each one (a substring search over the whole batch,
 //! say) overrides [`KeyFilter::select`].
 //!
-//! ```ignore
+//! ```
+//! use cordon_sdk::Verdict;
+//!
 //! #[derive(serde::Deserialize)]
 //! struct Options { tenant: String }
 //! struct Tenant(Vec<u8>);
@@ -19,6 +21,7 @@
 //!     }
 //! }
 //! cordon_sdk::key_filter_plugin!(Tenant);
+//! # fn main() {}
 //! ```
 
 use std::collections::BTreeSet;

@@ -14,18 +14,29 @@
 //!
 //! The host's services are plain calls in [`log`], [`metadata`],
 //! [`commands`], [`blobs`] and [`secrets`]; [`manifest!`] embeds the
-//! plugin's manifest.
+//! plugin's manifest, built from its declarations.
 //!
 //! The raw bindings: one module per world. A plugin crate (a `cdylib` built for
 //! `wasm32-wasip2`) implements the `Guest` traits of its world's exports and
 //! registers its type with that module's export macro:
 //!
-//! ```ignore
-//! use cordon_sdk::executor::{self, exports::cordon::plugin::{executor::Guest, stages}};
-//! struct Wait;
-//! impl stages::Guest for Wait { /* defined_stages */ }
-//! impl Guest for Wait { /* execute_stage */ }
-//! cordon_sdk::executor::export_executor!(Wait);
+//! ```
+//! use cordon_sdk::executor::exports::cordon::plugin::{execution, stages};
+//! use cordon_sdk::executor::cordon::plugin::types::StageStatus;
+//!
+//! struct Hello;
+//! impl stages::Guest for Hello {
+//!     fn defined_stages() -> Vec<stages::StageDefinition> {
+//!         vec![cordon_sdk::executor::stage("HELLO", "Says hello")]
+//!     }
+//! }
+//! impl execution::Guest for Hello {
+//!     fn execute_stage(_: execution::StageRequest) -> execution::StageResult {
+//!         cordon_sdk::executor::finish(StageStatus::Success, "hello")
+//!     }
+//! }
+//! cordon_sdk::executor::export_executor!(Hello);
+//! # fn main() {}
 //! ```
 
 /// The `executor` world: performs stages, may call the stage host services.
@@ -95,6 +106,7 @@ pub mod http;
 mod host;
 pub mod items;
 pub mod keys;
+pub mod manifest;
 pub mod migrate;
 pub mod stage;
 
@@ -106,9 +118,15 @@ pub use stage::{Context, Outcome, StagePlugin};
 
 /// Declares a plugin that defines exactly one stage, run by `run`:
 ///
-/// ```ignore
+/// ```
+/// use cordon_sdk::executor::exports::cordon::plugin::execution::{StageRequest, StageResult};
+/// use cordon_sdk::executor::cordon::plugin::types::StageStatus;
+///
 /// cordon_sdk::single_stage!("HELLO", "Says hello", run);
-/// fn run(request: StageRequest) -> StageResult { ... }
+/// fn run(request: StageRequest) -> StageResult {
+///     cordon_sdk::executor::finish(StageStatus::Success, format!("hello, {}", request.deployment.application_name))
+/// }
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! single_stage {
@@ -127,40 +145,5 @@ macro_rules! single_stage {
             }
         }
         $crate::executor::export_executor!(CordonSingleStage);
-    };
-}
-
-/// Embeds the plugin's manifest (JSON) in the component as the custom
-/// section `cordon:manifest`. The host compares the capabilities it
-/// requests with the operator's grants when it loads the plugin, and
-/// `cordon plugin inspect` shows it:
-///
-/// ```ignore
-/// cordon_sdk::manifest!(r#"{
-///   "name": "http-check", "version": "0.1.0", "contract": "0.1.0",
-///   "stages": ["HTTP_CHECK"],
-///   "capabilities": {
-///     "mounts": [{"guest": "/data", "access": "read-write"}],
-///     "network": ["http"],              // a scheme: some destination the operator picks
-///     "env": ["LOG_FORMAT"],
-///     "secrets": ["token"]
-///   }
-/// }"#);
-/// ```
-#[macro_export]
-macro_rules! manifest {
-    ($json:literal) => {
-        #[unsafe(link_section = "cordon:manifest")]
-        #[used]
-        static CORDON_MANIFEST: [u8; $json.len()] = {
-            let bytes = $json.as_bytes();
-            let mut out = [0u8; $json.len()];
-            let mut i = 0;
-            while i < bytes.len() {
-                out[i] = bytes[i];
-                i += 1;
-            }
-            out
-        };
     };
 }

@@ -1,7 +1,7 @@
 //! Writing a stage plugin in plain Rust: implement [`StagePlugin`] and
 //! register it with [`stage_plugin!`](crate::stage_plugin).
 //!
-//! ```ignore
+//! ```
 //! #[derive(serde::Deserialize)]
 //! struct Options { greeting: String }
 //!
@@ -10,11 +10,12 @@
 //!     const STAGES: &'static [(&'static str, &'static str)] = &[("HELLO", "Says hello")];
 //!     type Options = Options;
 //!     fn run(ctx: &cordon_sdk::Context, options: Options) -> cordon_sdk::Outcome {
-//!         cordon_sdk::log::info(format!("{} from {}", options.greeting, ctx.deployment().application_name));
+//!         cordon_sdk::log::info(&format!("{} from {}", options.greeting, ctx.deployment().application_name));
 //!         cordon_sdk::Outcome::Success(String::new())
 //!     }
 //! }
 //! cordon_sdk::stage_plugin!(Hello);
+//! # fn main() {}
 //! ```
 //!
 //! Options arrive as the stage's `with:` mapping; if they do not parse, the

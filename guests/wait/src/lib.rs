@@ -63,4 +63,9 @@ impl StagePlugin for Wait {
 }
 
 cordon_sdk::stage_plugin!(Wait);
-cordon_sdk::manifest!(r#"{"name": "wait", "version": "0.1.0", "contract": "0.1.0", "stages": ["WAIT"], "capabilities": {}}"#);
+cordon_sdk::manifest! {
+    name: "wait",
+    version: env!("CARGO_PKG_VERSION"),
+    stages: <Wait as StagePlugin>::STAGES,
+    capabilities: r#"{}"#,
+}

@@ -47,10 +47,6 @@ impl Breakpoints {
         out
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.break_before.is_empty() && self.break_after.is_empty() && !self.break_on_failure
-    }
-
     pub fn before(&self, stage: &StageRecord) -> bool {
         !stage.rollback && names(&self.break_before, stage)
     }

@@ -4,15 +4,17 @@ use cordon_sdk::executor::{cordon::plugin::types::StageStatus, exports::cordon::
 
 cordon_sdk::single_stage!("NEEDS_GRANTS", "Requests capabilities in its manifest", run);
 
-cordon_sdk::manifest!(r#"{
-  "name": "needs-grants", "version": "1.2.3", "contract": "0.1.0", "stages": ["NEEDS_GRANTS"],
-  "capabilities": {
-    "mounts": [{"guest": "/data", "access": "read-write"}],
-    "network": ["https://api.example.com", "tcp"],
-    "env": ["REGION"],
-    "secrets": ["db-password"]
-  }
-}"#);
+cordon_sdk::manifest! {
+    name: "needs-grants",
+    version: "1.2.3",
+    stages: &[("NEEDS_GRANTS", "")],
+    capabilities: r#"{
+        "mounts": [{"guest": "/data", "access": "read-write"}],
+        "network": ["https://api.example.com", "tcp"],
+        "env": ["REGION"],
+        "secrets": ["db-password"]
+    }"#,
+}
 
 fn run(_request: StageRequest) -> StageResult {
     finish(StageStatus::Success, "")
