@@ -300,6 +300,37 @@ async fn additional_items_are_deduplicated_so_cycles_end() {
     assert!(stats.duplicates >= 2, "{stats:?}");
 }
 
+/// A hostile action that expands every item into nine padded new ones is
+/// stopped by the run's output budget, not by the host's memory.
+#[tokio::test]
+async fn item_amplification_is_bounded_by_the_output_budget() {
+    let plugin = plugin("item-flood", "item-action").await;
+    let mut session = ItemActionSession::open(engine(), &plugin, Arc::new(NullSink)).await.unwrap();
+    let input = (0..3).map(|i| format!(r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"seed{i}","namespace":"ns"}}}}"#)).collect::<Vec<_>>().join("\n");
+    let mut out = Vec::new();
+    let err = items::run(Cursor::new(input.into_bytes()), &mut out, &mut session, "{}").await.unwrap_err().to_string();
+    assert!(err.contains("output passed") && err.contains("times the input"), "{err}");
+    assert!(out.len() as u64 <= items::OUTPUT_SLACK + 1024, "wrote {} bytes", out.len());
+}
+
+/// A filter that reports one key as unclassified many times is refused: the
+/// host reports each key at most once.
+#[tokio::test]
+async fn repeated_unclassified_indexes_are_a_contract_error() {
+    let plugin = plugin("keys-repeat", "key-filter").await;
+    let session = KeyFilterSession::open(engine(), &plugin, "{}", Arc::new(NullSink)).await.unwrap();
+    let mut unclassified = Vec::new();
+    let err = filter::run(
+        Cursor::new(b"/registry/a\n/registry/b\n".to_vec()),
+        vec![session],
+        filter::Sinks { selected: &mut Vec::new(), unclassified: Some(&mut unclassified), progress: &|_| {} },
+    )
+    .await
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("out of order or twice"), "{err:#}");
+    assert!(unclassified.len() < 100, "wrote {} bytes of unclassified keys", unclassified.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_json_dumps_are_streamed() {
     use base64::Engine;

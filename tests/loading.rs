@@ -6,7 +6,7 @@ use std::path::Path;
 
 use cordon_runtime::engine::{Origin, Engine, EngineOptions};
 use cordon_runtime::plugin::{AgentConfig, Plugin, Plugins};
-use cordon_tests::{agent_config, guest, engine, sha256_file};
+use cordon_tests::{agent_config, cordon_bin, engine, guest, sha256_file};
 
 async fn load_err(name: &str, file: &Path, world: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
@@ -259,4 +259,23 @@ async fn a_manifest_that_asks_for_more_than_the_grants_is_refused_naming_each_gr
     let config = agent_config(dir.path(), "needs-grants", &guest("needs-grants"), "executor", &full).unwrap();
     let plugin = Plugin::load(engine(), &config.plugins[0]).await.unwrap();
     assert_eq!(plugin.manifest.as_ref().map(|m| m.version.as_str()), Some("1.2.3"));
+}
+
+/// A component made of many parts, each with its own memory, would get the
+/// memory limit once per memory and take that many slots of the shared
+/// instance pool: it is refused from its bytes, before anything compiles.
+#[tokio::test]
+async fn components_of_many_memories_are_refused_before_compiling() {
+    let memories: String = (0..16)
+        .map(|i| format!("(core module $m{i} (memory 1000)) (core instance $i{i} (instantiate $m{i}))\n"))
+        .collect();
+    let bytes = wat::parse_str(format!("(component\n{memories})")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("many-memories.wasm");
+    std::fs::write(&file, bytes).unwrap();
+    let err = load_err("many", &file, "executor").await;
+    assert!(err.contains("defines 16 linear memories; a plugin may define at most 2"), "{err}");
+    let out = std::process::Command::new(cordon_bin()).arg("plugin").arg("inspect").arg(&file).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("16 memories"), "{text}");
 }

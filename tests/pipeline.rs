@@ -126,6 +126,30 @@ async fn index_contract_violations_are_rejected() {
     assert!(d.reason.contains("quick-sync stages use index 0"), "{}", d.reason);
 }
 
+/// A planner cannot make another plugin (with grants the planner lacks)
+/// run a stage: quick-sync and rollback stages must be its own.
+#[tokio::test]
+async fn planners_cannot_borrow_other_plugins_stages() {
+    let world = World::new();
+    let host = world.host().await;
+    let state = world.dir.path().join("state");
+    let cases = [
+        ("bq", "name: bq\nplugins:\n  test-deploy: { violate: borrow }\n", "returned stage `STEP`"),
+        (
+            "br",
+            "name: br\nplanner: { alwaysUsePipeline: true }\npipeline:\n  stages:\n    - name: TD_ROLLOUT\nplugins:\n  test-deploy: { violate: borrow-rollback }\n",
+            "returned rollback stage `STEP`",
+        ),
+    ];
+    for (name, yaml, expected) in cases {
+        let d = deploy(&host, &state, &world.app(name, yaml), message("")).await;
+        assert_eq!(d.status, DeploymentStatus::Failure);
+        assert!(d.reason.contains("planner `test-deploy` broke the index contract") && d.reason.contains(expected), "{}", d.reason);
+        assert!(d.reason.contains("which it does not define"), "{}", d.reason);
+        assert!(stages(&host, &d.id).is_empty(), "nothing may run after a broken plan");
+    }
+}
+
 #[tokio::test]
 async fn stage_and_deployment_timeouts() {
     let world = World::new();

@@ -106,6 +106,23 @@ async fn http_needs_a_grant() {
     assert_eq!(server.hits(), 0);
 }
 
+/// `*` grants never reach the unspecified address (which Linux routes to
+/// the local host) or any other special address, however the guest writes it.
+#[tokio::test]
+async fn wildcard_grants_never_reach_special_literals() {
+    let server = Server::ok("hello").await;
+    let plugin = load("net-http", "    grants: { network: { allow: [\"http://*:*\"] } }\n").await.unwrap();
+    for host in ["0.0.0.0", "[::ffff:0.0.0.0]", "[::]"] {
+        let url = format!("\"http://{host}:{}/\"", server.port);
+        let (outcome, _) = run(&plugin, "NET_HTTP", &url, Dirs::new().run_dirs()).await;
+        assert_contained(&outcome, &["sandbox denied HTTP request to http://"]).await;
+    }
+    assert_eq!(server.hits(), 0, "a special address was reached through a wildcard grant");
+    let url = format!("\"http://127.0.0.1:{}/\"", server.port);
+    let (outcome, _) = run(&plugin, "NET_HTTP", &url, Dirs::new().run_dirs()).await;
+    assert!(outcome.message.contains("BREACH"), "the wildcard grant should reach loopback: {}", outcome.message);
+}
+
 #[tokio::test]
 async fn name_lookup_needs_a_grant() {
     let plugin = load("net-lookup", "").await.unwrap();
@@ -169,6 +186,31 @@ async fn log_flood_is_capped_and_the_stage_ends() {
     assert!(log.bytes() < 65536 + 1024, "{} bytes of log were kept", log.bytes());
 }
 
+/// One `log.write` of four million empty lines is charged per line before
+/// any is stored: the stage fails at once instead of storing millions of
+/// lines (one transaction each) past its timeout.
+#[tokio::test]
+async fn empty_line_floods_are_charged_per_line() {
+    let plugin = load("log-flood", "    limits: { log-lines: 1000 }\n").await.unwrap();
+    let (outcome, log) = run(&plugin, "LOG_FLOOD", "\"newlines\"", Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &["log output passed the plugin's limit of"]).await;
+    let kept = log.0.lock().unwrap().len();
+    assert!(kept <= 1, "{kept} lines were kept");
+}
+
+/// Descriptors are handles: a plugin that hoards them stops at its own
+/// budget, far below the process's limit, and the host's descriptors are
+/// all given back when the call ends.
+#[tokio::test]
+async fn descriptor_hoarding_stops_at_the_handle_budget() {
+    let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let before = open_fds();
+    let plugin = load("fd-hoard", "    limits: { handles: 200 }\n").await.unwrap();
+    let (outcome, _) = run(&plugin, "FD_HOARD", "{}", Dirs::new().run_dirs()).await;
+    assert_contained(&outcome, &["handle limit exceeded", "limits.handles"]).await;
+    assert!(open_fds() < before + 150, "descriptors leaked: {} before, {} after", before, open_fds());
+}
+
 #[tokio::test]
 async fn huge_return_value_is_refused() {
     let plugin = load("huge-return", "").await.unwrap();
@@ -186,6 +228,32 @@ async fn env_is_only_what_was_granted() {
     let (outcome, _) = run(&plugin, "ENV_READ", "{}", Dirs::new().run_dirs()).await;
     assert_contained(&outcome, &["env CORDON_TEST_SECRET", "visible vars: [GRANTED]"]).await;
     assert!(!outcome.message.contains("agent-only"));
+}
+
+/// A granted secret's value reaches no reason in clear, however the plugin
+/// tries (denial texts, its own message), and is refused by metadata and
+/// blobs; a multi-line secret is masked line by line.
+#[tokio::test]
+async fn secrets_do_not_leak_into_reasons_or_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = "-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0B\nAQEAz9aXeEEzfaQxyz\n-----END KEY-----\n";
+    std::fs::write(dir.path().join("token"), "leakme-4f9a7c").unwrap();
+    std::fs::write(dir.path().join("pem"), pem).unwrap();
+    let grants = format!(
+        "    grants:\n      network: {{ allow: [\"http://*:*\"] }}\n      secrets: {{ token: {{ file: {0}/token }}, pem: {{ file: {0}/pem }} }}\n",
+        dir.path().display()
+    );
+    let plugin = load("probe", &grants).await.unwrap();
+    let (outcome, log) = run(&plugin, "PROBE", r#"{"leak": "token"}"#, Dirs::new().run_dirs()).await;
+    assert_eq!(outcome.status, Status::Failure);
+    assert!(!outcome.message.contains("leakme"), "the secret leaked into the reason: {}", outcome.message);
+    assert!(outcome.message.contains("leaking ***") && outcome.message.contains("may not contain a granted secret"), "{}", outcome.message);
+    assert!(!log.text().contains("leakme"), "{}", log.text());
+    let (outcome, log) = run(&plugin, "PROBE", r#"{"secret": "pem"}"#, Dirs::new().run_dirs()).await;
+    assert_eq!(outcome.status, Status::Success, "{outcome:?}");
+    for part in ["MIIEvQIBADANBgkqhkiG9w0B", "AQEAz9aXeEEzfaQxyz"] {
+        assert!(!log.text().contains(part), "a line of the PEM secret leaked:\n{}", log.text());
+    }
 }
 
 /// The positive side: what is granted works, and secrets are masked.

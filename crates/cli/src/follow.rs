@@ -10,8 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use cordon_store::now_ms;
-use cordon_store::{DeploymentRecord, DeploymentStatus, StageRecord, StageStatus, StateStore};
+use cordon_store::{DeploymentRecord, DeploymentStatus, StageRecord, StageStatus, StateStore, now_ms};
+
+use crate::print::escape;
 
 const TICK: Duration = Duration::from_millis(150);
 
@@ -74,7 +75,7 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
         }
         if tty {
             for log in logs {
-                last_lines.insert(if log.stage.is_empty() { "plan".to_string() } else { log.stage }, log.text);
+                last_lines.insert(if log.stage.is_empty() { "plan".to_string() } else { log.stage }, escape(&log.text).into_owned());
             }
         } else {
             // Plain output: starts, log lines and ends in the order they
@@ -88,7 +89,7 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
                     events.push((stage.started_at.unwrap_or(0), stage.ordinal + 1, 0, format!("stage {} running", stage.id)));
                 }
                 if stage.status.is_final() && !shown.is_some_and(StageStatus::is_final) {
-                    let message = if stage.message.is_empty() { String::new() } else { format!(": {}", stage.message) };
+                    let message = if stage.message.is_empty() { String::new() } else { format!(": {}", escape(&stage.message)) };
                     events.push((stage.finished_at.unwrap_or(0), stage.ordinal + 1, 2, format!("stage {} {} in {}{message}", stage.id, stage.status, elapsed(stage))));
                 }
                 if stage.status != StageStatus::NotStarted {
@@ -98,7 +99,7 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
             for log in logs {
                 let order = ordinal.get(log.stage.as_str()).copied().unwrap_or(0);
                 let label = if log.stage.is_empty() { "plan".to_string() } else { log.stage };
-                events.push((log.at_ms, order, 1, format!("  {label} | {}: {}", log.source, log.text)));
+                events.push((log.at_ms, order, 1, format!("  {label} | {}: {}", log.source, escape(&log.text))));
             }
             events.sort_by_key(|(at, order, kind, _)| (*at, *order, *kind));
             for (_, _, _, line) in events {
@@ -114,7 +115,7 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
             });
             bar.set_prefix(format!("{} {:<width$}", symbol(stage.status), stage.id));
             let detail = if stage.status.is_final() && !stage.message.is_empty() {
-                stage.message.clone()
+                escape(&stage.message).into_owned()
             } else {
                 last_lines.get(&stage.id).cloned().unwrap_or_else(|| needs_text(stage))
             };
@@ -124,7 +125,7 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
             for bar in bars.values() {
                 bar.finish();
             }
-            let reason = if deployment.reason.is_empty() { String::new() } else { format!(": {}", deployment.reason) };
+            let reason = if deployment.reason.is_empty() { String::new() } else { format!(": {}", escape(&deployment.reason)) };
             say(format!("deployment {id} {}{reason}", deployment.status))?;
             return Ok(deployment);
         }

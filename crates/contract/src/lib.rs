@@ -207,6 +207,21 @@ pub struct Summary {
     /// The `cordon:manifest` custom section, wherever it sits (a Rust
     /// guest's lands inside its core module).
     pub manifest: Option<Vec<u8>>,
+    /// The component's static shape: what one instance of it holds at
+    /// least, whatever its code does (see [`Shape`]).
+    pub shape: Shape,
+}
+
+/// What instantiating a component creates, counted over all its nested
+/// modules and components: the host checks it against its maxima before
+/// compiling, so a component cannot take the instance pool's slots (or
+/// multiply its memory limit) by being made of many parts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shape {
+    pub core_modules: u32,
+    pub core_instances: u32,
+    pub memories: u32,
+    pub tables: u32,
 }
 
 /// Why bytes are not a plugin of the expected world.
@@ -237,7 +252,14 @@ pub fn summarize(bytes: &[u8]) -> Result<Summary, ContractError> {
             Payload::Version { encoding, .. } if depth == 0 && encoding != Encoding::Component => {
                 return Err(ContractError::CoreModule);
             }
-            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+            Payload::ModuleSection { .. } => {
+                summary.shape.core_modules += 1;
+                depth += 1;
+            }
+            Payload::ComponentSection { .. } => depth += 1,
+            Payload::InstanceSection(reader) => summary.shape.core_instances += reader.count(),
+            Payload::MemorySection(reader) => summary.shape.memories += reader.count(),
+            Payload::TableSection(reader) => summary.shape.tables += reader.count(),
             Payload::End(_) => depth = depth.saturating_sub(1),
             Payload::ComponentImportSection(reader) if depth == 0 => {
                 for import in reader {
@@ -314,13 +336,14 @@ mod tests {
             imports: vec!["cordon:plugin/log@0.1.0".into()],
             exports: vec!["cordon:plugin/stages@0.1.0".into(), "cordon:plugin/execution@0.1.0".into()],
             manifest: None,
+            shape: Shape::default(),
         };
         assert_eq!(summary.check(World::Executor), Ok(()));
         assert_eq!(summary.worlds(), vec![World::Executor]);
         let err = summary.check(World::Planner).unwrap_err().to_string();
         assert!(err.contains("cordon:plugin/planning@0.1.0"), "{err}");
 
-        let newer = Summary { imports: vec![], exports: vec!["cordon:plugin/stages@0.2.0".into()], manifest: None };
+        let newer = Summary { imports: vec![], exports: vec!["cordon:plugin/stages@0.2.0".into()], manifest: None, shape: Shape::default() };
         let err = newer.check(World::Executor).unwrap_err().to_string();
         assert!(err.contains("0.2.0") && err.contains("0.1.0"), "{err}");
     }

@@ -9,17 +9,63 @@
 //! Additional items returned by the action are processed the same way,
 //! after the item that produced them, and de-duplicated by identity
 //! (apiVersion, kind, namespace, name) across the whole run, so cycles end.
+//!
+//! An action cannot make the host hold or write without bound: each input
+//! item expands into at most [`MAX_ADDITIONAL`] items, the output of a run
+//! is at most [`OUTPUT_SLACK`] plus [`OUTPUT_FACTOR`] times its input, and
+//! de-duplication keeps a 32-byte digest per distinct item, for at most
+//! [`MAX_DISTINCT`] items.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, Write};
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use cordon_runtime::runner::{ItemActionSession, ItemOutcome, ItemSelector};
 
 /// Additional items one input item may expand into, at most.
 pub const MAX_ADDITIONAL: usize = 10_000;
+/// Output bytes a run may write beyond [`OUTPUT_FACTOR`] times its input.
+pub const OUTPUT_SLACK: u64 = 64 << 20;
+/// How many times its input a run's output may be, besides the slack.
+pub const OUTPUT_FACTOR: u64 = 8;
+/// Distinct items one run de-duplicates, at most.
+pub const MAX_DISTINCT: usize = 2_000_000;
+
+/// The identities seen so far, as digests, so memory is bounded per item.
+struct Seen(HashSet<[u8; 32]>);
+
+impl Seen {
+    /// Whether `identity` is new; errors past [`MAX_DISTINCT`].
+    fn insert(&mut self, identity: &str) -> Result<bool> {
+        let new = self.0.insert(Sha256::digest(identity.as_bytes()).into());
+        if self.0.len() > MAX_DISTINCT {
+            bail!("more than {MAX_DISTINCT} distinct items in one run; split the input");
+        }
+        Ok(new)
+    }
+}
+
+/// Counts what a run reads and writes, and stops it past its output budget.
+struct Volume<'a> {
+    output: &'a mut dyn Write,
+    read: u64,
+    written: u64,
+}
+
+impl Volume<'_> {
+    fn write(&mut self, text: &str) -> Result<()> {
+        self.written += text.len() as u64 + 1;
+        let budget = OUTPUT_SLACK + OUTPUT_FACTOR * self.read;
+        if self.written > budget {
+            bail!("the item action's output passed {budget} bytes ({OUTPUT_FACTOR} times the input plus {} MiB); refusing to write more", OUTPUT_SLACK >> 20);
+        }
+        writeln!(self.output, "{text}")?;
+        Ok(())
+    }
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -84,15 +130,17 @@ fn applies(selector: &ItemSelector, m: &Meta) -> bool {
 pub async fn run(input: impl BufRead, output: &mut dyn Write, session: &mut ItemActionSession, options: &str) -> Result<Stats> {
     let selector = session.applies_to(options).await.map_err(|e| anyhow::anyhow!("applies-to failed: {e}"))?;
     let mut stats = Stats::default();
-    let mut seen: HashSet<String> = HashSet::new();
+    let mut seen = Seen(HashSet::new());
+    let mut out = Volume { output, read: 0, written: 0 };
     for (n, line) in input.lines().enumerate() {
         let line = line.context("cannot read the input")?;
+        out.read += line.len() as u64 + 1;
         if line.trim().is_empty() {
             continue;
         }
         let what = format!("input line {}", n + 1);
         let m = meta(&line, &what)?;
-        if !seen.insert(m.identity.clone()) {
+        if !seen.insert(&m.identity)? {
             stats.duplicates += 1;
             continue;
         }
@@ -103,7 +151,7 @@ pub async fn run(input: impl BufRead, output: &mut dyn Write, session: &mut Item
         while let Some((text, m)) = queue.pop() {
             if !applies(&selector, &m) {
                 stats.unchanged += 1;
-                writeln!(output, "{text}")?;
+                out.write(&text)?;
                 continue;
             }
             let outcome = session.execute(options, &text).await.map_err(|e| anyhow::anyhow!("{what}: the item action failed: {e}"))?;
@@ -132,12 +180,12 @@ pub async fn run(input: impl BufRead, output: &mut dyn Write, session: &mut Item
                 }
             };
             if let Some(result) = result {
-                writeln!(output, "{result}")?;
+                out.write(&result)?;
             }
             // Reverse so that additional items come out in the order given.
             for extra in additional.into_iter().rev() {
                 let m = meta(&extra, &format!("{what}: an additional item"))?;
-                if !seen.insert(m.identity.clone()) {
+                if !seen.insert(&m.identity)? {
                     stats.duplicates += 1;
                     continue;
                 }
@@ -150,6 +198,6 @@ pub async fn run(input: impl BufRead, output: &mut dyn Write, session: &mut Item
             }
         }
     }
-    output.flush()?;
+    out.output.flush()?;
     Ok(stats)
 }

@@ -266,6 +266,24 @@ pub async fn plan(input: &PlanInput<'_>) -> Result<Planned> {
     Ok(Planned { summary, stages })
 }
 
+/// A planner plans only stages it defines itself (besides the configured
+/// stages at their indexes): otherwise a planner could make another
+/// plugin, with grants the planner lacks, run a stage with options the
+/// planner chose (a confused deputy).
+fn check_own_stage(planner: &Plugin, planned: &PlannedStage) -> Result<()> {
+    if planner.stages.iter().any(|s| s.name == planned.name) {
+        return Ok(());
+    }
+    let own: Vec<&str> = planner.stages.iter().map(|s| s.name.as_str()).collect();
+    bail!(
+        "planner `{}` broke the index contract: it returned {}stage `{}`, which it does not define (it defines: {}); a planner plans only its own stages and the configured stages at their indexes",
+        planner.name,
+        if planned.rollback { "rollback " } else { "" },
+        planned.name,
+        if own.is_empty() { "none".to_string() } else { own.join(", ") }
+    )
+}
+
 /// Appends rollback stages as one chain, each receiving `options_for`.
 fn push_rollbacks(
     stages: &mut Vec<StageRecord>,
@@ -296,6 +314,7 @@ async fn quick_sync_stages(input: &PlanInput<'_>, planners: &[&Arc<Plugin>]) -> 
             .await
             .map_err(|e| planner_error(planner, "build quick-sync stages", e))?;
         for planned in returned {
+            check_own_stage(planner, &planned)?;
             if planned.index != 0 {
                 bail!("planner `{}` broke the index contract: quick-sync stage `{}` has index {}, quick-sync stages use index 0", planner.name, planned.name, planned.index);
             }
@@ -366,6 +385,7 @@ async fn pipeline_sync_stages(input: &PlanInput<'_>) -> Result<Vec<StageRecord>>
                 return Err(broke(format!("stage `{}` has index {}", stage.name, stage.index)));
             }
             if stage.rollback {
+                check_own_stage(planner, &stage)?;
                 rollbacks.push((stage, planner));
                 continue;
             }

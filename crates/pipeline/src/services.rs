@@ -16,18 +16,34 @@ pub struct StoreLog {
     pub stage: String,
 }
 
-impl LogSink for StoreLog {
-    fn line(&self, source: Source, text: &str) {
-        let record = LogRecord {
+impl StoreLog {
+    fn record(&self, source: Source, text: &str) -> LogRecord {
+        LogRecord {
             seq: 0,
             deployment: self.deployment.clone(),
             stage: self.stage.clone(),
             at_ms: now_ms(),
             source: source.to_string(),
             text: text.to_string(),
-        };
-        if let Err(e) = self.store.append_logs(&[record]) {
-            tracing::error!("cannot store a log line of {}/{}: {e:#}", self.deployment, self.stage);
+        }
+    }
+
+    fn store(&self, records: &[LogRecord]) {
+        if let Err(e) = self.store.append_logs(records) {
+            tracing::error!("cannot store {} log line(s) of {}/{}: {e:#}", records.len(), self.deployment, self.stage);
+        }
+    }
+}
+
+impl LogSink for StoreLog {
+    fn line(&self, source: Source, text: &str) {
+        self.store(&[self.record(source, text)]);
+    }
+
+    /// One transaction for all the lines of one write.
+    fn lines(&self, lines: &[(Source, String)]) {
+        if !lines.is_empty() {
+            self.store(&lines.iter().map(|(source, text)| self.record(*source, text)).collect::<Vec<_>>());
         }
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cordon_contract::World;
+use wasmtime::component::ResourceTableError;
 use wasmtime::{Engine, Store, Trap, WasmBacktrace};
 
 use crate::sandbox::{LogSink, MemoryServices, RunContext, RunDirs, RunState, Sandbox, StageLog, Violation};
@@ -79,6 +80,16 @@ impl Call {
         Call::open(engine, sandbox, context)
     }
 
+    /// The plugin's own error, masked: it may quote a secret it was given.
+    pub fn plugin_error(&self, message: String) -> RunError {
+        RunError::Plugin(self.log.mask(&message))
+    }
+
+    /// A broken answer, masked: the reason may quote what the plugin sent.
+    pub fn contract_error(&self, message: String) -> RunError {
+        RunError::Contract(self.log.mask(&message))
+    }
+
     /// Refuses answers larger than the plugin's result limit.
     pub fn check_size(&self, size: usize) -> Result<(), RunError> {
         if size as u64 > self.result_limit {
@@ -108,10 +119,11 @@ pub fn with_denials(cause: RunError, log: &StageLog) -> RunError {
     }
 }
 
-/// What the sandbox refused during the call, joined for a reason.
+/// What the sandbox refused during the call, joined for a reason and
+/// masked (a refused name or URL may carry a secret's value).
 pub fn denials(log: &StageLog) -> Option<String> {
     let denials = log.denials();
-    (!denials.is_empty()).then(|| denials.join("; "))
+    (!denials.is_empty()).then(|| log.mask(&denials.join("; ")))
 }
 
 /// Innermost frames of one function that make a trap a runaway recursion.
@@ -133,6 +145,9 @@ fn find<E: std::error::Error + 'static>(e: &wasmtime::Error) -> Option<&E> {
 fn explain(e: &wasmtime::Error, timeout: Duration, log: &StageLog) -> RunError {
     if let Some(v) = find::<Violation>(e) {
         return RunError::Limit(v.clone());
+    }
+    if let Some(ResourceTableError::Full) = find::<ResourceTableError>(e) {
+        return RunError::Limit(Violation::Handles);
     }
     let trap = |reason: &str| RunError::Trap(reason.to_string());
     match find::<Trap>(e) {
@@ -159,6 +174,6 @@ fn explain(e: &wasmtime::Error, timeout: Duration, log: &StageLog) -> RunError {
             trap("stack overflow: the plugin recursed without bound and ran off the end of its stack (an out-of-bounds memory access)")
         }
         Some(t) => RunError::Trap(format!("plugin trapped: {t}")),
-        None => RunError::Trap(format!("{e:#}")),
+        None => RunError::Trap(log.mask(&format!("{e:#}"))),
     }
 }

@@ -29,7 +29,7 @@ use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::files::write_atomic;
-use crate::sandbox::{self, RunState, TICKS_PER_SECOND};
+use crate::sandbox::{self, RunState, TICKS_PER_SECOND, limits};
 
 /// How the engine is set up.
 #[derive(Debug, Clone)]
@@ -96,6 +96,8 @@ fn pooling(pool_size: u32) -> PoolingAllocationConfig {
         .total_core_instances(pool_size * 4)
         .total_memories(pool_size)
         .total_tables(pool_size * 4)
+        .max_memories_per_component(limits::MAX_MEMORIES)
+        .max_tables_per_component(limits::MAX_TABLES)
         .total_stacks(pool_size)
         .max_memory_size(4 << 30)
         .pagemap_scan(wasmtime::Enabled::Auto)
@@ -121,6 +123,7 @@ impl Engine {
             (wasmtime::Engine::new(&base_config())?, false)
         };
         spawn_ticker(&engine);
+        raise_descriptor_limit();
         let mut linker = Linker::new(&engine);
         sandbox::add_to_linker(&mut linker).context("cannot set up the host imports")?;
         if let Some(dir) = &options.cache_dir {
@@ -210,6 +213,22 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 fn write_cached(path: &Path, code: &[u8]) -> Result<()> {
     write_atomic(&digest_path(path), hex::encode(Sha256::digest(code)).as_bytes())?;
     write_atomic(path, code)
+}
+
+/// Raises this process's soft limit on open descriptors to its hard limit:
+/// each plugin call may hold up to `limits.handles` descriptors, and the
+/// process's own (state database, listeners, logs) must not run out when
+/// plugins use theirs. What stays shared is the hard limit: concurrent
+/// calls × `limits.handles` should stay below it (see the README).
+fn raise_descriptor_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!("cannot raise the open-descriptor limit to its hard limit: {e}");
+        }
+    }
 }
 
 /// Increments the engine's epoch until the engine is dropped.

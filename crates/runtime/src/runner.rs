@@ -186,12 +186,12 @@ impl PlanCall {
 type CallFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = wasmtime::Result<T>> + Send + 'a>>;
 
 /// Runs one planner export in a fresh sandbox; the answer is checked
-/// against the result limit by `size`.
+/// against the result limit by `size`, and the plugin's error is masked.
 async fn planner_call<T: Send>(
     engine: &Engine,
     plugin: &Plugin,
     call: &PlanCall,
-    f: impl for<'a> FnOnce(&'a mut wasmtime::Store<crate::sandbox::RunState>, Planner, PlanRequest) -> CallFuture<'a, T> + Send,
+    f: impl for<'a> FnOnce(&'a mut wasmtime::Store<crate::sandbox::RunState>, Planner, PlanRequest) -> CallFuture<'a, Result<T, String>> + Send,
     size: impl FnOnce(&T) -> usize,
 ) -> Result<T, RunError> {
     let Some(pre) = plugin.planner() else {
@@ -204,7 +204,10 @@ async fn planner_call<T: Send>(
         let bindings = pre.instantiate_async(&mut *store).await?;
         f(store, bindings, request).await
     })
-    .await?;
+    .await?
+    .map_err(|e| {
+        run.check_size(e.len()).err().unwrap_or_else(|| run.plugin_error(e))
+    })?;
     run.check_size(size(&answer))?;
     Ok(answer)
 }
@@ -221,13 +224,11 @@ pub async fn determine_strategy(engine: &Engine, plugin: &Plugin, call: &PlanCal
         call,
         |store, bindings, request| Box::pin(async move { bindings.cordon_plugin_planning().call_determine_strategy(store, &request).await }),
         |answer| match answer {
-            Ok(planning::StrategyAnswer::Decided(s)) => s.summary.len(),
-            Ok(planning::StrategyAnswer::Unsupported) => 0,
-            Err(e) => e.len(),
+            planning::StrategyAnswer::Decided(s) => s.summary.len(),
+            planning::StrategyAnswer::Unsupported => 0,
         },
     )
-    .await?
-    .map_err(RunError::Plugin)?;
+    .await?;
     Ok(match answer {
         planning::StrategyAnswer::Unsupported => None,
         planning::StrategyAnswer::Decided(s) => Some((s.strategy, s.summary)),
@@ -241,13 +242,9 @@ pub async fn determine_versions(engine: &Engine, plugin: &Plugin, call: &PlanCal
         plugin,
         call,
         |store, bindings, request| Box::pin(async move { bindings.cordon_plugin_planning().call_determine_versions(store, &request).await }),
-        |answer| match answer {
-            Ok(versions) => versions.iter().map(|v| v.kind.len() + v.name.len() + v.version.len() + v.url.len()).sum(),
-            Err(e) => e.len(),
-        },
+        |versions| versions.iter().map(|v| v.kind.len() + v.name.len() + v.version.len() + v.url.len()).sum(),
     )
-    .await?
-    .map_err(RunError::Plugin)
+    .await
 }
 
 /// Quick-sync stages, rollback stages included when `rollback`.
@@ -259,10 +256,9 @@ pub async fn build_quick_sync_stages(engine: &Engine, plugin: &Plugin, call: &Pl
         move |store, bindings, request| {
             Box::pin(async move { bindings.cordon_plugin_planning().call_build_quick_sync_stages(store, &request, rollback).await })
         },
-        |answer| answer.as_ref().map_or_else(String::len, |s| stages_size(s)),
+        |stages| stages_size(stages),
     )
-    .await?
-    .map_err(RunError::Plugin)
+    .await
 }
 
 /// Pipeline-sync stages for the configured `stages` this plugin defines.
@@ -280,10 +276,9 @@ pub async fn build_pipeline_sync_stages(
         move |store, bindings, request| {
             Box::pin(async move { bindings.cordon_plugin_planning().call_build_pipeline_sync_stages(store, &request, &stages, rollback).await })
         },
-        |answer| answer.as_ref().map_or_else(String::len, |s| stages_size(s)),
+        |stages| stages_size(stages),
     )
-    .await?
-    .map_err(RunError::Plugin)
+    .await
 }
 
 /// A sandboxed instance kept for a stream of calls (key-filter batches,
@@ -306,20 +301,28 @@ impl KeyFilterSession {
         let mut run = Call::detached(engine.wasmtime(), &plugin.sandbox, RunDirs::default(), sink)?;
         let bindings = guarded(&run.log, run.timeout, pre.instantiate_async(&mut run.store)).await?;
         let configured = guarded(&run.log, run.timeout, bindings.cordon_plugin_key_selection().call_configure(&mut run.store, options)).await?;
-        configured.map_err(|e| RunError::Plugin(format!("plugin `{}` refused its options: {e}", plugin.name)))?;
+        configured.map_err(|e| run.plugin_error(format!("plugin `{}` refused its options: {e}", plugin.name)))?;
         Ok(Self(Session { run, bindings }))
     }
 
     /// Classifies one batch; checks the answer's shape.
     pub async fn select(&mut self, batch: &KeyBatch) -> Result<Selection, RunError> {
         let Session { run, bindings } = &mut self.0;
-        let selection = guarded(&run.log, run.timeout, bindings.cordon_plugin_key_selection().call_select(&mut run.store, batch)).await?.map_err(RunError::Plugin)?;
+        let selection = guarded(&run.log, run.timeout, bindings.cordon_plugin_key_selection().call_select(&mut run.store, batch)).await?.map_err(|e| run.plugin_error(e))?;
         let n = batch.ends.len();
         if selection.selected.len() != n.div_ceil(8) {
-            return Err(RunError::Contract(format!("the filter returned a bitmap of {} bytes for {n} keys", selection.selected.len())));
+            return Err(run.contract_error(format!("the filter returned a bitmap of {} bytes for {n} keys", selection.selected.len())));
         }
         if let Some(&bad) = selection.unclassified.iter().find(|&&i| i as usize >= n || selection.selected[i as usize / 8] & (1 << (i % 8)) != 0) {
-            return Err(RunError::Contract(format!("the filter reported key {bad} as unclassified, but it is out of range or also selected")));
+            return Err(run.contract_error(format!("the filter reported key {bad} as unclassified, but it is out of range or also selected")));
+        }
+        // Each key is reported at most once, in order: a filter cannot make
+        // the host report (and write out) more keys than it was given.
+        if let Some(pair) = selection.unclassified.windows(2).find(|w| w[0] >= w[1]) {
+            return Err(run.contract_error(format!(
+                "the filter reported unclassified keys out of order or twice ({} then {}); each key at most once, in batch order",
+                pair[0], pair[1]
+            )));
         }
         Ok(selection)
     }
@@ -330,7 +333,7 @@ impl KeyFilterSession {
         let prefixes = guarded(&run.log, run.timeout, bindings.cordon_plugin_key_selection().call_delete_prefixes(&mut run.store, batch)).await?;
         run.check_size(prefixes.iter().map(String::len).sum())?;
         if let Some(bad) = prefixes.iter().find(|p| !p.ends_with('/')) {
-            return Err(RunError::Contract(format!("the filter returned delete prefix {bad:?}, which does not end with '/'")));
+            return Err(run.contract_error(format!("the filter returned delete prefix {bad:?}, which does not end with '/'")));
         }
         Ok(prefixes)
     }
@@ -352,13 +355,13 @@ impl ItemActionSession {
     /// Which items the action wants.
     pub async fn applies_to(&mut self, options: &str) -> Result<ItemSelector, RunError> {
         let Session { run, bindings } = &mut self.0;
-        guarded(&run.log, run.timeout, bindings.cordon_plugin_item_rewrite().call_applies_to(&mut run.store, options)).await?.map_err(RunError::Plugin)
+        guarded(&run.log, run.timeout, bindings.cordon_plugin_item_rewrite().call_applies_to(&mut run.store, options)).await?.map_err(|e| run.plugin_error(e))
     }
 
     /// Runs the action on one item (JSON text).
     pub async fn execute(&mut self, options: &str, item: &str) -> Result<ItemOutcome, RunError> {
         let Session { run, bindings } = &mut self.0;
-        let outcome = guarded(&run.log, run.timeout, bindings.cordon_plugin_item_rewrite().call_execute(&mut run.store, options, item)).await?.map_err(RunError::Plugin)?;
+        let outcome = guarded(&run.log, run.timeout, bindings.cordon_plugin_item_rewrite().call_execute(&mut run.store, options, item)).await?.map_err(|e| run.plugin_error(e))?;
         let size = match &outcome {
             ItemOutcome::Modified(m) => m.len(),
             ItemOutcome::WithAdditionalItems(w) => w.item.len() + w.additional.iter().map(String::len).sum::<usize>(),
@@ -386,7 +389,7 @@ pub async fn migration_step(
     let handles = run.store.data_mut().grant_stores(stores);
     let bindings = guarded(&run.log, run.timeout, pre.instantiate_async(&mut run.store)).await?;
     let step = bindings.cordon_plugin_phase().call_step(&mut run.store, request, handles.source, handles.destination);
-    let outcome = guarded(&run.log, run.timeout, step).await?.map_err(RunError::Plugin)?;
+    let outcome = guarded(&run.log, run.timeout, step).await?.map_err(|e| run.plugin_error(e))?;
     run.check_size(outcome.checkpoint.as_ref().map_or(0, String::len) + outcome.summary.len())?;
     Ok(outcome)
 }

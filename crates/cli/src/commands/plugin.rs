@@ -89,6 +89,12 @@ async fn inspect(file: &Path) -> Result<()> {
     writeln!(out, "file:      {}", file.display())?;
     writeln!(out, "size:      {} bytes", bytes.len())?;
     writeln!(out, "sha256:    {}", hex::encode(Sha256::digest(&bytes)))?;
+    let shape = summary.shape;
+    writeln!(
+        out,
+        "shape:     {} core modules, {} core instances, {} memories, {} tables",
+        shape.core_modules, shape.core_instances, shape.memories, shape.tables
+    )?;
     let compat = if versions.iter().all(|v| v == contract::VERSION) { "compatible" } else { "NOT compatible" };
     let found = if versions.is_empty() { "(none)".to_string() } else { escape(&versions.join(", ")).into_owned() };
     writeln!(out, "contract:  {} {found} ({compat} with this host's {})", contract::PACKAGE, contract::VERSION)?;

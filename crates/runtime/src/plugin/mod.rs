@@ -38,6 +38,17 @@ use crate::sandbox::{NullSink, RunDirs, RunState, Sandbox};
 pub use config::{AgentConfig, PluginConfig};
 pub use manifest::Manifest;
 
+/// Checks a component's static shape against the maxima of one plugin.
+pub fn check_shape(shape: &contract::Shape) -> Result<(), String> {
+    use crate::sandbox::limits::{MAX_CORE_INSTANCES, MAX_MEMORIES, MAX_TABLES};
+    for (what, n, max) in [("linear memories", shape.memories, MAX_MEMORIES), ("tables", shape.tables, MAX_TABLES), ("core instances", shape.core_instances, MAX_CORE_INSTANCES)] {
+        if n > max {
+            return Err(format!("defines {n} {what}; a plugin may define at most {max}"));
+        }
+    }
+    Ok(())
+}
+
 /// How long a plugin may take to say which stages it defines.
 const STAGES_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -162,6 +173,7 @@ impl Plugin {
             tracing::info!("plugin `{name}`: {file} is signed by trusted key `{signer}`");
         }
         let summary = contract::summarize(&bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
+        check_shape(&summary.shape).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}; Cordon refuses components of more parts than any real plugin needs"))?;
         summary.check(config.world).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
         let manifest = match &summary.manifest {
             Some(bytes) => Some(Manifest::parse(bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file}: {e}"))?),

@@ -169,7 +169,7 @@ impl Sandbox {
     pub fn store(&self, engine: &Engine, run: RunContext) -> Result<Store<RunState>> {
         let secret_values = secrets::read_all(&self.grants.secrets);
         let masked = secret_values.values().filter_map(|v| v.as_ref().ok().cloned()).collect();
-        let log = StageLog::new(self.limits.log_bytes.as_u64(), masked, run.sink);
+        let log = StageLog::new(self.limits.log_bytes.as_u64(), self.limits.log_lines, masked, run.sink);
 
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(log.stream(output::Source::Stdout)).stderr(log.stream(output::Source::Stderr));
@@ -185,11 +185,15 @@ impl Sandbox {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             hooks: HttpHooks { policy },
-            table: ResourceTable::new(),
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(self.limits.handles as usize);
+                table
+            },
             limiter: limits::Limiter::new(&self.limits),
             secrets: Secrets::new(secret_values, log.clone()),
+            services: Services::new(run.services, log.clone()),
             log,
-            services: Services(run.services),
             stores: Stores::default(),
         };
         let mut store = Store::new(engine, state);

@@ -14,9 +14,13 @@
 //!   nothing. A redirect is a new request from the guest, so every hop is
 //!   checked here again.
 //!
-//! A hostname grant is re-checked after resolution: it never reaches
-//! link-local (cloud metadata), unspecified, multicast or broadcast
-//! addresses unless an address or CIDR pattern names them. Plain HTTP is
+//! Special addresses — link-local (cloud metadata), unspecified, multicast
+//! and broadcast — are reached only through a grant that names the special
+//! range itself (an address, or a CIDR at least as narrow as the range).
+//! Host names are re-checked after resolution, and IP literals the guest
+//! writes (`0.0.0.0`, `[::ffff:169.254.169.254]`) are checked the same way,
+//! so neither a name, nor `*`, nor a wide CIDR such as `0.0.0.0/0` reaches
+//! them. Plain HTTP is
 //! then sent to the address that was checked, so a second DNS answer cannot
 //! redirect it (DNS rebinding); HTTPS connects by name and relies on the
 //! certificate check for the same guarantee.
@@ -220,21 +224,36 @@ fn valid_hostname(host: &str) -> bool {
         })
 }
 
-/// Addresses a hostname grant never reaches: link-local (cloud metadata
-/// services live there), unspecified, multicast and broadcast.
-fn is_special(ip: IpAddr) -> bool {
+/// The special range `ip` lies in, as its prefix length: link-local (cloud
+/// metadata services live there), unspecified, multicast and broadcast.
+/// Only a grant that names such a range itself — an address or a CIDR at
+/// least as narrow as the range — reaches it; host names, `*` and wide
+/// CIDRs (`0.0.0.0/0`) never do.
+fn special_range(ip: IpAddr) -> Option<u8> {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
     match ip {
-        IpAddr::V4(v4) => {
-            v4.is_link_local() || v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() || v4.octets()[0] == 0
-        }
-        IpAddr::V6(v6) => {
-            v6.is_unspecified() || v6.is_multicast() || (v6.segments()[0] & 0xffc0) == 0xfe80
-        }
+        IpAddr::V4(v4) if v4.is_broadcast() || v4.is_unspecified() => Some(32),
+        IpAddr::V4(v4) if v4.octets()[0] == 0 => Some(8),
+        IpAddr::V4(v4) if v4.is_link_local() => Some(16),
+        IpAddr::V4(v4) if v4.is_multicast() => Some(4),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some(128),
+        IpAddr::V6(v6) if v6.is_multicast() => Some(8),
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => Some(10),
+        _ => None,
     }
+}
+
+/// Whether `net` reaches `ip`: it contains it, and if `ip` is special,
+/// `net` names that special range (or a part of it) itself.
+fn net_reaches(net: &IpNet, ip: IpAddr) -> bool {
+    let ip4 = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    (net.contains(&ip) || net.contains(&ip4)) && special_range(ip).is_none_or(|len| net.prefix_len() >= len)
 }
 
 /// The per-run network policy built from a [`NetworkGrant`].
@@ -265,8 +284,9 @@ impl NetPolicy {
             d.scheme == scheme
                 && d.port.is_none_or(|p| p == port)
                 && match (&d.host, ip) {
-                    (HostPattern::Any, _) => true,
-                    (HostPattern::Net(net), Some(ip)) => net.contains(&ip),
+                    (HostPattern::Any, None) => true,
+                    (HostPattern::Any, Some(ip)) => special_range(ip).is_none(),
+                    (HostPattern::Net(net), Some(ip)) => net_reaches(net, ip),
                     (HostPattern::Name(name), None) => *name == host,
                     (HostPattern::Suffix(suffix), None) => host.ends_with(suffix.as_str()),
                     _ => false,
@@ -274,12 +294,10 @@ impl NetPolicy {
         })
     }
 
-    /// Whether an address pattern (not a name) of `scheme` names `addr`.
+    /// Whether an address pattern (not a name) of `scheme` reaches `addr`.
     fn address_granted(&self, scheme: Scheme, addr: SocketAddr) -> bool {
         self.grant.allow.iter().any(|d| {
-            d.scheme == scheme
-                && d.port.is_none_or(|p| p == addr.port())
-                && matches!(&d.host, HostPattern::Net(net) if net.contains(&addr.ip()))
+            d.scheme == scheme && d.port.is_none_or(|p| p == addr.port()) && matches!(&d.host, HostPattern::Net(net) if net_reaches(net, addr.ip()))
         })
     }
 
@@ -313,7 +331,7 @@ impl NetPolicy {
         let allowed: Vec<SocketAddr> = resolved
             .iter()
             .copied()
-            .filter(|a| !is_special(a.ip()) || self.address_granted(scheme, *a))
+            .filter(|a| special_range(a.ip()).is_none() || self.address_granted(scheme, *a))
             .collect();
         let Some(first) = allowed.first() else {
             self.deny(format!(
@@ -349,7 +367,11 @@ impl NetPolicy {
         if self.address_granted(Scheme::Tcp, addr) {
             return true;
         }
-        if !is_special(addr.ip()) {
+        if special_range(addr.ip()).is_none() {
+            let any = |d: &Destination| d.scheme == Scheme::Tcp && d.host == HostPattern::Any && d.port.is_none_or(|p| p == addr.port());
+            if self.grant.allow.iter().any(any) {
+                return true;
+            }
             for d in &self.grant.allow {
                 let name = match &d.host {
                     HostPattern::Name(name) if d.scheme == Scheme::Tcp && d.port.is_none_or(|p| p == addr.port()) => name,
@@ -460,12 +482,33 @@ mod tests {
     async fn hostname_grant_never_reaches_link_local() {
         // `localhost` resolves to loopback, which is fine; a name that resolves to
         // link-local would be refused, simulated here with a literal check.
-        assert!(is_special("169.254.169.254".parse().unwrap()));
-        assert!(is_special("::ffff:169.254.169.254".parse().unwrap()));
-        assert!(is_special("0.0.0.0".parse().unwrap()));
-        assert!(!is_special("127.0.0.1".parse().unwrap()));
+        assert_eq!(special_range("169.254.169.254".parse().unwrap()), Some(16));
+        assert_eq!(special_range("::ffff:169.254.169.254".parse().unwrap()), Some(16));
+        assert_eq!(special_range("0.0.0.0".parse().unwrap()), Some(32));
+        assert_eq!(special_range("127.0.0.1".parse().unwrap()), None);
         let p = policy(&["http://localhost:8080"]);
         assert!(matches!(p.authorize_http(Scheme::Http, "localhost", 8080).await, Ok(HttpRoute::Pinned(a)) if a.ip().is_loopback()));
+    }
+
+    /// Wildcards and wide CIDRs never reach special addresses, whether the
+    /// guest names them as literals (`0.0.0.0`, `[::ffff:0.0.0.0]`) or not;
+    /// only a grant that names the special range itself does.
+    #[tokio::test]
+    async fn wildcards_never_reach_special_literals() {
+        let wide = policy(&["http://*:8080", "http://0.0.0.0/0:9090", "tcp://*:5432", "tcp://[::/0]:6432"]);
+        for host in ["0.0.0.0", "[::ffff:0.0.0.0]", "169.254.169.254", "[::ffff:169.254.169.254]", "224.0.0.1", "255.255.255.255", "[::]", "[fe80::1]"] {
+            assert!(wide.authorize_http(Scheme::Http, host, 8080).await.is_err(), "http://{host}:8080");
+            assert!(wide.authorize_http(Scheme::Http, host, 9090).await.is_err(), "http://{host}:9090");
+        }
+        for addr in ["0.0.0.0:5432", "169.254.169.254:5432", "[::ffff:0.0.0.0]:5432", "[::]:6432", "[fe80::1]:6432"] {
+            assert!(!wide.check_socket(addr.parse().unwrap(), SocketAddrUse::TcpConnect).await, "tcp {addr}");
+        }
+        assert!(wide.authorize_http(Scheme::Http, "127.0.0.1", 8080).await.is_ok());
+        assert!(wide.check_socket("10.1.2.3:5432".parse().unwrap(), SocketAddrUse::TcpConnect).await);
+        assert!(wide.check_socket("[2001:db8::1]:6432".parse().unwrap(), SocketAddrUse::TcpConnect).await);
+        let named = policy(&["http://169.254.169.254:80", "tcp://169.254.0.0/16:80"]);
+        assert!(named.authorize_http(Scheme::Http, "169.254.169.254", 80).await.is_ok());
+        assert!(named.check_socket("169.254.1.1:80".parse().unwrap(), SocketAddrUse::TcpConnect).await);
     }
 
     #[tokio::test]

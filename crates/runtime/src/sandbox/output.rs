@@ -1,10 +1,14 @@
 //! Log capability: every line a plugin writes, through the `log` import or
 //! its stdout and stderr, lands in the run's [`StageLog`].
 //!
-//! One byte budget covers all three sinks, so a flood on any of them is
-//! caught; past the budget the write traps and the stage fails with
-//! [`Violation::LogBytes`]. Values of the plugin's secrets are masked before
-//! a line leaves this module. Lines go to a [`LogSink`] (the terminal for
+//! One budget of bytes and one of lines cover all three sources, so a flood
+//! on any of them is caught; every line costs [`LINE_COST`] bytes besides
+//! its text, so a flood of empty lines is charged for what it costs to
+//! store. A write is charged whole before any of its lines is stored, and
+//! its lines are handed to the sink together (one transaction); past a
+//! budget the write traps and the stage fails with [`Violation::LogBytes`]
+//! or [`Violation::LogLines`]. Values of the plugin's secrets are masked
+//! before a line leaves this module. Lines go to a [`LogSink`] (the terminal for
 //! `cordon stage run`, the state store for deployments).
 
 use std::collections::VecDeque;
@@ -22,7 +26,7 @@ use cordon_contract::bindings::cordon::plugin::log;
 use wasmtime::component::{HasSelf, Linker};
 
 use super::RunState;
-use super::limits::Violation;
+use super::limits::{LINE_COST, Violation};
 
 /// Where a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +64,14 @@ impl fmt::Display for Source {
 /// Receives finished, masked lines.
 pub trait LogSink: Send + Sync {
     fn line(&self, source: Source, text: &str);
+
+    /// The lines of one write, in order; a sink that stores lines stores
+    /// them together (one transaction, not one per line).
+    fn lines(&self, lines: &[(Source, String)]) {
+        for (source, text) in lines {
+            self.line(*source, text);
+        }
+    }
 }
 
 /// Discards every line.
@@ -73,18 +85,82 @@ impl LogSink for NullSink {
 const MAX_LINE: usize = 16 * 1024;
 /// How many stderr lines are kept to explain a trap (a Rust panic message).
 const STDERR_TAIL: usize = 8;
+/// Lines of a multi-line secret shorter than this are not masked on their
+/// own (masking every `-----` or `}` would garble the log, and they give
+/// nothing away).
+const MIN_FRAGMENT: usize = 4;
+
+/// The exact strings masked out of everything a run's log, results and
+/// reasons carry: every granted secret value, and each line of a
+/// multi-line value (so a PEM key printed line by line is masked too).
+/// Longest first, so a value is masked whole before its parts.
+#[derive(Default)]
+struct Masker {
+    needles: Vec<String>,
+}
+
+impl Masker {
+    fn new(secrets: Vec<String>) -> Self {
+        let mut needles: Vec<String> = Vec::new();
+        for secret in secrets.into_iter().filter(|s| !s.is_empty()) {
+            if secret.contains('\n') {
+                needles.extend(secret.lines().map(|l| l.trim_end_matches('\r').to_string()).filter(|l| l.len() >= MIN_FRAGMENT));
+            }
+            needles.push(secret);
+        }
+        needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        needles.dedup();
+        Self { needles }
+    }
+
+    fn mask(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for needle in &self.needles {
+            if out.contains(needle.as_str()) {
+                out = out.replace(needle.as_str(), "***");
+            }
+        }
+        out
+    }
+
+    fn contains_any(&self, text: &[u8]) -> bool {
+        self.needles.iter().any(|n| memchr::memmem::find(text, n.as_bytes()).is_some())
+    }
+
+    /// Where to cut an over-long partial line at or before `cut` so that no
+    /// secret is split across the pieces (each piece is masked on its own):
+    /// before an occurrence that spans the cut, or before the tail of `buf`
+    /// that could still become one.
+    fn safe_cut(&self, buf: &[u8], start: usize, mut cut: usize) -> usize {
+        for needle in self.needles.iter().map(|n| n.as_bytes()) {
+            let from = cut.saturating_sub(needle.len() - 1).max(start);
+            for i in from..cut {
+                let rest = &buf[i..];
+                let spans = rest.len() >= needle.len() && rest.starts_with(needle);
+                let may_become = rest.len() < needle.len() && needle.starts_with(rest);
+                if (spans || may_become) && i > start {
+                    cut = cut.min(i);
+                    break;
+                }
+            }
+        }
+        cut
+    }
+}
 
 struct State {
-    used: u64,
-    exceeded: bool,
+    used_bytes: u64,
+    used_lines: u64,
+    exceeded: Option<Violation>,
     partial: [Vec<u8>; 2],
     stderr_tail: VecDeque<String>,
     denials: Vec<String>,
 }
 
 struct Inner {
-    budget: u64,
-    secrets: Vec<String>,
+    budget_bytes: u64,
+    budget_lines: u64,
+    masker: Masker,
     sink: Arc<dyn LogSink>,
     state: Mutex<State>,
 }
@@ -96,40 +172,43 @@ pub struct StageLog {
 }
 
 impl StageLog {
-    /// A log with `budget` bytes for the plugin, masking `secrets`.
-    pub fn new(budget: u64, secrets: Vec<String>, sink: Arc<dyn LogSink>) -> Self {
-        let secrets = secrets.into_iter().filter(|s| !s.is_empty()).collect();
+    /// A log with `bytes` and `lines` for the plugin, masking `secrets`.
+    pub fn new(bytes: u64, lines: u64, secrets: Vec<String>, sink: Arc<dyn LogSink>) -> Self {
         let state = State {
-            used: 0,
-            exceeded: false,
+            used_bytes: 0,
+            used_lines: 0,
+            exceeded: None,
             partial: [Vec::new(), Vec::new()],
             stderr_tail: VecDeque::new(),
             denials: Vec::new(),
         };
-        Self { inner: Arc::new(Inner { budget, secrets, sink, state: Mutex::new(state) }) }
+        let inner = Inner { budget_bytes: bytes, budget_lines: lines, masker: Masker::new(secrets), sink, state: Mutex::new(state) };
+        Self { inner: Arc::new(inner) }
     }
 
     /// A log that discards everything, for tests of other modules.
     pub fn detached() -> Self {
-        Self::new(u64::MAX, Vec::new(), Arc::new(NullSink))
+        Self::new(u64::MAX, u64::MAX, Vec::new(), Arc::new(NullSink))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Replaces every secret value in `text` with `***`.
+    /// Replaces every secret value (and every line of a multi-line one) in
+    /// `text` with `***`. Exact matches only: a value the plugin encodes or
+    /// splits otherwise is not recognised.
     pub fn mask(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for secret in &self.inner.secrets {
-            if out.contains(secret.as_str()) {
-                out = out.replace(secret.as_str(), "***");
-            }
-        }
-        out
+        self.inner.masker.mask(text)
     }
 
-    fn emit(&self, state: &mut State, source: Source, raw: &str) {
+    /// Whether `data` contains a granted secret value (or a line of one).
+    pub fn contains_secret(&self, data: &[u8]) -> bool {
+        self.inner.masker.contains_any(data)
+    }
+
+    /// Masks a finished line and queues it for the sink.
+    fn finish(&self, state: &mut State, out: &mut Vec<(Source, String)>, source: Source, raw: &str) {
         let text = self.mask(raw.trim_end_matches(['\n', '\r']));
         if source == Source::Stderr {
             if state.stderr_tail.len() == STDERR_TAIL {
@@ -137,69 +216,88 @@ impl StageLog {
             }
             state.stderr_tail.push_back(text.clone());
         }
-        self.inner.sink.line(source, &text);
+        out.push((source, text));
     }
 
-    /// Charges `n` bytes; past the budget, reports the violation once.
-    fn charge(&self, state: &mut State, n: usize) -> Result<(), Violation> {
-        let limit = self.inner.budget;
-        if state.exceeded {
-            return Err(Violation::LogBytes { limit });
+    /// Charges `bytes` and `lines` (each line also [`LINE_COST`] bytes);
+    /// past either budget, reports the violation (once to the log).
+    fn charge(&self, state: &mut State, bytes: usize, lines: u64) -> Result<(), Violation> {
+        if let Some(v) = &state.exceeded {
+            return Err(v.clone());
         }
-        state.used = state.used.saturating_add(n as u64);
-        if state.used > limit {
-            state.exceeded = true;
-            self.inner.sink.line(
-                Source::Host,
-                &format!("log output passed the plugin's limit of {limit} bytes; the stage is stopped"),
-            );
-            return Err(Violation::LogBytes { limit });
-        }
-        Ok(())
+        state.used_bytes = state.used_bytes.saturating_add(bytes as u64).saturating_add(lines.saturating_mul(LINE_COST));
+        state.used_lines = state.used_lines.saturating_add(lines);
+        let violation = if state.used_bytes > self.inner.budget_bytes {
+            Violation::LogBytes { limit: self.inner.budget_bytes }
+        } else if state.used_lines > self.inner.budget_lines {
+            Violation::LogLines { limit: self.inner.budget_lines }
+        } else {
+            return Ok(());
+        };
+        self.inner.sink.line(Source::Host, &format!("{violation}; the stage is stopped"));
+        state.exceeded = Some(violation.clone());
+        Err(violation)
     }
 
-    /// A line from the `log` import.
+    /// A message from the `log` import: one line per `\n`-separated part,
+    /// all charged before any is stored.
     pub fn write_line(&self, level: Level, text: &str) -> Result<(), Violation> {
         let mut state = self.lock();
-        self.charge(&mut state, text.len() + 1)?;
+        let lines = memchr::memchr_iter(b'\n', text.as_bytes()).count() as u64 + 1;
+        self.charge(&mut state, text.len() + 1, lines)?;
+        let mut out = Vec::with_capacity(lines as usize);
         for line in text.split('\n') {
-            self.emit(&mut state, Source::Log(level), line);
+            self.finish(&mut state, &mut out, Source::Log(level), line);
         }
+        drop(state);
+        self.inner.sink.lines(&out);
         Ok(())
     }
 
-    /// Raw bytes from stdout or stderr; complete lines are emitted.
+    /// Raw bytes from stdout or stderr; complete lines are emitted, and a
+    /// partial line once it reaches [`MAX_LINE`] bytes (never inside a
+    /// secret).
     pub fn write_bytes(&self, source: Source, bytes: &[u8]) -> Result<(), Violation> {
         let slot = if source == Source::Stderr { 1 } else { 0 };
         let mut state = self.lock();
-        self.charge(&mut state, bytes.len())?;
+        self.charge(&mut state, bytes.len(), 0)?;
         let mut buf = std::mem::take(&mut state.partial[slot]);
         buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
         let mut start = 0;
-        while let Some(pos) = buf[start..].iter().position(|&b| b == b'\n') {
-            let line = String::from_utf8_lossy(&buf[start..start + pos]).into_owned();
-            self.emit(&mut state, source, &line);
-            start += pos + 1;
-        }
-        while buf.len() - start >= MAX_LINE {
-            let line = String::from_utf8_lossy(&buf[start..start + MAX_LINE]).into_owned();
-            self.emit(&mut state, source, &line);
-            start += MAX_LINE;
+        let mut result = Ok(());
+        while result.is_ok() {
+            let end = match memchr::memchr(b'\n', &buf[start..]) {
+                Some(pos) => start + pos,
+                None if buf.len() - start >= MAX_LINE => self.inner.masker.safe_cut(&buf, start, start + MAX_LINE),
+                None => break,
+            };
+            result = self.charge(&mut state, 0, 1);
+            if result.is_ok() {
+                let line = String::from_utf8_lossy(&buf[start..end]).into_owned();
+                self.finish(&mut state, &mut out, source, &line);
+            }
+            start = if buf.get(end) == Some(&b'\n') { end + 1 } else { end };
         }
         buf.drain(..start);
         state.partial[slot] = buf;
-        Ok(())
+        drop(state);
+        self.inner.sink.lines(&out);
+        result
     }
 
     /// Emits what is left of unfinished stdout and stderr lines.
     pub fn flush(&self) {
         let mut state = self.lock();
+        let mut out = Vec::new();
         for (slot, source) in [(0, Source::Stdout), (1, Source::Stderr)] {
             let rest = std::mem::take(&mut state.partial[slot]);
             if !rest.is_empty() {
-                self.emit(&mut state, source, &String::from_utf8_lossy(&rest));
+                self.finish(&mut state, &mut out, source, &String::from_utf8_lossy(&rest));
             }
         }
+        drop(state);
+        self.inner.sink.lines(&out);
     }
 
     /// A line from the host about this run; not charged to the plugin.
@@ -322,17 +420,52 @@ mod tests {
     #[test]
     fn splits_lines_masks_secrets_and_enforces_the_budget() {
         let sink = Arc::new(Collect::default());
-        let log = StageLog::new(40, vec!["hunter2".into()], sink.clone());
+        let log = StageLog::new(400, 100, vec!["hunter2".into()], sink.clone());
         log.write_bytes(Source::Stdout, b"pass=hunter2\npart").unwrap();
         log.write_bytes(Source::Stdout, b"ial\n").unwrap();
         log.write_line(Level::Warn, "x").unwrap();
-        assert_eq!(log.write_bytes(Source::Stderr, &[b'y'; 64]), Err(Violation::LogBytes { limit: 40 }));
-        assert_eq!(log.write_line(Level::Info, "more"), Err(Violation::LogBytes { limit: 40 }));
+        assert_eq!(log.write_bytes(Source::Stderr, &[b'y'; 400]), Err(Violation::LogBytes { limit: 400 }));
+        assert_eq!(log.write_line(Level::Info, "more"), Err(Violation::LogBytes { limit: 400 }));
         let lines = sink.0.lock().unwrap().clone();
         assert_eq!(lines[0], (Source::Stdout, "pass=***".to_string()));
         assert_eq!(lines[1], (Source::Stdout, "partial".to_string()));
         assert_eq!(lines[2], (Source::Log(Level::Warn), "x".to_string()));
         assert_eq!(lines[3].0, Source::Host);
         assert_eq!(lines.len(), 4);
+    }
+
+    /// A flood of empty lines in one call is charged per line, before any
+    /// line is stored, and stops at the line limit.
+    #[test]
+    fn empty_lines_are_charged_and_counted() {
+        let sink = Arc::new(Collect::default());
+        let log = StageLog::new(1 << 30, 1000, Vec::new(), sink.clone());
+        let flood = "\n".repeat(4_000_000);
+        assert_eq!(log.write_line(Level::Info, &flood), Err(Violation::LogLines { limit: 1000 }));
+        assert_eq!(sink.0.lock().unwrap().len(), 1, "only the host's note is stored");
+
+        let log = StageLog::new(64 * 1024, u64::MAX, Vec::new(), Arc::new(NullSink));
+        assert_eq!(log.write_bytes(Source::Stdout, &b"\n".repeat(2000)), Err(Violation::LogBytes { limit: 64 * 1024 }));
+    }
+
+    /// Every line of a multi-line secret is masked, and a partial line cut
+    /// at the maximum length is never cut inside a secret.
+    #[test]
+    fn multi_line_secrets_and_cut_lines_stay_masked() {
+        let pem = "-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nAQEAz9aXeEEzfaQ\n-----END KEY-----".to_string();
+        let sink = Arc::new(Collect::default());
+        let log = StageLog::new(u64::MAX, u64::MAX, vec![pem.clone(), "s3cr3t-value".into()], sink.clone());
+        log.write_line(Level::Info, &format!("key:\n{pem}")).unwrap();
+        let mut long = vec![b'a'; MAX_LINE - 5];
+        long.extend_from_slice(b"s3cr3t-value and more\n");
+        log.write_bytes(Source::Stdout, &long[..MAX_LINE + 2]).unwrap();
+        log.write_bytes(Source::Stdout, &long[MAX_LINE + 2..]).unwrap();
+        let lines = sink.0.lock().unwrap().clone();
+        let all: String = lines.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>().join("\n");
+        for needle in ["MIIEvQIBADANBgkqhkiG9w0BAQEFAASC", "AQEAz9aXeEEzfaQ", "BEGIN KEY", "s3cr3t", "cr3t-value"] {
+            assert!(!all.contains(needle), "{needle} leaked: {all}");
+        }
+        assert!(all.contains("*** and more"), "{all}");
+        assert!(log.contains_secret(b"x AQEAz9aXeEEzfaQ y"));
     }
 }

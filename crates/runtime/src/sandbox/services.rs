@@ -17,6 +17,7 @@ use wasmtime::component::{HasSelf, Linker};
 use cordon_contract::bindings::cordon::plugin::{blobs, commands, metadata};
 
 use super::RunState;
+use super::output::StageLog;
 
 /// Largest metadata key and value, and blob, a plugin may store.
 pub const MAX_METADATA_KEY: usize = 256;
@@ -92,8 +93,26 @@ impl StageServices for MemoryServices {
     }
 }
 
-/// The services of one run, as the guest reaches them.
-pub struct Services(pub Arc<dyn StageServices>);
+/// The services of one run, as the guest reaches them. The run's log
+/// knows its secrets: a value that contains one is refused, so no granted
+/// secret is stored in clear (the plugin gets an error saying why).
+pub struct Services {
+    inner: Arc<dyn StageServices>,
+    log: StageLog,
+}
+
+impl Services {
+    pub fn new(inner: Arc<dyn StageServices>, log: StageLog) -> Self {
+        Self { inner, log }
+    }
+
+    fn refuse_secret(&self, what: &str, data: &[u8]) -> Option<String> {
+        self.log.contains_secret(data).then(|| {
+            self.log.record_denial(format!("storing a {what} that contains a granted secret"));
+            format!("{what}s may not contain a granted secret's value; store a reference to the secret instead")
+        })
+    }
+}
 
 pub(super) fn add_to_linker(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
     metadata::add_to_linker::<_, HasSelf<Services>>(linker, |s| &mut s.services)?;
@@ -115,7 +134,7 @@ fn scope(s: metadata::Scope) -> MetaScope {
 
 impl metadata::Host for Services {
     fn get(&mut self, s: metadata::Scope, key: String) -> wasmtime::Result<Option<String>> {
-        self.0.metadata_get(scope(s), &key).map_err(|e| host_fault("metadata", e))
+        self.inner.metadata_get(scope(s), &key).map_err(|e| host_fault("metadata", e))
     }
 
     fn put(&mut self, s: metadata::Scope, key: String, value: String) -> wasmtime::Result<Result<(), String>> {
@@ -125,18 +144,21 @@ impl metadata::Host for Services {
         if value.len() > MAX_METADATA_VALUE {
             return Ok(Err(format!("metadata values are limited to {MAX_METADATA_VALUE} bytes; use blobs for more")));
         }
-        self.0.metadata_put(scope(s), &key, &value).map_err(|e| host_fault("metadata", e))?;
+        if let Some(refused) = self.refuse_secret("metadata value", format!("{key}\n{value}").as_bytes()) {
+            return Ok(Err(refused));
+        }
+        self.inner.metadata_put(scope(s), &key, &value).map_err(|e| host_fault("metadata", e))?;
         Ok(Ok(()))
     }
 
     fn entries(&mut self, s: metadata::Scope) -> wasmtime::Result<Vec<(String, String)>> {
-        self.0.metadata_entries(scope(s)).map_err(|e| host_fault("metadata", e))
+        self.inner.metadata_entries(scope(s)).map_err(|e| host_fault("metadata", e))
     }
 }
 
 impl commands::Host for Services {
     fn received(&mut self) -> wasmtime::Result<Vec<commands::Command>> {
-        let list = self.0.commands().map_err(|e| host_fault("commands", e))?;
+        let list = self.inner.commands().map_err(|e| host_fault("commands", e))?;
         Ok(list
             .into_iter()
             .map(|c| commands::Command {
@@ -154,7 +176,7 @@ impl commands::Host for Services {
 
 impl blobs::Host for Services {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        self.0.blob_get(&key).map_err(|e| host_fault("blobs", e))
+        self.inner.blob_get(&key).map_err(|e| host_fault("blobs", e))
     }
 
     fn put(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
@@ -164,11 +186,14 @@ impl blobs::Host for Services {
         if value.len() > MAX_BLOB {
             return Ok(Err(format!("blobs are limited to {MAX_BLOB} bytes")));
         }
-        self.0.blob_put(&key, &value).map_err(|e| host_fault("blobs", e))?;
+        if let Some(refused) = self.refuse_secret("blob", &value).or_else(|| self.refuse_secret("blob key", key.as_bytes())) {
+            return Ok(Err(refused));
+        }
+        self.inner.blob_put(&key, &value).map_err(|e| host_fault("blobs", e))?;
         Ok(Ok(()))
     }
 
     fn delete(&mut self, key: String) -> wasmtime::Result<()> {
-        self.0.blob_delete(&key).map_err(|e| host_fault("blobs", e))
+        self.inner.blob_delete(&key).map_err(|e| host_fault("blobs", e))
     }
 }

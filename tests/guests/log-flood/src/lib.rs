@@ -1,4 +1,6 @@
-//! `LOG_FLOOD`: writes log lines without end.
+//! `LOG_FLOOD`: writes log lines without end; with the options
+//! `"newlines"`, one `log.write` of four million empty lines and then as
+//! many through stdout (cheap for the guest, costly to store).
 //!
 //! A hostile guest: it attempts the breach and reports honestly. Success
 //! means the sandbox let the breach through, so the tests expect a failure
@@ -18,7 +20,13 @@ fn run(request: StageRequest) -> StageResult {
 }
 
 
-fn attempt(_request: &StageRequest) -> Result<String, String> {
+fn attempt(request: &StageRequest) -> Result<String, String> {
+    if request.stage.options.contains("newlines") {
+        let flood = "\n".repeat(4_000_000);
+        cordon_sdk::executor::cordon::plugin::log::write(cordon_sdk::executor::cordon::plugin::log::Level::Info, &flood);
+        print!("{flood}");
+        return Ok("four million empty lines were accepted".into());
+    }
     let line = "flood ".repeat(100);
     let mut n: u64 = 0;
     loop {

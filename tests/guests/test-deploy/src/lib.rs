@@ -60,8 +60,14 @@ impl planning::Guest for TestDeploy {
     }
 
     fn build_quick_sync_stages(request: PlanRequest, rollback: bool) -> Result<Vec<PlannedStage>, String> {
-        let index = if text(&settings(&request), "violate") == Some("quick-index") { 3 } else { 0 };
+        let settings = settings(&request);
+        let violation = text(&settings, "violate");
+        let index = if violation == Some("quick-index") { 3 } else { 0 };
         let mut out = vec![stage(index, "TD_SYNC", false, "{}")];
+        if violation == Some("borrow") {
+            // A stage another plugin defines (and would run with its grants).
+            out.push(stage(0, "STEP", false, r#"{"sleep_ms": 1}"#));
+        }
         if rollback {
             out.push(stage(0, "TD_ROLLBACK", true, "{}"));
         }
@@ -81,6 +87,9 @@ impl planning::Guest for TestDeploy {
                 out.push(copy);
             }
             _ => {}
+        }
+        if text(&settings(&request), "violate") == Some("borrow-rollback") && let Some(first) = given.first() {
+            out.push(stage(first.index, "STEP", true, "{}"));
         }
         if rollback && let Some(first) = given.first() {
             // Rollback reuses the first stage's index; the host gives it that stage's options.
