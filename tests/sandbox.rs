@@ -103,6 +103,7 @@ async fn http_needs_a_grant() {
     let url = format!("\"http://127.0.0.1:{}/\"", server.port);
     let (outcome, _) = run(&plugin, "NET_HTTP", &url, Dirs::new().run_dirs()).await;
     assert_contained(&outcome, &[&format!("sandbox denied HTTP request to http://127.0.0.1:{}", server.port), "denied"]).await;
+    assert_eq!(outcome.message.matches("sandbox denied").count(), 1, "the denial is named once: {}", outcome.message);
     assert_eq!(server.hits(), 0);
 }
 

@@ -116,13 +116,17 @@ pub async fn execute_stage(engine: &Engine, plugin: &Plugin, call: StageCall) ->
         bindings.cordon_plugin_execution().call_execute_stage(&mut *store, &request).await
     })
     .await;
-    let outcome = match result.and_then(|r| run.check_size(r.message.len()).map(|()| r)) {
-        Err(e) => {
-            if e.violation().is_some_and(|v| matches!(v, crate::sandbox::Violation::ResultBytes { .. })) {
-                run.log.host_line(&e.to_string());
-            }
-            Outcome::failure(&with_denials(e, &run.log))
+    // `guarded` already names what the sandbox denied; a refused result
+    // size is named here, with the denials.
+    let checked = result.and_then(|r| match run.check_size(r.message.len()) {
+        Ok(()) => Ok(r),
+        Err(too_big) => {
+            run.log.host_line(&too_big.to_string());
+            Err(with_denials(too_big, &run.log))
         }
+    });
+    let outcome = match checked {
+        Err(e) => Outcome::failure(&e),
         Ok(StageResult { status, message }) => {
             let status = Status::from(status);
             let message = match crate::call::denials(&run.log) {
