@@ -40,19 +40,14 @@ pub enum RunError {
     #[error("{0}")]
     Contract(String),
     /// Any of the above, with what the sandbox refused during the call.
-    #[error("{cause} (sandbox denied {denied})")]
+    #[error("{}", with_denied(&.cause.to_string(), .denied))]
     Denied { cause: Box<RunError>, denied: String },
 }
 
-impl RunError {
-    /// The limit behind this error, if one was breached.
-    pub fn violation(&self) -> Option<&Violation> {
-        match self {
-            RunError::Limit(v) => Some(v),
-            RunError::Denied { cause, .. } => cause.violation(),
-            _ => None,
-        }
-    }
+/// `reason` with what the sandbox refused appended: the one wording of
+/// every failure reason that names a denial.
+pub fn with_denied(reason: &str, denied: &str) -> String {
+    if reason.is_empty() { format!("sandbox denied {denied}") } else { format!("{reason} (sandbox denied {denied})") }
 }
 
 /// A fresh store for one call, with its log and budgets.

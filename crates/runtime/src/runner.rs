@@ -16,7 +16,7 @@ use cordon_contract::bindings::planner::{
     Planner,
     exports::cordon::plugin::planning::{self, PlanRequest},
 };
-use crate::call::{Call, RunError, guarded, with_denials};
+use crate::call::{Call, RunError, denials, guarded, with_denied, with_denials};
 use crate::engine::Engine;
 use crate::plugin::Plugin;
 use crate::sandbox::fs::{RUNNING, SCRATCH, TARGET};
@@ -129,9 +129,8 @@ pub async fn execute_stage(engine: &Engine, plugin: &Plugin, call: StageCall) ->
         Err(e) => Outcome::failure(&e),
         Ok(StageResult { status, message }) => {
             let status = Status::from(status);
-            let message = match crate::call::denials(&run.log) {
-                Some(denied) if !status.is_success() && message.is_empty() => format!("sandbox denied {denied}"),
-                Some(denied) if !status.is_success() => format!("{message} (sandbox denied {denied})"),
+            let message = match denials(&run.log) {
+                Some(denied) if !status.is_success() => with_denied(&message, &denied),
                 _ => message,
             };
             Outcome { status, message }
@@ -209,8 +208,9 @@ async fn planner_call<T: Send>(
         f(store, bindings, request).await
     })
     .await?
-    .map_err(|e| {
-        run.check_size(e.len()).err().unwrap_or_else(|| run.plugin_error(e))
+    .map_err(|e| match run.check_size(e.len()) {
+        Err(too_big) => too_big,
+        Ok(()) => run.plugin_error(e),
     })?;
     run.check_size(size(&answer))?;
     Ok(answer)

@@ -5,7 +5,8 @@
 //! Loading order, each step refusing with an error that names the plugin,
 //! the file and the fix: read the file → compare its sha256 with the pin
 //! (a tampered file is refused before it is compiled) → check its signature
-//! where one is required or present → check it is a
+//! where one is required or present → check its shape (memories, tables,
+//! core instances) against the maxima → check it is a
 //! component of the declared world and contract version, and that the
 //! grants give what its manifest requests → compile (or take
 //! from the cache) → pre-link against the host imports → for stage
@@ -79,10 +80,6 @@ pub struct Plugin {
 }
 
 impl Plugin {
-    pub fn instance_pre(&self) -> &InstancePre<RunState> {
-        &self.pre
-    }
-
     /// Typed entry points for stage plugins; `None` for other worlds.
     pub fn executor(&self) -> Option<&ExecutorPre<RunState>> {
         self.executor.as_ref()
