@@ -6,6 +6,8 @@
 //! Deployments and stages are found by what people type: a stage by its id,
 //! or by its name when that is unique in the deployment.
 
+use std::fmt;
+
 use anyhow::{Context, Result, bail};
 
 use cordon_store::{CommandKind, CommandRecord, DeploymentRecord, StageRecord, StageStatus, StateStore, now_ms};
@@ -45,11 +47,20 @@ pub fn paused_stage(store: &dyn StateStore, id: &str) -> Result<StageRecord> {
     })
 }
 
-/// Where a command went, for the one line that confirms it.
+/// A recorded command; its `Display` is the one line that confirms it,
+/// e.g. `approve sent to stage s1-WAIT_APPROVAL of app-3 as alice`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sent {
+    pub kind: CommandKind,
     /// `deployment ID` or `stage STAGE of ID`.
     pub target: String,
+    pub commander: String,
+}
+
+impl fmt::Display for Sent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} sent to {} as {}", self.kind, self.target, self.commander)
+    }
 }
 
 /// Checks and records a command for deployment `id` (or one of its
@@ -84,7 +95,7 @@ pub fn send(store: &dyn StateStore, id: &str, stage: Option<&str>, kind: Command
     };
     store.add_command(&record)?;
     let target = if stage_id.is_empty() { format!("deployment {id}") } else { format!("stage {stage_id} of {id}") };
-    Ok(Sent { target })
+    Ok(Sent { kind, target, commander: commander.to_string() })
 }
 
 /// Continues (or, with `fail`, fails) the stage `id` is paused at.
@@ -142,7 +153,7 @@ mod tests {
         let err = send(&store, "app-1", Some("WAIT"), CommandKind::Approve, "alice").unwrap_err().to_string();
         assert!(err.contains("not planned yet"), "{err}");
         let sent = send(&store, "app-1", None, CommandKind::Cancel, "alice").unwrap();
-        assert_eq!(sent.target, "deployment app-1");
+        assert_eq!(sent.to_string(), "cancel sent to deployment app-1 as alice");
         assert_eq!(store.commands("app-1", None).unwrap().len(), 1);
         let err = resume(&store, "app-1", false, "alice").unwrap_err().to_string();
         assert!(err.contains("no paused stage"), "{err}");

@@ -59,7 +59,6 @@ impl Cancel {
 
 fn send(config: &Path, id: &str, stage: Option<&str>, kind: CommandKind, commander: &str) -> Result<ExitCode> {
     let store = open_store(&AgentConfig::load(config)?)?;
-    let sent = control::send(&store, id, stage, kind, commander)?;
-    println!("{kind} sent to {} as {commander}", sent.target);
+    println!("{}", control::send(&store, id, stage, kind, commander)?);
     Ok(ExitCode::SUCCESS)
 }

@@ -16,7 +16,6 @@ use cordon_pipeline::{self as pipeline, Host, control, open_store};
 use cordon_runtime::plugin::AgentConfig;
 use cordon_runtime::runner;
 use cordon_runtime::sandbox::fs::{RUNNING, SCRATCH, TARGET};
-use cordon_store::CommandKind;
 
 use super::trigger::default_user;
 use crate::print::{PrintSink, escape};
@@ -47,9 +46,7 @@ impl DebugCommand {
             DebugCommand::FailContinue { deployment, commander } => (deployment, true, commander),
         };
         let store = open_store(&AgentConfig::load(config)?)?;
-        let sent = control::resume(&store, &deployment, fail, &commander)?;
-        let kind = if fail { CommandKind::DebugFailContinue } else { CommandKind::DebugContinue };
-        println!("{kind} sent to {} as {commander}", sent.target);
+        println!("{}", control::resume(&store, &deployment, fail, &commander)?);
         Ok(ExitCode::SUCCESS)
     }
 }

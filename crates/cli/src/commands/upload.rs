@@ -59,8 +59,7 @@ impl Upload {
             stage.id
         );
         if self.resume {
-            let sent = control::send(&store, id, None, CommandKind::DebugContinue, &self.commander)?;
-            println!("{} sent to {} as {}", CommandKind::DebugContinue, sent.target, self.commander);
+            println!("{}", control::send(&store, id, None, CommandKind::DebugContinue, &self.commander)?);
         }
         Ok(ExitCode::SUCCESS)
     }
