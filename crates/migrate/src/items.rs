@@ -11,9 +11,10 @@
 //! (apiVersion, kind, namespace, name) across the whole run, so cycles end.
 //!
 //! An action cannot make the host hold or write without bound: each input
-//! item expands into at most [`MAX_ADDITIONAL`] items, the output of a run
-//! is at most [`OUTPUT_SLACK`] plus [`OUTPUT_FACTOR`] times its input, and
-//! de-duplication keeps a 32-byte digest per distinct item, for at most
+//! item expands into at most [`MAX_ADDITIONAL`] items, the additional items
+//! waiting to be processed hold at most [`MAX_PENDING`] bytes, the output of
+//! a run is at most [`OUTPUT_SLACK`] plus [`OUTPUT_FACTOR`] times its input,
+//! and de-duplication keeps a 32-byte digest per distinct item, for at most
 //! [`MAX_DISTINCT`] items.
 
 use std::collections::{BTreeMap, HashSet};
@@ -27,6 +28,9 @@ use cordon_runtime::runner::{ItemActionSession, ItemOutcome, ItemSelector};
 
 /// Additional items one input item may expand into, at most.
 pub const MAX_ADDITIONAL: usize = 10_000;
+/// Bytes of additional items waiting to be processed, at most: what an
+/// action can make the host hold at once besides the item in hand.
+pub const MAX_PENDING: usize = 64 << 20;
 /// Output bytes a run may write beyond [`OUTPUT_FACTOR`] times its input.
 pub const OUTPUT_SLACK: u64 = 64 << 20;
 /// How many times its input a run's output may be, besides the slack.
@@ -148,7 +152,9 @@ pub async fn run(input: impl BufRead, output: &mut dyn Write, session: &mut Item
         // Depth-first: the item, then what it adds, then what those add.
         let mut queue: Vec<(String, Meta)> = vec![(line, m)];
         let mut expanded = 0usize;
+        let mut pending = 0usize;
         while let Some((text, m)) = queue.pop() {
+            pending = pending.saturating_sub(text.len());
             if !applies(&selector, &m) {
                 stats.unchanged += 1;
                 out.write(&text)?;
@@ -194,10 +200,36 @@ pub async fn run(input: impl BufRead, output: &mut dyn Write, session: &mut Item
                     bail!("{what}: the item action added more than {MAX_ADDITIONAL} items");
                 }
                 stats.additional += 1;
+                pending += extra.len();
+                if pending > MAX_PENDING {
+                    bail!("{what}: the item action's pending additional items passed {MAX_PENDING} bytes; refusing to hold more");
+                }
                 queue.push((extra, m));
             }
         }
     }
     out.output.flush()?;
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run writes at most the slack plus a multiple of what it read.
+    #[test]
+    fn output_is_bounded_by_the_input() {
+        let mut sink = std::io::sink();
+        let mut out = Volume { output: &mut sink, read: 1000, written: 0 };
+        let line = "x".repeat(1 << 20);
+        let mut written = 0u64;
+        let err = loop {
+            match out.write(&line) {
+                Ok(()) => written += line.len() as u64 + 1,
+                Err(e) => break e.to_string(),
+            }
+        };
+        assert!(err.contains("output passed") && err.contains("times the input"), "{err}");
+        assert!(written <= OUTPUT_SLACK + OUTPUT_FACTOR * 1000, "{written}");
+    }
 }
