@@ -144,7 +144,7 @@ impl metadata::Host for Services {
         if value.len() > MAX_METADATA_VALUE {
             return Ok(Err(format!("metadata values are limited to {MAX_METADATA_VALUE} bytes; use blobs for more")));
         }
-        if let Some(refused) = self.refuse_secret("metadata value", format!("{key}\n{value}").as_bytes()) {
+        if let Some(refused) = self.refuse_secret("metadata value", value.as_bytes()).or_else(|| self.refuse_secret("metadata key", key.as_bytes())) {
             return Ok(Err(refused));
         }
         self.inner.metadata_put(scope(s), &key, &value).map_err(|e| host_fault("metadata", e))?;
