@@ -14,7 +14,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cordon_runtime::engine::{Engine, EngineOptions};
 use cordon_migrate::keys::batch;
 use cordon_migrate::keys::filter::{self, Selector, Sinks};
 use cordon_runtime::plugin::{AgentConfig, Plugin};
@@ -102,7 +101,7 @@ fn main() {
             tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap()
         };
         rt.block_on(async {
-            let engine = Engine::new(EngineOptions { cache_dir: Some(config.cache_dir()), ..Default::default() }).unwrap();
+            let engine = config.engine().unwrap();
             let plugin = Plugin::load(&engine, &config.plugins[0]).await.unwrap();
             let (mut ours, mut native) = (Vec::new(), Vec::new());
             let mut selected = (0, 0);
@@ -140,7 +139,7 @@ fn main() {
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (ours, native) = rt.block_on(async {
-        let engine = Engine::new(EngineOptions { cache_dir: Some(config.cache_dir()), ..Default::default() }).unwrap();
+        let engine = config.engine().unwrap();
         let plugin = Plugin::load(&engine, &config.plugins[0]).await.unwrap();
         let mut session = KeyFilterSession::open(&engine, &plugin, &options, Arc::new(NullSink)).await.unwrap();
         let mut native = Native(kcp_keys::Classifier::new(&options).unwrap());

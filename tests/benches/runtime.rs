@@ -80,7 +80,7 @@ fn bench_instantiate(rt: &tokio::runtime::Runtime) {
         mount.display()
     );
     let config = config(dir.path(), "noop", &grants);
-    let engine = Engine::new(EngineOptions { cache_dir: Some(config.cache_dir()), ..Default::default() }).unwrap();
+    let engine = config.engine().unwrap();
     assert!(engine.pooled(), "the pooling allocator is unavailable on this machine");
     let plugin = rt.block_on(Plugin::load(&engine, &config.plugins[0])).unwrap();
     let services = Arc::new(MemoryServices::default());
@@ -165,7 +165,7 @@ fn bench_cached_load() {
         uncached.load(&bytes, &sha).unwrap();
         compile.push(start.elapsed());
     }
-    let cached = Engine::new(EngineOptions { cache_dir: Some(config.cache_dir()), ..Default::default() }).unwrap();
+    let cached = config.engine().unwrap();
     cached.load(&bytes, &sha).unwrap();
     let mut load = Vec::new();
     for _ in 0..200 {

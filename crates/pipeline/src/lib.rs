@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use cordon_runtime::engine::{Engine, EngineOptions};
+use cordon_runtime::engine::Engine;
 use cordon_runtime::plugin::{AgentConfig, Plugins};
 use cordon_runtime::runner::{Deployment, Trigger};
 use cordon_store::{DeploymentRecord, SqliteStore, StateStore, database_path, now_ms};
@@ -49,7 +49,7 @@ pub fn open_store(config: &AgentConfig) -> Result<SqliteStore> {
 impl Host {
     /// Opens the state store and loads every plugin of `config`.
     pub async fn open(config: &AgentConfig) -> Result<Host> {
-        let engine = Arc::new(Engine::new(EngineOptions { cache_dir: Some(config.cache_dir()), ..Default::default() })?);
+        let engine = Arc::new(config.engine()?);
         Self::open_with(engine, config).await
     }
 

@@ -10,7 +10,7 @@ use clap::Subcommand;
 
 use cordon_contract::World;
 use cordon_migrate::{items, keys};
-use cordon_runtime::engine::{Engine, EngineOptions};
+use cordon_runtime::engine::Engine;
 use cordon_runtime::plugin::{AgentConfig, Plugin};
 use cordon_runtime::runner::{ItemActionSession, KeyFilterSession};
 use cordon_runtime::sandbox::LogSink;
@@ -47,7 +47,7 @@ impl PluginIo {
                 config_path.display()
             );
         }
-        let engine = Engine::new(EngineOptions { cache_dir: Some(config.cache_dir()), ..Default::default() })?;
+        let engine = config.engine()?;
         let plugin = Plugin::load(&engine, plugin_config).await?;
         Ok((engine, plugin))
     }

@@ -14,7 +14,6 @@ use clap::Subcommand;
 
 use cordon_migrate::run::{self, StepEvent};
 use cordon_migrate::{Ledger, Status};
-use cordon_runtime::engine::{Engine, EngineOptions};
 use cordon_runtime::plugin::AgentConfig;
 
 use crate::print::{PrintSink, escape};
@@ -65,7 +64,7 @@ async fn resume(config_path: &Path, id: &str) -> Result<ExitCode> {
 }
 
 async fn drive(config: &AgentConfig, ledger: Arc<Ledger>, id: &str) -> Result<ExitCode> {
-    let engine = Engine::new(EngineOptions { cache_dir: Some(config.cache_dir()), ..Default::default() })?;
+    let engine = config.engine()?;
     let tty = std::io::stderr().is_terminal();
     let mut bar: Option<(usize, ProgressBar)> = None;
     let report = |e: &StepEvent<'_>| {

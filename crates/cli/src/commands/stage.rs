@@ -8,7 +8,6 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 
-use cordon_runtime::engine::{Engine, EngineOptions};
 use cordon_runtime::plugin::{AgentConfig, Plugin};
 use cordon_runtime::runner::{self, StageCall};
 use cordon_runtime::sandbox::RunDirs;
@@ -52,7 +51,7 @@ impl StageCommand {
                 bail!("{flag} {} is not a directory", dir.display());
             }
         }
-        let engine = Engine::new(EngineOptions { cache_dir: Some(config.cache_dir()), ..Default::default() })?;
+        let engine = config.engine()?;
         let plugin = Plugin::load(&engine, plugin_config).await?;
         if !plugin.stages.iter().any(|s| s.name == stage) {
             let known: Vec<&str> = plugin.stages.iter().map(|s| s.name.as_str()).collect();

@@ -188,6 +188,12 @@ impl AgentConfig {
     pub fn cache_dir(&self) -> PathBuf {
         self.state_dir.join("cache").join("components")
     }
+
+    /// The engine this config's plugins run on: pooled, compiling into the
+    /// state directory's cache.
+    pub fn engine(&self) -> Result<crate::engine::Engine> {
+        crate::engine::Engine::new(crate::engine::EngineOptions { cache_dir: Some(self.cache_dir()), ..Default::default() })
+    }
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub use config::{AgentConfig, PluginConfig};
 pub use manifest::Manifest;
 
 /// Checks a component's static shape against the maxima of one plugin.
-pub fn check_shape(shape: &contract::Shape) -> Result<(), String> {
+fn check_shape(shape: &contract::Shape) -> Result<(), String> {
     use crate::sandbox::limits::{MAX_CORE_INSTANCES, MAX_MEMORIES, MAX_TABLES};
     for (what, n, max) in [("linear memories", shape.memories, MAX_MEMORIES), ("tables", shape.tables, MAX_TABLES), ("core instances", shape.core_instances, MAX_CORE_INSTANCES)] {
         if n > max {
