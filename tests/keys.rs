@@ -12,7 +12,7 @@ use cordon_migrate::keys::filter;
 use cordon_runtime::plugin::Plugin;
 use cordon_runtime::runner::{ItemActionSession, KeyBatch, KeyFilterSession};
 use cordon_runtime::sandbox::output::NullSink;
-use cordon_tests::{agent_config, guest, engine};
+use cordon_tests::{agent_config, beside_a_neighbour, engine, guest};
 use kcp_keys::{Classifier, Verdict};
 
 const C: &str = "2h5f8mz0cgqnm9y3";
@@ -309,7 +309,7 @@ async fn item_amplification_is_bounded_by_the_output_budget() {
     let mut session = ItemActionSession::open(engine(), &plugin, Arc::new(NullSink)).await.unwrap();
     let input = (0..3).map(|i| format!(r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"seed{i}","namespace":"ns"}}}}"#)).collect::<Vec<_>>().join("\n");
     let mut out = Vec::new();
-    let err = items::run(Cursor::new(input.into_bytes()), &mut out, &mut session, "{}").await.unwrap_err().to_string();
+    let err = beside_a_neighbour(items::run(Cursor::new(input.into_bytes()), &mut out, &mut session, "{}")).await.unwrap_err().to_string();
     assert!(err.contains(&format!("pending additional items passed {} bytes", items::MAX_PENDING)), "{err}");
     assert!(out.len() as u64 <= items::OUTPUT_SLACK + 1024, "wrote {} bytes", out.len());
 }
@@ -321,11 +321,11 @@ async fn repeated_unclassified_indexes_are_a_contract_error() {
     let plugin = plugin("keys-repeat", "key-filter").await;
     let session = KeyFilterSession::open(engine(), &plugin, "{}", Arc::new(NullSink)).await.unwrap();
     let mut unclassified = Vec::new();
-    let err = filter::run(
+    let err = beside_a_neighbour(filter::run(
         Cursor::new(b"/registry/a\n/registry/b\n".to_vec()),
         vec![session],
         filter::Sinks { selected: &mut Vec::new(), unclassified: Some(&mut unclassified), progress: &|_| {} },
-    )
+    ))
     .await
     .unwrap_err();
     assert!(format!("{err:#}").contains("out of order or twice"), "{err:#}");

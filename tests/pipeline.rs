@@ -12,7 +12,7 @@ use cordon_pipeline::Host;
 use cordon_pipeline::plan::{self, PlanInput, Strategy, TriggerInfo};
 use cordon_runtime::sandbox::output::NullSink;
 use cordon_store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, StageStatus};
-use cordon_tests::{TOKEN_VALUE, World, cordon_bin, deploy, serve_until_idle, start_agent};
+use cordon_tests::{TOKEN_VALUE, World, beside_a_neighbour, cordon_bin, deploy, serve_until_idle, start_agent};
 
 fn message(m: &str) -> TriggerInfo {
     TriggerInfo { commit_message: m.into(), commander: "test".into(), ..Default::default() }
@@ -142,11 +142,29 @@ async fn planners_cannot_borrow_other_plugins_stages() {
         ),
     ];
     for (name, yaml, expected) in cases {
-        let d = deploy(&host, &state, &world.app(name, yaml), message("")).await;
+        let d = beside_a_neighbour(deploy(&host, &state, &world.app(name, yaml), message(""))).await;
         assert_eq!(d.status, DeploymentStatus::Failure);
         assert!(d.reason.contains("planner `test-deploy` broke the index contract") && d.reason.contains(expected), "{}", d.reason);
         assert!(d.reason.contains("which it does not define"), "{}", d.reason);
         assert!(stages(&host, &d.id).is_empty(), "nothing may run after a broken plan");
+    }
+}
+
+/// A planner that puts a granted secret into its answers (summary,
+/// versions, stage options) gets it masked before anything is stored.
+#[tokio::test]
+async fn planner_answers_are_masked_before_they_are_stored() {
+    let world = World::new();
+    let host = world.host().await;
+    let state = world.dir.path().join("state");
+    let app = world.app("leak", "name: leak\nplugins:\n  test-deploy: { vote: quick, violate: leak-secret }\n");
+    let d = deploy(&host, &state, &app, message("")).await;
+    let stored = format!("{d:?} {:?}", stages(&host, &d.id));
+    assert!(stored.contains("***"), "the leak was not attempted: {stored}");
+    assert!(!stored.contains(TOKEN_VALUE), "a secret was stored in clear: {stored}");
+    for file in ["state.db", "state.db-wal"] {
+        let bytes = std::fs::read(state.join(file)).unwrap_or_default();
+        assert!(!bytes.windows(TOKEN_VALUE.len()).any(|w| w == TOKEN_VALUE.as_bytes()), "the secret is in {file}");
     }
 }
 

@@ -1,38 +1,36 @@
 //! Adversarial tests: each hostile guest attempts one breach and must fail
 //! its own stage with a reason naming the cause, while the host keeps
-//! running and a following stage of another plugin succeeds. The positive
-//! side — granted access works — is shown with the `probe` guest.
+//! running and a deployment of another application, run beside the attack
+//! on the same engine, succeeds. The positive side — granted access works —
+//! is shown with the `probe` guest.
 
 use cordon_runtime::runner::{Outcome, Status};
-use cordon_tests::{Dirs, Server, load, run};
+use cordon_tests::{Dirs, Server, beside_a_neighbour, load, run};
 
 /// The stage failed, with a reason containing `expected`, and was not a
-/// breach; then a well-behaved plugin still runs fine.
-async fn assert_contained(outcome: &Outcome, expected: &[&str]) {
+/// breach.
+fn assert_contained(outcome: &Outcome, expected: &[&str]) {
     eprintln!("reason: {}", outcome.message);
     assert_eq!(outcome.status, Status::Failure, "breach not stopped: {outcome:?}");
     assert!(!outcome.message.contains("BREACH"), "{outcome:?}");
     for e in expected {
         assert!(outcome.message.contains(e), "expected {e:?} in the reason: {:?}", outcome.message);
     }
-    let neighbour = load("noop", "").await.unwrap();
-    let (after, _) = run(&neighbour, "NOOP", "{}", Dirs::new().run_dirs()).await;
-    assert_eq!(after.status, Status::Success, "the next stage must still run: {after:?}");
 }
 
 #[tokio::test]
 async fn dotdot_cannot_leave_the_source() {
     let plugin = load("fs-dotdot", "").await.unwrap();
     let dirs = Dirs::new();
-    let (outcome, _) = run(&plugin, "FS_DOTDOT", "{}", dirs.run_dirs()).await;
-    assert_contained(&outcome, &["/source/../../../../etc/hostname", "not permitted"]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "FS_DOTDOT", "{}", dirs.run_dirs())).await;
+    assert_contained(&outcome, &["/source/../../../../etc/hostname", "not permitted"]);
 }
 
 #[tokio::test]
 async fn absolute_paths_do_not_exist() {
     let plugin = load("fs-absolute", "").await.unwrap();
-    let (outcome, _) = run(&plugin, "FS_ABSOLUTE", "{}", Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &["read /etc/hostname"]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "FS_ABSOLUTE", "{}", Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["read /etc/hostname"]);
 }
 
 #[tokio::test]
@@ -45,8 +43,8 @@ async fn planted_symlinks_do_not_lead_outside() {
     std::os::unix::fs::symlink(outside.path(), src.join("escape")).unwrap();
     std::os::unix::fs::symlink("escape", src.join("chain")).unwrap();
     std::os::unix::fs::symlink(outside.path().join("secret.txt"), src.join("trailing")).unwrap();
-    let (outcome, _) = run(&plugin, "FS_SYMLINK", "{}", dirs.run_dirs()).await;
-    assert_contained(&outcome, &["escape/secret.txt", "chain/secret.txt", "trailing/"]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "FS_SYMLINK", "{}", dirs.run_dirs())).await;
+    assert_contained(&outcome, &["escape/secret.txt", "chain/secret.txt", "trailing/"]);
     assert!(!outcome.message.contains("host secret"));
 }
 
@@ -56,9 +54,9 @@ async fn read_only_attack(guest: &str, stage: &str, expected: &[&str]) {
     let plugin = load(guest, "").await.unwrap();
     let dirs = Dirs::new();
     let before = dirs.snapshot();
-    let (outcome, _) = run(&plugin, stage, "{}", dirs.run_dirs()).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, stage, "{}", dirs.run_dirs())).await;
     assert_eq!(dirs.snapshot(), before, "the read-only source changed: {outcome:?}");
-    assert_contained(&outcome, expected).await;
+    assert_contained(&outcome, expected);
 }
 
 #[tokio::test]
@@ -87,12 +85,12 @@ async fn tcp_needs_a_grant() {
     let target = format!("\"127.0.0.1:{}\"", server.port);
     // No network grant at all: sockets cannot even be created.
     let plugin = load("net-connect", "").await.unwrap();
-    let (outcome, _) = run(&plugin, "NET_CONNECT", &target, Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &[&format!("connect 127.0.0.1:{}", server.port)]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "NET_CONNECT", &target, Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &[&format!("connect 127.0.0.1:{}", server.port)]);
     // A grant for another destination: the host names the refused address.
     let plugin = load("net-connect", "    grants: { network: { allow: [\"tcp://127.0.0.1:1\"] } }\n").await.unwrap();
-    let (outcome, _) = run(&plugin, "NET_CONNECT", &target, Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &[&format!("sandbox denied TCP connection to 127.0.0.1:{}", server.port)]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "NET_CONNECT", &target, Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &[&format!("sandbox denied TCP connection to 127.0.0.1:{}", server.port)]);
     assert_eq!(server.hits(), 0, "a denied connection reached the server");
 }
 
@@ -101,8 +99,8 @@ async fn http_needs_a_grant() {
     let server = Server::ok("hello").await;
     let plugin = load("net-http", "    grants: { network: { allow: [\"http://127.0.0.1:1\"] } }\n").await.unwrap();
     let url = format!("\"http://127.0.0.1:{}/\"", server.port);
-    let (outcome, _) = run(&plugin, "NET_HTTP", &url, Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &[&format!("sandbox denied HTTP request to http://127.0.0.1:{}", server.port), "denied"]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "NET_HTTP", &url, Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &[&format!("sandbox denied HTTP request to http://127.0.0.1:{}", server.port), "denied"]);
     assert_eq!(outcome.message.matches("sandbox denied").count(), 1, "the denial is named once: {}", outcome.message);
     assert_eq!(server.hits(), 0);
 }
@@ -115,20 +113,20 @@ async fn wildcard_grants_never_reach_special_literals() {
     let plugin = load("net-http", "    grants: { network: { allow: [\"http://*:*\"] } }\n").await.unwrap();
     for host in ["0.0.0.0", "[::ffff:0.0.0.0]", "[::]"] {
         let url = format!("\"http://{host}:{}/\"", server.port);
-        let (outcome, _) = run(&plugin, "NET_HTTP", &url, Dirs::new().run_dirs()).await;
-        assert_contained(&outcome, &["sandbox denied HTTP request to http://"]).await;
+        let (outcome, _) = beside_a_neighbour(run(&plugin, "NET_HTTP", &url, Dirs::new().run_dirs())).await;
+        assert_contained(&outcome, &["sandbox denied HTTP request to http://"]);
     }
     assert_eq!(server.hits(), 0, "a special address was reached through a wildcard grant");
     let url = format!("\"http://127.0.0.1:{}/\"", server.port);
-    let (outcome, _) = run(&plugin, "NET_HTTP", &url, Dirs::new().run_dirs()).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "NET_HTTP", &url, Dirs::new().run_dirs())).await;
     assert!(outcome.message.contains("BREACH"), "the wildcard grant should reach loopback: {}", outcome.message);
 }
 
 #[tokio::test]
 async fn name_lookup_needs_a_grant() {
     let plugin = load("net-lookup", "").await.unwrap();
-    let (outcome, _) = run(&plugin, "NET_LOOKUP", "{}", Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &["lookup localhost:80"]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "NET_LOOKUP", "{}", Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["lookup localhost:80"]);
 }
 
 #[tokio::test]
@@ -142,9 +140,9 @@ async fn redirects_are_checked_hop_by_hop() {
     let grant = format!("    grants: {{ network: {{ allow: [\"http://127.0.0.1:{}\"] }} }}\n", allowed.port);
     let plugin = load("net-redirect", &grant).await.unwrap();
     let url = format!("\"http://127.0.0.1:{}/start\"", allowed.port);
-    let (outcome, _) = run(&plugin, "NET_REDIRECT", &url, Dirs::new().run_dirs()).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "NET_REDIRECT", &url, Dirs::new().run_dirs())).await;
     assert_eq!(allowed.hits(), 1, "the granted host must be reached: {outcome:?}");
-    assert_contained(&outcome, &[&format!("sandbox denied HTTP request to http://127.0.0.1:{target}")]).await;
+    assert_contained(&outcome, &[&format!("sandbox denied HTTP request to http://127.0.0.1:{target}")]);
     assert_eq!(forbidden.hits(), 0, "the redirect target was reached");
 }
 
@@ -152,38 +150,38 @@ async fn redirects_are_checked_hop_by_hop() {
 async fn infinite_loop_times_out() {
     let plugin = load("spin", "    limits: { timeout: 1s }\n").await.unwrap();
     let started = std::time::Instant::now();
-    let (outcome, _) = run(&plugin, "SPIN", "{}", Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &["timed out after 1s"]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "SPIN", "{}", Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["timed out after 1s"]);
     assert!(started.elapsed().as_secs() < 10, "the timeout took {:?}", started.elapsed());
 }
 
 #[tokio::test]
 async fn memory_bomb_hits_the_cap() {
     let plugin = load("memory-bomb", "    limits: { memory: 64MiB }\n").await.unwrap();
-    let (outcome, _) = run(&plugin, "MEMORY_BOMB", "{}", Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &["memory limit exceeded", "its limit is 67108864 bytes"]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "MEMORY_BOMB", "{}", Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["memory limit exceeded", "its limit is 67108864 bytes"]);
 }
 
 #[tokio::test]
 async fn unbounded_recursion_overflows_cleanly() {
     let plugin = load("recursion", "").await.unwrap();
-    let (outcome, _) = run(&plugin, "RECURSION", "{}", Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &["stack overflow"]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "RECURSION", "{}", Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["stack overflow"]);
 }
 
 #[tokio::test]
 async fn panic_is_reported_with_its_message() {
     let plugin = load("panic", "").await.unwrap();
-    let (outcome, log) = run(&plugin, "PANIC", "{}", Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &["plugin panicked", "hostile guest panicked on purpose"]).await;
+    let (outcome, log) = beside_a_neighbour(run(&plugin, "PANIC", "{}", Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["plugin panicked", "hostile guest panicked on purpose"]);
     assert!(log.text().contains("hostile guest panicked on purpose"), "{}", log.text());
 }
 
 #[tokio::test]
 async fn log_flood_is_capped_and_the_stage_ends() {
     let plugin = load("log-flood", "    limits: { log-bytes: 64KiB }\n").await.unwrap();
-    let (outcome, log) = run(&plugin, "LOG_FLOOD", "{}", Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &["log output passed the plugin's limit of 65536 bytes"]).await;
+    let (outcome, log) = beside_a_neighbour(run(&plugin, "LOG_FLOOD", "{}", Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["log output passed the plugin's limit of 65536 bytes"]);
     assert!(log.bytes() < 65536 + 1024, "{} bytes of log were kept", log.bytes());
 }
 
@@ -193,8 +191,8 @@ async fn log_flood_is_capped_and_the_stage_ends() {
 #[tokio::test]
 async fn empty_line_floods_are_charged_per_line() {
     let plugin = load("log-flood", "    limits: { log-lines: 1000 }\n").await.unwrap();
-    let (outcome, log) = run(&plugin, "LOG_FLOOD", "\"newlines\"", Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &["log output passed the plugin's limit of"]).await;
+    let (outcome, log) = beside_a_neighbour(run(&plugin, "LOG_FLOOD", "\"newlines\"", Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["log output passed the plugin's limit of"]);
     let kept = log.0.lock().unwrap().len();
     assert!(kept <= 1, "{kept} lines were kept");
 }
@@ -207,16 +205,102 @@ async fn descriptor_hoarding_stops_at_the_handle_budget() {
     let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
     let before = open_fds();
     let plugin = load("fd-hoard", "    limits: { handles: 200 }\n").await.unwrap();
-    let (outcome, _) = run(&plugin, "FD_HOARD", "{}", Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &["handle limit exceeded", "limits.handles"]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "FD_HOARD", "{}", Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["handle limit exceeded", "limits.handles"]);
     assert!(open_fds() < before + 150, "descriptors leaked: {} before, {} after", before, open_fds());
+}
+
+/// Filling `/scratch` stops at `limits.scratch`, whether with bytes or
+/// with empty files (each entry is charged), within one walk's overshoot.
+#[tokio::test]
+async fn scratch_stops_at_its_disk_budget() {
+    let plugin = load("disk-fill", "    limits: { scratch: 8MiB }\n").await.unwrap();
+    for options in [r#"{"dir": "/scratch"}"#, r#"{"dir": "/scratch", "files": true}"#] {
+        let dirs = Dirs::new();
+        let (outcome, _) = beside_a_neighbour(run(&plugin, "DISK_FILL", options, dirs.run_dirs())).await;
+        assert_contained(&outcome, &["disk budget exceeded: /scratch took", "its limit is 8388608 bytes", "limits.scratch"]);
+        let used = cordon_runtime::sandbox::disk::usage(dirs.scratch.path());
+        eprintln!("{options}: /scratch holds {used} bytes against a budget of 8 MiB");
+        assert!(used < 8 * (1 << 20) + (256 << 20), "overshoot beyond a walk's worth: {used}");
+    }
+}
+
+/// A read-write mount with a `quota` is budgeted the same way, and its
+/// reason names the mount; a quota on a read-only mount is refused.
+#[tokio::test]
+async fn a_mount_quota_bounds_a_read_write_mount() {
+    let www = tempfile::tempdir().unwrap();
+    let grants = format!("    grants: {{ mounts: [{{ host: {}, guest: /www, access: read-write, quota: 4MiB }}] }}\n", www.path().display());
+    let plugin = load("disk-fill", &grants).await.unwrap();
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "DISK_FILL", r#"{"dir": "/www"}"#, Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["disk budget exceeded: /www took", "the `quota` of the mount at /www"]);
+    let read_only = grants.replace("read-write", "read-only");
+    let err = format!("{:#}", load("disk-fill", &read_only).await.err().unwrap());
+    assert!(err.contains("is read-only, so its `quota` means nothing"), "{err}");
+}
+
+/// Metadata and blobs stop at their quotas with an error the plugin sees;
+/// the reason names the limits.
+#[tokio::test]
+async fn durable_state_stops_at_its_quotas() {
+    let plugin = load("state-flood", "    limits: { metadata-bytes: 1MiB, blob-bytes: 40MiB }\n").await.unwrap();
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "STATE_FLOOD", r#""metadata""#, Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["refused after 15 writes (15 metadata entries)", "the deployment's metadata may hold 1000 entries and 1048576 bytes", "limits.metadata-bytes"]);
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "STATE_FLOOD", r#""blobs""#, Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["refused after 2 writes", "the blobs of this plugin and application may hold 64 entries", "limits.blob-bytes"]);
+}
+
+/// Header maps are small and count as handles: a flood of them stops at
+/// the handle budget, and an oversized header is refused.
+#[tokio::test]
+async fn http_fields_are_bounded_host_resources() {
+    let plugin = load("http-flood", "    limits: { handles: 512 }\n").await.unwrap();
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "HTTP_FLOOD", r#""fields""#, Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["handle limit exceeded"]);
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "HTTP_FLOOD", r#""big""#, Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["HTTP header limit exceeded", "limit of 32768 bytes"]);
+}
+
+/// At most 16 requests of a call are in flight at once; the rest are
+/// refused, and the reason says so.
+#[tokio::test]
+async fn http_requests_in_flight_are_capped() {
+    let server = Server::ok("pong").await;
+    let grants = format!("    grants: {{ network: {{ allow: [\"http://127.0.0.1:{}\"] }} }}\n", server.port);
+    let plugin = load("http-flood", &grants).await.unwrap();
+    let options = serde_json::json!({ "requests": format!("127.0.0.1:{}", server.port) }).to_string();
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "HTTP_FLOOD", &options, Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["request refused after 16 answered", "an HTTP request beyond 16 in flight at once"]);
+}
+
+/// A plugin that runs far more calls at once than its share of the
+/// instance pool allows makes its own calls wait — those that wait their
+/// whole timeout fail saying so — never another application's: the
+/// neighbour deploys beside them, and no call fails for want of a slot in
+/// the pool itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_calls_of_one_plugin_leave_the_pool_to_others() {
+    let plugin = std::sync::Arc::new(load("spin", "    limits: { timeout: 1s }\n").await.unwrap());
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..300 {
+        let plugin = plugin.clone();
+        calls.spawn(async move { run(&plugin, "SPIN", "{}", Dirs::new().run_dirs()).await.0 });
+    }
+    let outcomes = beside_a_neighbour(calls.join_all()).await;
+    let waited = outcomes.iter().filter(|o| o.message.contains("no instance slot became free within 1s")).count();
+    eprintln!("{} calls ran until their timeout, {waited} waited for a slot of the plugin's share", outcomes.len() - waited);
+    assert!(waited > 0, "300 calls at once should pass one plugin's share of the pool");
+    for outcome in &outcomes {
+        assert_eq!(outcome.status, Status::Failure);
+        assert!(outcome.message.contains("timed out after 1s") || outcome.message.contains("no instance slot"), "{outcome:?}");
+    }
 }
 
 #[tokio::test]
 async fn huge_return_value_is_refused() {
     let plugin = load("huge-return", "").await.unwrap();
-    let (outcome, _) = run(&plugin, "HUGE_RETURN", "{}", Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &["above the plugin's limit of 1048576 bytes"]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "HUGE_RETURN", "{}", Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["above the plugin's limit of 1048576 bytes"]);
     assert!(outcome.message.len() < 1024);
 }
 
@@ -226,8 +310,8 @@ async fn env_is_only_what_was_granted() {
     // variable is unique to this test.
     unsafe { std::env::set_var("CORDON_TEST_SECRET", "agent-only") };
     let plugin = load("env-read", "    grants: { env: { GRANTED: yes } }\n").await.unwrap();
-    let (outcome, _) = run(&plugin, "ENV_READ", "{}", Dirs::new().run_dirs()).await;
-    assert_contained(&outcome, &["env CORDON_TEST_SECRET", "visible vars: [GRANTED]"]).await;
+    let (outcome, _) = beside_a_neighbour(run(&plugin, "ENV_READ", "{}", Dirs::new().run_dirs())).await;
+    assert_contained(&outcome, &["env CORDON_TEST_SECRET", "visible vars: [GRANTED]"]);
     assert!(!outcome.message.contains("agent-only"));
 }
 
@@ -245,12 +329,12 @@ async fn secrets_do_not_leak_into_reasons_or_state() {
         dir.path().display()
     );
     let plugin = load("probe", &grants).await.unwrap();
-    let (outcome, log) = run(&plugin, "PROBE", r#"{"leak": "token"}"#, Dirs::new().run_dirs()).await;
+    let (outcome, log) = beside_a_neighbour(run(&plugin, "PROBE", r#"{"leak": "token"}"#, Dirs::new().run_dirs())).await;
     assert_eq!(outcome.status, Status::Failure);
     assert!(!outcome.message.contains("leakme"), "the secret leaked into the reason: {}", outcome.message);
     assert!(outcome.message.contains("leaking ***") && outcome.message.contains("may not contain a granted secret"), "{}", outcome.message);
     assert!(!log.text().contains("leakme"), "{}", log.text());
-    let (outcome, log) = run(&plugin, "PROBE", r#"{"secret": "pem"}"#, Dirs::new().run_dirs()).await;
+    let (outcome, log) = beside_a_neighbour(run(&plugin, "PROBE", r#"{"secret": "pem"}"#, Dirs::new().run_dirs())).await;
     assert_eq!(outcome.status, Status::Success, "{outcome:?}");
     for part in ["MIIEvQIBADANBgkqhkiG9w0B", "AQEAz9aXeEEzfaQxyz"] {
         assert!(!log.text().contains(part), "a line of the PEM secret leaked:\n{}", log.text());
@@ -280,7 +364,7 @@ async fn granted_access_works() {
         "connect": format!("127.0.0.1:{}", server.port),
         "metadata": "v1",
     });
-    let (outcome, log) = run(&plugin, "PROBE", &options.to_string(), dirs.run_dirs()).await;
+    let (outcome, log) = beside_a_neighbour(run(&plugin, "PROBE", &options.to_string(), dirs.run_dirs())).await;
     assert_eq!(outcome.status, Status::Success, "{outcome:?}\n{}", log.text());
     for part in ["read=from a mount", "wrote=/scratch/out.txt", "env=hi", "secret=fetched", "http=200 pong", "metadata-before="] {
         assert!(outcome.message.contains(part), "{part:?} missing from {:?}", outcome.message);

@@ -315,6 +315,43 @@ pub async fn deploy(host: &Arc<Host>, state_dir: &Path, app_dir: &Path, trigger:
     host.store.deployment(&record.id).unwrap().unwrap()
 }
 
+/// The neighbour's application: one stage that runs for a while.
+const NEIGHBOUR_APP: &str = "name: neighbour\nplanner: { alwaysUsePipeline: true }\npipeline:\n  stages:\n    - { id: one, name: STEP, with: { sleep_ms: 200 } }\n";
+
+/// Memory limit of each of the neighbour's plugins.
+pub const NEIGHBOUR_MEMORY: u64 = 16 << 20;
+
+/// Runs `attack` while another application is deployed beside it — on the
+/// same engine, so from the same instance pool and process — again and
+/// again until the attack ends, and asserts that every one of those
+/// deployments succeeded: what one plugin does must not reach another.
+pub async fn beside_a_neighbour<T>(attack: impl Future<Output = T>) -> T {
+    let limits = format!("    limits: {{ memory: {}MiB }}\n", NEIGHBOUR_MEMORY >> 20);
+    let world = World::custom(&[], |_| plugin_entry("step", "executor", &limits) + &plugin_entry("test-deploy", "deployment", &limits));
+    let host = world.host().await;
+    let app = world.app("neighbour", NEIGHBOUR_APP);
+    let state = world.dir.path().join("state");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let neighbour = async {
+        let mut deployed = 0;
+        while deployed == 0 || !done.load(Ordering::SeqCst) {
+            let trigger = TriggerInfo { commander: "neighbour".into(), ..Default::default() };
+            let d = deploy(&host, &state, &app, trigger).await;
+            assert_eq!(d.status, cordon_store::DeploymentStatus::Success, "the neighbour's deployment failed beside the attack: {d:?}");
+            deployed += 1;
+        }
+        deployed
+    };
+    let attack = async {
+        let result = attack.await;
+        done.store(true, Ordering::SeqCst);
+        result
+    };
+    let (result, deployed) = tokio::join!(attack, neighbour);
+    eprintln!("the neighbour deployed {deployed} time(s) beside the attack");
+    result
+}
+
 /// A `cordon agent` child process, killed when dropped.
 pub struct AgentProcess(pub std::process::Child);
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use cordon_runtime::sandbox::output::{LogSink, Source};
-use cordon_runtime::sandbox::services::{CommandKind, MetaScope, StageCommand, StageServices};
+use cordon_runtime::sandbox::services::{CommandKind, MetaScope, Quota, StageCommand, StageServices};
 use cordon_store::{self as store, LogRecord, StateStore, now_ms};
 
 /// Writes log lines of one stage (or, with an empty stage, of planning)
@@ -48,6 +48,10 @@ impl LogSink for StoreLog {
     }
 }
 
+fn store_quota(quota: Quota) -> store::Quota {
+    store::Quota { entries: quota.entries, bytes: quota.bytes }
+}
+
 /// Metadata, blobs and commands of one stage run.
 pub struct StoreServices {
     pub store: Arc<dyn StateStore>,
@@ -70,8 +74,8 @@ impl StageServices for StoreServices {
     fn metadata_get(&self, scope: MetaScope, key: &str) -> anyhow::Result<Option<String>> {
         self.store.metadata_get(&self.deployment, self.scope(scope), key)
     }
-    fn metadata_put(&self, scope: MetaScope, key: &str, value: &str) -> anyhow::Result<()> {
-        self.store.metadata_put(&self.deployment, self.scope(scope), key, value)
+    fn metadata_put(&self, scope: MetaScope, key: &str, value: &str, quota: Quota) -> anyhow::Result<bool> {
+        self.store.metadata_put_within(&self.deployment, self.scope(scope), key, value, store_quota(quota))
     }
     fn metadata_entries(&self, scope: MetaScope) -> anyhow::Result<Vec<(String, String)>> {
         self.store.metadata_entries(&self.deployment, self.scope(scope))
@@ -94,8 +98,8 @@ impl StageServices for StoreServices {
     fn blob_get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         self.store.blob_get(&self.application, &self.plugin, key)
     }
-    fn blob_put(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
-        self.store.blob_put(&self.application, &self.plugin, key, value)
+    fn blob_put(&self, key: &str, value: &[u8], quota: Quota) -> anyhow::Result<bool> {
+        self.store.blob_put_within(&self.application, &self.plugin, key, value, store_quota(quota))
     }
     fn blob_delete(&self, key: &str) -> anyhow::Result<()> {
         self.store.blob_delete(&self.application, &self.plugin, key)

@@ -12,8 +12,12 @@ use std::time::Duration;
 
 use cordon_contract::World;
 use wasmtime::component::ResourceTableError;
+use wasmtime_wasi_http::FieldMapError;
 use wasmtime::{Engine, Store, Trap, WasmBacktrace};
 
+use crate::admission::Admission;
+use crate::sandbox::disk::DiskBudgets;
+use crate::sandbox::net::FIELD_SIZE_LIMIT;
 use crate::sandbox::{LogSink, MemoryServices, RunContext, RunDirs, RunState, Sandbox, StageLog, Violation};
 
 /// Why a plugin call did not produce a usable answer. `Display` is the
@@ -50,39 +54,85 @@ pub fn with_denied(reason: &str, denied: &str) -> String {
     if reason.is_empty() { format!("sandbox denied {denied}") } else { format!("{reason} (sandbox denied {denied})") }
 }
 
-/// A fresh store for one call, with its log and budgets.
-pub struct Call {
-    pub store: Store<RunState>,
+/// What bounds a call from outside its code — its wall-clock limit and its
+/// disk budgets — and the log that says what the sandbox refused.
+pub struct Guard {
     pub log: StageLog,
     pub timeout: Duration,
+    disk: DiskBudgets,
+}
+
+impl Guard {
+    /// Runs `call` under the wall-clock limit and the disk budgets, and maps
+    /// every failure to a [`RunError`] that names the cause and what the
+    /// sandbox refused.
+    pub async fn run<T>(&self, call: impl Future<Output = wasmtime::Result<T>>) -> Result<T, RunError> {
+        let result = tokio::select! {
+            result = tokio::time::timeout(self.timeout, call) => match result {
+                Err(_) => Err(RunError::Limit(Violation::Timeout(self.timeout))),
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(e)) => Err(explain(&e, self.timeout, &self.log)),
+            },
+            violation = self.disk.exceeded() => Err(RunError::Limit(violation)),
+        };
+        // What the plugin wrote after the last walk counts too.
+        let result = match result {
+            Ok(value) => self.disk.check().await.map(|()| value).map_err(RunError::Limit),
+            Err(e) => Err(e),
+        };
+        self.log.flush();
+        result.map_err(|cause| with_denials(cause, &self.log))
+    }
+}
+
+/// A fresh store for one call, with its guard and budgets.
+pub struct Call {
+    pub store: Store<RunState>,
+    pub guard: Guard,
     result_limit: u64,
+    /// Declared after the store, so the instance is gone before its pool
+    /// slots are given back.
+    _admission: Admission,
 }
 
 impl Call {
-    /// Builds the store for one call of a plugin with `sandbox`.
-    pub fn open(engine: &Engine, sandbox: &Sandbox, context: RunContext) -> Result<Call, RunError> {
+    /// Builds the store for one call of a plugin with `sandbox`, once the
+    /// plugin's pool slots are free (waiting at most the call's timeout).
+    pub async fn open(engine: &Engine, sandbox: &Sandbox, context: RunContext) -> Result<Call, RunError> {
         let timeout = sandbox.timeout(context.timeout);
+        let admission = tokio::time::timeout(timeout, sandbox.slots().admit()).await.map_err(|_| {
+            RunError::Sandbox(format!(
+                "no instance slot became free within {}: the plugin's calls already hold its share of the instance pool",
+                humantime::format_duration(timeout)
+            ))
+        })?;
+        let disk = sandbox.disk_budgets(&context.dirs);
         let context = RunContext { timeout: Some(timeout), ..context };
         let store = sandbox.store(engine, context).map_err(|e| RunError::Sandbox(format!("{e:#}")))?;
         let log = store.data().log().clone();
-        Ok(Call { store, log, timeout, result_limit: sandbox.limits().result_bytes.as_u64() })
+        Ok(Call { store, guard: Guard { log, timeout, disk }, result_limit: sandbox.limits().result_bytes.as_u64(), _admission: admission })
     }
 
     /// A call that uses no store-backed services (planning, listing stages,
     /// key-filter and item-action sessions, migration steps).
-    pub fn detached(engine: &Engine, sandbox: &Sandbox, dirs: RunDirs, sink: Arc<dyn LogSink>) -> Result<Call, RunError> {
+    pub async fn detached(engine: &Engine, sandbox: &Sandbox, dirs: RunDirs, sink: Arc<dyn LogSink>) -> Result<Call, RunError> {
         let context = RunContext { dirs, services: Arc::new(MemoryServices::default()), sink, timeout: None };
-        Call::open(engine, sandbox, context)
+        Call::open(engine, sandbox, context).await
+    }
+
+    /// The call's log.
+    pub fn log(&self) -> &StageLog {
+        &self.guard.log
     }
 
     /// The plugin's own error, masked: it may quote a secret it was given.
     pub fn plugin_error(&self, message: String) -> RunError {
-        RunError::Plugin(self.log.mask(&message))
+        RunError::Plugin(self.guard.log.mask(&message))
     }
 
     /// A broken answer, masked: the reason may quote what the plugin sent.
     pub fn contract_error(&self, message: String) -> RunError {
-        RunError::Contract(self.log.mask(&message))
+        RunError::Contract(self.guard.log.mask(&message))
     }
 
     /// Refuses answers larger than the plugin's result limit.
@@ -92,18 +142,6 @@ impl Call {
         }
         Ok(())
     }
-}
-
-/// Runs `call` under the wall-clock limit and maps every failure to a
-/// [`RunError`] that names the cause and what the sandbox refused.
-pub async fn guarded<T>(log: &StageLog, timeout: Duration, call: impl Future<Output = wasmtime::Result<T>>) -> Result<T, RunError> {
-    let result = match tokio::time::timeout(timeout, call).await {
-        Err(_) => Err(RunError::Limit(Violation::Timeout(timeout))),
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(explain(&e, timeout, log)),
-    };
-    log.flush();
-    result.map_err(|cause| with_denials(cause, log))
 }
 
 /// Wraps `cause` with what the sandbox refused during the call, if anything.
@@ -143,6 +181,9 @@ fn explain(e: &wasmtime::Error, timeout: Duration, log: &StageLog) -> RunError {
     }
     if let Some(ResourceTableError::Full) = find::<ResourceTableError>(e) {
         return RunError::Limit(Violation::Handles);
+    }
+    if let Some(FieldMapError::TotalSizeTooBig) = find::<FieldMapError>(e) {
+        return RunError::Limit(Violation::HttpFields { limit: FIELD_SIZE_LIMIT as u64 });
     }
     let trap = |reason: &str| RunError::Trap(reason.to_string());
     match find::<Trap>(e) {

@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use crate::admission::{Pool, Slots};
 use crate::files::write_atomic;
 use crate::sandbox::{self, RunState, TICKS_PER_SECOND, limits};
 
@@ -69,7 +70,8 @@ pub struct Engine {
     engine: wasmtime::Engine,
     linker: Linker<RunState>,
     cache_dir: Option<PathBuf>,
-    pooled: bool,
+    /// Admission to the instance pool; None without one.
+    pool: Option<Pool>,
 }
 
 fn base_config() -> Config {
@@ -90,15 +92,21 @@ fn base_config() -> Config {
 /// an `madvise` per instance and a page fault per page on the next one.
 const KEEP_RESIDENT: usize = 2 << 20;
 
-fn pooling(pool_size: u32) -> PoolingAllocationConfig {
+/// The pool's sizes for `pool_size` instances, as the allocator and
+/// admission see them.
+fn pool_sizes(pool_size: u32) -> Pool {
+    Pool::new(pool_size, pool_size * 4, pool_size, pool_size * 4)
+}
+
+fn pooling(sizes: &Pool) -> PoolingAllocationConfig {
     let mut pool = PoolingAllocationConfig::default();
-    pool.total_component_instances(pool_size)
-        .total_core_instances(pool_size * 4)
-        .total_memories(pool_size)
-        .total_tables(pool_size * 4)
+    pool.total_component_instances(sizes.components)
+        .total_core_instances(sizes.core_instances)
+        .total_memories(sizes.memories)
+        .total_tables(sizes.tables)
         .max_memories_per_component(limits::MAX_MEMORIES)
         .max_tables_per_component(limits::MAX_TABLES)
-        .total_stacks(pool_size)
+        .total_stacks(sizes.components)
         .max_memory_size(4 << 30)
         .pagemap_scan(wasmtime::Enabled::Auto)
         .linear_memory_keep_resident(KEEP_RESIDENT)
@@ -109,18 +117,19 @@ fn pooling(pool_size: u32) -> PoolingAllocationConfig {
 
 impl Engine {
     pub fn new(options: EngineOptions) -> Result<Self> {
-        let (engine, pooled) = if options.pooling {
+        let (engine, pool) = if options.pooling {
+            let sizes = pool_sizes(options.pool_size);
             let mut config = base_config();
-            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(options.pool_size)));
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(&sizes)));
             match wasmtime::Engine::new(&config) {
-                Ok(engine) => (engine, true),
+                Ok(engine) => (engine, Some(sizes)),
                 Err(e) => {
                     tracing::warn!("pooling allocator unavailable ({e:#}); falling back to on-demand instance allocation");
-                    (wasmtime::Engine::new(&base_config())?, false)
+                    (wasmtime::Engine::new(&base_config())?, None)
                 }
             }
         } else {
-            (wasmtime::Engine::new(&base_config())?, false)
+            (wasmtime::Engine::new(&base_config())?, None)
         };
         spawn_ticker(&engine);
         raise_descriptor_limit();
@@ -129,7 +138,7 @@ impl Engine {
         if let Some(dir) = &options.cache_dir {
             create_private_dir(dir).with_context(|| format!("cannot create the component cache {}", dir.display()))?;
         }
-        Ok(Self { engine, linker, cache_dir: options.cache_dir, pooled })
+        Ok(Self { engine, linker, cache_dir: options.cache_dir, pool })
     }
 
     /// The wasmtime engine underneath.
@@ -139,7 +148,13 @@ impl Engine {
 
     /// Whether instances come from the pooling allocator.
     pub fn pooled(&self) -> bool {
-        self.pooled
+        self.pool.is_some()
+    }
+
+    /// The pool slots of a plugin whose component has `shape` (see
+    /// [`crate::admission`]).
+    pub fn slots(&self, shape: &cordon_contract::Shape) -> Result<Slots, String> {
+        self.pool.as_ref().map_or(Ok(Slots::unpooled()), |pool| pool.slots(shape))
     }
 
     fn cache_key(&self, digest: &str) -> String {

@@ -10,6 +10,7 @@
 //! Nothing here knows about deployments or durable state: the pipeline and
 //! migration crates bring those through the sandbox's service traits.
 
+pub mod admission;
 pub mod call;
 pub mod engine;
 pub mod files;

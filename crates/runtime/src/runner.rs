@@ -16,11 +16,11 @@ use cordon_contract::bindings::planner::{
     Planner,
     exports::cordon::plugin::planning::{self, PlanRequest},
 };
-use crate::call::{Call, RunError, denials, guarded, with_denied, with_denials};
+use crate::call::{Call, RunError, denials, with_denied, with_denials};
 use crate::engine::Engine;
 use crate::plugin::Plugin;
 use crate::sandbox::fs::{RUNNING, SCRATCH, TARGET};
-use crate::sandbox::{LogSink, MemoryServices, RunContext, RunDirs, StageServices};
+use crate::sandbox::{LogSink, MemoryServices, RunContext, RunDirs, StageLog, StageServices};
 
 pub use planning::{ArtifactVersion, PlannedStage};
 pub use types::{Deployment, Sources, Stage, StageConfig, SyncStrategy, Trigger};
@@ -105,38 +105,38 @@ pub async fn execute_stage(engine: &Engine, plugin: &Plugin, call: StageCall) ->
     };
     let sources = sources(&call.dirs);
     let context = RunContext { dirs: call.dirs, services: call.services, sink: call.sink, timeout: call.timeout };
-    let mut run = match Call::open(engine.wasmtime(), &plugin.sandbox, context) {
+    let mut run = match Call::open(engine.wasmtime(), &plugin.sandbox, context).await {
         Ok(run) => run,
         Err(e) => return Outcome::failure(&e),
     };
     let request = StageRequest { deployment: call.deployment, stage: call.stage, sources, app_config: call.app_config };
-    let Call { store, log, timeout, .. } = &mut run;
-    let result = guarded(log, *timeout, async {
+    let Call { store, guard, .. } = &mut run;
+    let result = guard.run(async {
         let bindings = pre.instantiate_async(&mut *store).await?;
         bindings.cordon_plugin_execution().call_execute_stage(&mut *store, &request).await
     })
     .await;
-    // `guarded` already names what the sandbox denied; a refused result
+    // The guard already names what the sandbox denied; a refused result
     // size is named here, with the denials.
     let checked = result.and_then(|r| match run.check_size(r.message.len()) {
         Ok(()) => Ok(r),
         Err(too_big) => {
-            run.log.host_line(&too_big.to_string());
-            Err(with_denials(too_big, &run.log))
+            run.log().host_line(&too_big.to_string());
+            Err(with_denials(too_big, run.log()))
         }
     });
     let outcome = match checked {
         Err(e) => Outcome::failure(&e),
         Ok(StageResult { status, message }) => {
             let status = Status::from(status);
-            let message = match denials(&run.log) {
+            let message = match denials(run.log()) {
                 Some(denied) if !status.is_success() => with_denied(&message, &denied),
                 _ => message,
             };
             Outcome { status, message }
         }
     };
-    Outcome { message: run.log.mask(&outcome.message), ..outcome }
+    Outcome { message: run.log().mask(&outcome.message), ..outcome }
 }
 
 /// Where a run's directories appear inside the sandbox.
@@ -188,22 +188,64 @@ impl PlanCall {
 
 type CallFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = wasmtime::Result<T>> + Send + 'a>>;
 
+/// A planner's answer: its size against the result limit, and a copy with
+/// every granted secret masked — answers are stored and printed (plan,
+/// status), so none may carry a value in clear.
+trait Answer {
+    fn size(&self) -> usize;
+    fn masked(self, log: &StageLog) -> Self;
+}
+
+impl Answer for planning::StrategyAnswer {
+    fn size(&self) -> usize {
+        match self {
+            planning::StrategyAnswer::Decided(s) => s.summary.len(),
+            planning::StrategyAnswer::Unsupported => 0,
+        }
+    }
+    fn masked(self, log: &StageLog) -> Self {
+        match self {
+            planning::StrategyAnswer::Decided(s) => planning::StrategyAnswer::Decided(planning::Strategy { summary: log.mask(&s.summary), ..s }),
+            unsupported => unsupported,
+        }
+    }
+}
+
+impl Answer for Vec<ArtifactVersion> {
+    fn size(&self) -> usize {
+        self.iter().map(|v| v.kind.len() + v.name.len() + v.version.len() + v.url.len()).sum()
+    }
+    fn masked(self, log: &StageLog) -> Self {
+        self.into_iter()
+            .map(|v| ArtifactVersion { kind: log.mask(&v.kind), name: log.mask(&v.name), version: log.mask(&v.version), url: log.mask(&v.url) })
+            .collect()
+    }
+}
+
+impl Answer for Vec<PlannedStage> {
+    fn size(&self) -> usize {
+        self.iter().map(|s| s.name.len() + s.desc.len() + s.options.len() + 16).sum()
+    }
+    fn masked(self, log: &StageLog) -> Self {
+        self.into_iter().map(|s| PlannedStage { desc: log.mask(&s.desc), options: log.mask(&s.options), ..s }).collect()
+    }
+}
+
 /// Runs one planner export in a fresh sandbox; the answer is checked
-/// against the result limit by `size`, and the plugin's error is masked.
-async fn planner_call<T: Send>(
+/// against the result limit and masked, and so is the plugin's error.
+async fn planner_call<T: Answer + Send>(
     engine: &Engine,
     plugin: &Plugin,
     call: &PlanCall,
     f: impl for<'a> FnOnce(&'a mut wasmtime::Store<crate::sandbox::RunState>, Planner, PlanRequest) -> CallFuture<'a, Result<T, String>> + Send,
-    size: impl FnOnce(&T) -> usize,
 ) -> Result<T, RunError> {
     let Some(pre) = plugin.planner() else {
         return Err(plugin.wrong_world("plans nothing"));
     };
-    let mut run = Call::detached(engine.wasmtime(), &plugin.sandbox, call.dirs.clone(), call.sink.clone())?;
+    let mut run = Call::detached(engine.wasmtime(), &plugin.sandbox, call.dirs.clone(), call.sink.clone()).await?;
     let request = call.request();
-    let Call { store, log, timeout, .. } = &mut run;
-    let answer = guarded(log, *timeout, async {
+    let Call { store, guard, .. } = &mut run;
+    let answer = guard.run(async {
         let bindings = pre.instantiate_async(&mut *store).await?;
         f(store, bindings, request).await
     })
@@ -212,12 +254,8 @@ async fn planner_call<T: Send>(
         Err(too_big) => too_big,
         Ok(()) => run.plugin_error(e),
     })?;
-    run.check_size(size(&answer))?;
-    Ok(answer)
-}
-
-fn stages_size(stages: &[PlannedStage]) -> usize {
-    stages.iter().map(|s| s.name.len() + s.desc.len() + s.options.len() + 16).sum()
+    run.check_size(answer.size())?;
+    Ok(answer.masked(run.log()))
 }
 
 /// The planner's vote: `None` for "unsupported".
@@ -227,10 +265,6 @@ pub async fn determine_strategy(engine: &Engine, plugin: &Plugin, call: &PlanCal
         plugin,
         call,
         |store, bindings, request| Box::pin(async move { bindings.cordon_plugin_planning().call_determine_strategy(store, &request).await }),
-        |answer| match answer {
-            planning::StrategyAnswer::Decided(s) => s.summary.len(),
-            planning::StrategyAnswer::Unsupported => 0,
-        },
     )
     .await?;
     Ok(match answer {
@@ -246,7 +280,6 @@ pub async fn determine_versions(engine: &Engine, plugin: &Plugin, call: &PlanCal
         plugin,
         call,
         |store, bindings, request| Box::pin(async move { bindings.cordon_plugin_planning().call_determine_versions(store, &request).await }),
-        |versions| versions.iter().map(|v| v.kind.len() + v.name.len() + v.version.len() + v.url.len()).sum(),
     )
     .await
 }
@@ -260,7 +293,6 @@ pub async fn build_quick_sync_stages(engine: &Engine, plugin: &Plugin, call: &Pl
         move |store, bindings, request| {
             Box::pin(async move { bindings.cordon_plugin_planning().call_build_quick_sync_stages(store, &request, rollback).await })
         },
-        |stages| stages_size(stages),
     )
     .await
 }
@@ -280,7 +312,6 @@ pub async fn build_pipeline_sync_stages(
         move |store, bindings, request| {
             Box::pin(async move { bindings.cordon_plugin_planning().call_build_pipeline_sync_stages(store, &request, &stages, rollback).await })
         },
-        |stages| stages_size(stages),
     )
     .await
 }
@@ -302,9 +333,9 @@ impl KeyFilterSession {
     /// Instantiates the plugin and configures it with `options` (JSON).
     pub async fn open(engine: &Engine, plugin: &Plugin, options: &str, sink: Arc<dyn LogSink>) -> Result<Self, RunError> {
         let pre = plugin.key_filter().ok_or_else(|| plugin.wrong_world("is not a key filter"))?;
-        let mut run = Call::detached(engine.wasmtime(), &plugin.sandbox, RunDirs::default(), sink)?;
-        let bindings = guarded(&run.log, run.timeout, pre.instantiate_async(&mut run.store)).await?;
-        let configured = guarded(&run.log, run.timeout, bindings.cordon_plugin_key_selection().call_configure(&mut run.store, options)).await?;
+        let mut run = Call::detached(engine.wasmtime(), &plugin.sandbox, RunDirs::default(), sink).await?;
+        let bindings = run.guard.run(pre.instantiate_async(&mut run.store)).await?;
+        let configured = run.guard.run(bindings.cordon_plugin_key_selection().call_configure(&mut run.store, options)).await?;
         configured.map_err(|e| run.plugin_error(format!("plugin `{}` refused its options: {e}", plugin.name)))?;
         Ok(Self(Session { run, bindings }))
     }
@@ -312,7 +343,7 @@ impl KeyFilterSession {
     /// Classifies one batch; checks the answer's shape.
     pub async fn select(&mut self, batch: &KeyBatch) -> Result<Selection, RunError> {
         let Session { run, bindings } = &mut self.0;
-        let selection = guarded(&run.log, run.timeout, bindings.cordon_plugin_key_selection().call_select(&mut run.store, batch)).await?.map_err(|e| run.plugin_error(e))?;
+        let selection = run.guard.run(bindings.cordon_plugin_key_selection().call_select(&mut run.store, batch)).await?.map_err(|e| run.plugin_error(e))?;
         let n = batch.ends.len();
         if selection.selected.len() != n.div_ceil(8) {
             return Err(run.contract_error(format!("the filter returned a bitmap of {} bytes for {n} keys", selection.selected.len())));
@@ -334,7 +365,7 @@ impl KeyFilterSession {
     /// The delete prefixes of the batch's selected keys.
     pub async fn delete_prefixes(&mut self, batch: &KeyBatch) -> Result<Vec<String>, RunError> {
         let Session { run, bindings } = &mut self.0;
-        let prefixes = guarded(&run.log, run.timeout, bindings.cordon_plugin_key_selection().call_delete_prefixes(&mut run.store, batch)).await?;
+        let prefixes = run.guard.run(bindings.cordon_plugin_key_selection().call_delete_prefixes(&mut run.store, batch)).await?;
         run.check_size(prefixes.iter().map(String::len).sum())?;
         if let Some(bad) = prefixes.iter().find(|p| !p.ends_with('/')) {
             return Err(run.contract_error(format!("the filter returned delete prefix {bad:?}, which does not end with '/'")));
@@ -351,21 +382,21 @@ pub struct ItemActionSession(Session<cordon_contract::bindings::item_action::Ite
 impl ItemActionSession {
     pub async fn open(engine: &Engine, plugin: &Plugin, sink: Arc<dyn LogSink>) -> Result<Self, RunError> {
         let pre = plugin.item_action().ok_or_else(|| plugin.wrong_world("is not an item action"))?;
-        let mut run = Call::detached(engine.wasmtime(), &plugin.sandbox, RunDirs::default(), sink)?;
-        let bindings = guarded(&run.log, run.timeout, pre.instantiate_async(&mut run.store)).await?;
+        let mut run = Call::detached(engine.wasmtime(), &plugin.sandbox, RunDirs::default(), sink).await?;
+        let bindings = run.guard.run(pre.instantiate_async(&mut run.store)).await?;
         Ok(Self(Session { run, bindings }))
     }
 
     /// Which items the action wants.
     pub async fn applies_to(&mut self, options: &str) -> Result<ItemSelector, RunError> {
         let Session { run, bindings } = &mut self.0;
-        guarded(&run.log, run.timeout, bindings.cordon_plugin_item_rewrite().call_applies_to(&mut run.store, options)).await?.map_err(|e| run.plugin_error(e))
+        run.guard.run(bindings.cordon_plugin_item_rewrite().call_applies_to(&mut run.store, options)).await?.map_err(|e| run.plugin_error(e))
     }
 
     /// Runs the action on one item (JSON text).
     pub async fn execute(&mut self, options: &str, item: &str) -> Result<ItemOutcome, RunError> {
         let Session { run, bindings } = &mut self.0;
-        let outcome = guarded(&run.log, run.timeout, bindings.cordon_plugin_item_rewrite().call_execute(&mut run.store, options, item)).await?.map_err(|e| run.plugin_error(e))?;
+        let outcome = run.guard.run(bindings.cordon_plugin_item_rewrite().call_execute(&mut run.store, options, item)).await?.map_err(|e| run.plugin_error(e))?;
         let size = match &outcome {
             ItemOutcome::Modified(m) => m.len(),
             ItemOutcome::WithAdditionalItems(w) => w.item.len() + w.additional.iter().map(String::len).sum::<usize>(),
@@ -389,11 +420,11 @@ pub async fn migration_step(
     sink: Arc<dyn LogSink>,
 ) -> Result<StepOutcome, RunError> {
     let pre = plugin.migration_phase().ok_or_else(|| plugin.wrong_world("is not a migration phase"))?;
-    let mut run = Call::detached(engine.wasmtime(), &plugin.sandbox, RunDirs::default(), sink)?;
+    let mut run = Call::detached(engine.wasmtime(), &plugin.sandbox, RunDirs::default(), sink).await?;
     let handles = run.store.data_mut().grant_stores(stores);
-    let bindings = guarded(&run.log, run.timeout, pre.instantiate_async(&mut run.store)).await?;
+    let bindings = run.guard.run(pre.instantiate_async(&mut run.store)).await?;
     let step = bindings.cordon_plugin_phase().call_step(&mut run.store, request, handles.source, handles.destination);
-    let outcome = guarded(&run.log, run.timeout, step).await?.map_err(|e| run.plugin_error(e))?;
+    let outcome = run.guard.run(step).await?.map_err(|e| run.plugin_error(e))?;
     run.check_size(outcome.checkpoint.as_ref().map_or(0, String::len) + outcome.summary.len())?;
     Ok(outcome)
 }

@@ -234,6 +234,22 @@ text_enum!(CommandKind {
     DebugFailContinue => "debug-fail-continue",
 });
 
+/// How much one scope of metadata or blobs may hold: entries, and bytes of
+/// keys and values together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+impl Quota {
+    /// Whether a scope holding `entries` other entries of `bytes` bytes
+    /// may take one more of `added` bytes.
+    pub fn admits(&self, entries: u64, bytes: u64, added: u64) -> bool {
+        entries < self.entries && bytes.saturating_add(added) <= self.bytes
+    }
+}
+
 /// An application known to the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApplicationRecord {
@@ -286,12 +302,19 @@ pub trait StateStore: Send + Sync {
 
     // Metadata: `stage` is empty for deployment scope.
     fn metadata_get(&self, deployment: &str, stage: &str, key: &str) -> Result<Option<String>>;
+    /// A host write (pause state and the like): no quota.
     fn metadata_put(&self, deployment: &str, stage: &str, key: &str, value: &str) -> Result<()>;
+    /// A plugin's write: checked against `quota` for the scope (other
+    /// entries plus this one) and stored in one transaction; false, and
+    /// nothing written, when it would pass the quota.
+    fn metadata_put_within(&self, deployment: &str, stage: &str, key: &str, value: &str, quota: Quota) -> Result<bool>;
     fn metadata_entries(&self, deployment: &str, stage: &str) -> Result<Vec<(String, String)>>;
 
     // Blobs, per application and plugin.
     fn blob_get(&self, application: &str, plugin: &str, key: &str) -> Result<Option<Vec<u8>>>;
-    fn blob_put(&self, application: &str, plugin: &str, key: &str, value: &[u8]) -> Result<()>;
+    /// Like [`StateStore::metadata_put_within`], for the blobs of one
+    /// application and plugin.
+    fn blob_put_within(&self, application: &str, plugin: &str, key: &str, value: &[u8], quota: Quota) -> Result<bool>;
     fn blob_delete(&self, application: &str, plugin: &str, key: &str) -> Result<()>;
 
     // Commands.

@@ -147,6 +147,28 @@ impl SqliteStore {
     }
 }
 
+/// Upserts `(scope…, value)` with `upsert` if what `usage` counts of the
+/// scope's other entries leaves room for `added` bytes under `quota`; one
+/// IMMEDIATE transaction, so concurrent writers cannot both pass.
+fn put_within(
+    conn: &mut Connection,
+    usage: &str,
+    upsert: &str,
+    scope: [&str; 3],
+    value: &dyn rusqlite::ToSql,
+    quota: Quota,
+    added: u64,
+) -> Result<bool> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let (entries, bytes): (i64, i64) = tx.query_row(usage, params![scope[0], scope[1], scope[2]], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if !quota.admits(entries as u64, bytes as u64, added) {
+        return Ok(false);
+    }
+    tx.execute(upsert, params![scope[0], scope[1], scope[2], value])?;
+    tx.commit()?;
+    Ok(true)
+}
+
 fn application_row(r: &Row<'_>) -> rusqlite::Result<ApplicationRecord> {
     Ok(ApplicationRecord { name: r.get(0)?, dir: r.get(1)?, last_success: r.get(2)?, running_snapshot: r.get(3)? })
 }
@@ -426,6 +448,20 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
+    fn metadata_put_within(&self, deployment: &str, stage: &str, key: &str, value: &str, quota: Quota) -> Result<bool> {
+        put_within(
+            &mut self.conn(),
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(key AS BLOB)) + LENGTH(CAST(value AS BLOB))), 0) FROM metadata
+             WHERE deployment = ?1 AND stage = ?2 AND key <> ?3",
+            "INSERT INTO metadata (deployment, stage, key, value) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (deployment, stage, key) DO UPDATE SET value = excluded.value",
+            [deployment, stage, key],
+            &value,
+            quota,
+            (key.len() + value.len()) as u64,
+        )
+    }
+
     fn metadata_entries(&self, deployment: &str, stage: &str) -> Result<Vec<(String, String)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT key, value FROM metadata WHERE deployment = ?1 AND stage = ?2 ORDER BY key")?;
@@ -444,13 +480,18 @@ impl StateStore for SqliteStore {
             .optional()?)
     }
 
-    fn blob_put(&self, application: &str, plugin: &str, key: &str, value: &[u8]) -> Result<()> {
-        self.conn().execute(
+    fn blob_put_within(&self, application: &str, plugin: &str, key: &str, value: &[u8], quota: Quota) -> Result<bool> {
+        put_within(
+            &mut self.conn(),
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(key AS BLOB)) + LENGTH(value)), 0) FROM blobs
+             WHERE application = ?1 AND plugin = ?2 AND key <> ?3",
             "INSERT INTO blobs (application, plugin, key, value) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (application, plugin, key) DO UPDATE SET value = excluded.value",
-            params![application, plugin, key, value],
-        )?;
-        Ok(())
+            [application, plugin, key],
+            &value,
+            quota,
+            (key.len() + value.len()) as u64,
+        )
     }
 
     fn blob_delete(&self, application: &str, plugin: &str, key: &str) -> Result<()> {
@@ -509,6 +550,27 @@ mod tests {
             finished_at: None,
             attempts: 0,
         }
+    }
+
+    /// A scope's quota counts its other entries plus the new one, so a
+    /// key can be rewritten in place at the limit; a refused write leaves
+    /// nothing behind.
+    #[test]
+    fn plugin_writes_stay_within_their_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        let quota = Quota { entries: 2, bytes: 20 };
+        assert!(store.metadata_put_within("d1", "s", "a", "12345678", quota).unwrap());
+        assert!(store.metadata_put_within("d1", "s", "b", "1234567", quota).unwrap());
+        assert!(!store.metadata_put_within("d1", "s", "c", "1", quota).unwrap(), "a third entry");
+        assert!(store.metadata_put_within("d1", "s", "a", "123456789", quota).unwrap(), "rewriting within the bytes");
+        assert!(!store.metadata_put_within("d1", "s", "a", "123456789012", quota).unwrap(), "passing the bytes");
+        assert_eq!(store.metadata_get("d1", "s", "c").unwrap(), None);
+        assert_eq!(store.metadata_get("d1", "s", "a").unwrap().as_deref(), Some("123456789"));
+        assert!(store.metadata_put_within("d1", "other", "c", "1", quota).unwrap(), "another scope has its own quota");
+        assert!(store.blob_put_within("app", "p", "k", &[0u8; 19], quota).unwrap());
+        assert!(!store.blob_put_within("app", "p", "j", &[0u8; 1], quota).unwrap());
+        assert!(store.blob_put_within("app", "q", "j", &[0u8; 1], quota).unwrap());
     }
 
     #[test]

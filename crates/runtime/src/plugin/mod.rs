@@ -33,7 +33,7 @@ use cordon_contract::bindings::planner::PlannerPre;
 use cordon_contract::{self as contract, World};
 use cordon_contract::bindings::executor::exports::cordon::plugin::stages::GuestIndices as StagesIndices;
 
-use crate::call::{Call, RunError, guarded};
+use crate::call::{Call, RunError};
 use crate::engine::{Engine, Origin};
 use crate::sandbox::{NullSink, RunDirs, RunState, Sandbox};
 pub use config::{AgentConfig, PluginConfig};
@@ -117,11 +117,11 @@ impl Plugin {
         if !self.world.defines_stages() {
             bail!("a {} plugin defines no stages", self.world);
         }
-        let mut run = Call::detached(engine.wasmtime(), &self.sandbox, RunDirs::default(), Arc::new(NullSink))?;
-        run.timeout = run.timeout.min(STAGES_TIMEOUT);
+        let mut run = Call::detached(engine.wasmtime(), &self.sandbox, RunDirs::default(), Arc::new(NullSink)).await?;
+        run.guard.timeout = run.guard.timeout.min(STAGES_TIMEOUT);
         let stages_export = StagesIndices::new(&self.pre)?;
-        let Call { store, log, timeout, .. } = &mut run;
-        let stages: Vec<StageInfo> = guarded(log, *timeout, async {
+        let Call { store, guard, .. } = &mut run;
+        let stages: Vec<StageInfo> = guard.run(async {
             let instance = self.pre.instantiate_async(&mut *store).await?;
             stages_export.load(&mut *store, &instance)?.call_defined_stages(&mut *store).await
         })
@@ -172,6 +172,7 @@ impl Plugin {
         let summary = contract::summarize(&bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
         check_shape(&summary.shape).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}; Cordon refuses components of more parts than any real plugin needs"))?;
         summary.check(config.world).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;
+        let slots = engine.slots(&summary.shape).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file}: {e}; Cordon refuses it so that other plugins keep their slots"))?;
         let manifest = match &summary.manifest {
             Some(bytes) => Some(Manifest::parse(bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file}: {e}"))?),
             None => None,
@@ -221,7 +222,7 @@ impl Plugin {
             world: config.world,
             path: config.path.clone(),
             sha256,
-            sandbox: Sandbox::new(config.grants.clone(), config.limits.clone()),
+            sandbox: Sandbox::new(config.grants.clone(), config.limits.clone(), slots),
             origin,
             stages: Vec::new(),
             manifest,

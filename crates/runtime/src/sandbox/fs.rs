@@ -10,8 +10,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use bytesize::ByteSize;
 use serde::Deserialize;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+use super::disk::DiskBudgets;
 
 /// Guest path of the target source.
 pub const TARGET: &str = "/source";
@@ -52,6 +55,10 @@ pub struct Mount {
     pub host: PathBuf,
     pub guest: String,
     pub access: Access,
+    /// Disk the whole tree may take, for a read-write mount: a call that
+    /// passes it fails (see [`super::disk`]). None: no budget.
+    #[serde(default)]
+    pub quota: Option<ByteSize>,
 }
 
 /// Checks granted mounts; relative host paths are resolved against `base`
@@ -70,6 +77,9 @@ pub fn validate(mounts: &mut [Mount], base: &Path) -> Result<(), String> {
             return Err(format!("two mounts use the guest path {guest:?}; each needs its own"));
         }
         seen.push(guest);
+        if mount.quota.is_some() && mount.access == Access::ReadOnly {
+            return Err(format!("mount {guest:?} is read-only, so its `quota` means nothing; remove it or grant `access: read-write`"));
+        }
         if mount.host.is_relative() {
             mount.host = base.join(&mount.host);
         }
@@ -89,6 +99,21 @@ pub struct RunDirs {
     pub target: Option<PathBuf>,
     pub running: Option<PathBuf>,
     pub scratch: Option<PathBuf>,
+}
+
+/// The disk budgets of a run: its scratch directory, and every mount with
+/// a quota.
+pub fn budgets(dirs: &RunDirs, mounts: &[Mount], scratch: ByteSize) -> DiskBudgets {
+    let mut budgets = DiskBudgets::default();
+    if let Some(host) = &dirs.scratch {
+        budgets.add(host, SCRATCH, scratch.as_u64());
+    }
+    for mount in mounts {
+        if let Some(quota) = mount.quota {
+            budgets.add(&mount.host, &mount.guest, quota.as_u64());
+        }
+    }
+    budgets
 }
 
 /// Preopens the run's directories and the granted mounts.

@@ -5,8 +5,10 @@
 //! plugin's memories together; wall-clock time
 //! by a tokio timeout around the whole call, which guest code cannot hold
 //! off because it yields at every epoch tick and host calls are async; log
-//! output by [`super::output::StageLog`]; returned data after the call. Every breach surfaces as a `Violation`, so the runner can
-//! name the cause instead of printing a bare trap.
+//! output by [`super::output::StageLog`]; disk by [`super::disk`];
+//! durable state by [`super::services`]; returned data after the call.
+//! Every breach surfaces as a `Violation`, so the runner can name the cause
+//! instead of printing a bare trap.
 
 use std::time::Duration;
 
@@ -36,6 +38,16 @@ pub struct Limits {
     pub handles: u32,
     /// Bytes of the data a call returns (messages, planned stages...).
     pub result_bytes: ByteSize,
+    /// Disk a call's `/scratch` may take (see [`super::disk`]).
+    pub scratch: ByteSize,
+    /// Metadata entries of one scope: a stage's own, or its deployment's.
+    pub metadata_entries: u64,
+    /// Bytes of metadata keys and values of one scope.
+    pub metadata_bytes: ByteSize,
+    /// Blobs of one application and plugin.
+    pub blobs: u64,
+    /// Bytes of blob keys and values of one application and plugin.
+    pub blob_bytes: ByteSize,
 }
 
 impl Default for Limits {
@@ -47,6 +59,11 @@ impl Default for Limits {
             log_lines: 100_000,
             handles: 1024,
             result_bytes: ByteSize::mib(1),
+            scratch: ByteSize::mib(512),
+            metadata_entries: 1000,
+            metadata_bytes: ByteSize::mib(4),
+            blobs: 64,
+            blob_bytes: ByteSize::mib(64),
         }
     }
 }
@@ -67,8 +84,17 @@ pub enum Violation {
     LogLines { limit: u64 },
     #[error("handle limit exceeded: the plugin held as many host handles (open files, sockets, HTTP resources) at once as `limits.handles` allows (raise it)")]
     Handles,
+    #[error("HTTP header limit exceeded: one header map passed the host's limit of {limit} bytes")]
+    HttpFields { limit: u64 },
+    #[error("disk budget exceeded: {guest} took {used} bytes, its limit is {limit} bytes (raise {})", disk_fix(.guest))]
+    Disk { guest: String, used: u64, limit: u64 },
     #[error("returned {size} bytes, above the plugin's limit of {limit} bytes (raise `limits.result-bytes`)")]
     ResultBytes { size: u64, limit: u64 },
+}
+
+/// What raises the disk budget of the directory at guest path `guest`.
+fn disk_fix(guest: &str) -> String {
+    if guest == super::fs::SCRATCH { "`limits.scratch`".to_string() } else { format!("the `quota` of the mount at {guest}") }
 }
 
 /// Bytes each log line costs besides its text: what storing it costs the

@@ -16,6 +16,7 @@
 //! sockets, name lookup or directories, and nothing here inherits from the
 //! agent process unless a grant names it.
 
+pub mod disk;
 pub mod env;
 pub mod fs;
 pub mod limits;
@@ -37,6 +38,8 @@ use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use crate::admission::Slots;
+use disk::DiskBudgets;
 pub use fs::{Mount, RunDirs};
 pub use limits::{Limits, Violation};
 use net::{HttpHooks, NetPolicy, NetworkGrant};
@@ -133,6 +136,7 @@ pub struct Sandbox {
     grants: Arc<Grants>,
     network: Arc<NetworkGrant>,
     limits: Limits,
+    slots: Slots,
 }
 
 /// What one run needs besides the plugin's grants.
@@ -147,9 +151,19 @@ pub struct RunContext {
 }
 
 impl Sandbox {
-    pub fn new(grants: Grants, limits: Limits) -> Self {
+    pub fn new(grants: Grants, limits: Limits, slots: Slots) -> Self {
         let network = Arc::new(grants.network.clone());
-        Self { grants: Arc::new(grants), network, limits }
+        Self { grants: Arc::new(grants), network, limits, slots }
+    }
+
+    /// The plugin's instance-pool slots, which each call waits for.
+    pub fn slots(&self) -> &Slots {
+        &self.slots
+    }
+
+    /// The disk budgets of a run in `dirs`.
+    pub fn disk_budgets(&self, dirs: &RunDirs) -> DiskBudgets {
+        fs::budgets(dirs, &self.grants.mounts, self.limits.scratch)
     }
 
     pub fn grants(&self) -> &Grants {
@@ -183,8 +197,12 @@ impl Sandbox {
 
         let state = RunState {
             wasi: wasi.build(),
-            http: WasiHttpCtx::new(),
-            hooks: HttpHooks { policy },
+            http: {
+                let mut http = WasiHttpCtx::new();
+                http.set_field_size_limit(net::FIELD_SIZE_LIMIT);
+                http
+            },
+            hooks: HttpHooks::new(policy),
             table: {
                 let mut table = ResourceTable::new();
                 table.set_max_capacity(self.limits.handles as usize);
@@ -192,7 +210,7 @@ impl Sandbox {
             },
             limiter: limits::Limiter::new(&self.limits),
             secrets: Secrets::new(secret_values, log.clone()),
-            services: Services::new(run.services, log.clone()),
+            services: Services::new(run.services, log.clone(), &self.limits),
             log,
             stores: Stores::default(),
         };

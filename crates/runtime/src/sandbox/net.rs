@@ -302,7 +302,6 @@ impl NetPolicy {
     }
 
     fn deny(&self, what: String) -> bool {
-        self.log.host_line(&format!("sandbox denied {what}"));
         self.log.record_denial(what);
         false
     }
@@ -401,10 +400,27 @@ pub fn configure(wasi: &mut WasiCtxBuilder, policy: &NetPolicy) {
     });
 }
 
+/// HTTP requests of one call that may be in flight at once: each holds a
+/// connection and its buffers on the host until its response is dropped.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 16;
+
+/// Bytes of one HTTP `fields` resource (headers or trailers) as the host
+/// holds them, well above any proxy's 8 KiB header limit; with
+/// `limits.handles` it bounds what fields can make the host hold.
+pub const FIELD_SIZE_LIMIT: usize = 32 * 1024;
+
 /// The outgoing-HTTP hook: every request (and so every redirect hop) is
-/// checked against the network grant before anything is sent.
+/// checked against the network grant before anything is sent, and at most
+/// [`MAX_REQUESTS_IN_FLIGHT`] are alive at once.
 pub struct HttpHooks {
-    pub policy: NetPolicy,
+    policy: NetPolicy,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl HttpHooks {
+    pub fn new(policy: NetPolicy) -> Self {
+        Self { policy, in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS_IN_FLIGHT)) }
+    }
 }
 
 type HttpResponse = http::Response<wasmtime_wasi_http::WasiBody>;
@@ -418,8 +434,13 @@ impl WasiHttpHooks for HttpHooks {
         _fut: IoFuture,
     ) -> Box<dyn Future<Output = wasmtime_wasi_http::Result<(HttpResponse, IoFuture)>> + Send> {
         let policy = self.policy.clone();
+        let permit = self.in_flight.clone().try_acquire_owned();
         Box::new(async move {
             use http_body_util::BodyExt;
+            let Ok(permit) = permit else {
+                policy.deny(format!("an HTTP request beyond {MAX_REQUESTS_IN_FLIGHT} in flight at once (drop finished responses first)"));
+                return Err(wasmtime_wasi_http::Error::HttpRequestDenied);
+            };
             let uri = request.uri();
             let scheme = match uri.scheme_str() {
                 Some("https") => Scheme::Https,
@@ -439,6 +460,10 @@ impl WasiHttpHooks for HttpHooks {
                 *request.uri_mut() = http::Uri::from_parts(parts).map_err(|_| wasmtime_wasi_http::Error::HttpRequestUriInvalid)?;
             }
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            let io = async move {
+                let _permit = permit;
+                io.await
+            };
             Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
         })
     }

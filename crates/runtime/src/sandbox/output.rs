@@ -154,7 +154,44 @@ struct State {
     exceeded: Option<Violation>,
     partial: [Vec<u8>; 2],
     stderr_tail: VecDeque<String>,
-    denials: Vec<String>,
+    denials: Denials,
+}
+
+/// Distinct refusals kept for a run's reason (and logged once each).
+const MAX_DENIALS: usize = 16;
+
+/// What the sandbox refused during a run: the first [`MAX_DENIALS`]
+/// distinct refusals with how often each happened, and how many others —
+/// so a plugin that is refused in a loop makes the host hold and log
+/// nothing more.
+#[derive(Default)]
+struct Denials {
+    distinct: Vec<(String, u64)>,
+    others: u64,
+}
+
+impl Denials {
+    /// Counts `what`; true when it is new and kept.
+    fn record(&mut self, what: String) -> bool {
+        if let Some((_, n)) = self.distinct.iter_mut().find(|(d, _)| *d == what) {
+            *n += 1;
+            false
+        } else if self.distinct.len() < MAX_DENIALS {
+            self.distinct.push((what, 1));
+            true
+        } else {
+            self.others += 1;
+            false
+        }
+    }
+
+    fn describe(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.distinct.iter().map(|(d, n)| if *n == 1 { d.clone() } else { format!("{d} ({n} times)") }).collect();
+        if self.others > 0 {
+            out.push(format!("{} other refusal(s)", self.others));
+        }
+        out
+    }
 }
 
 struct Inner {
@@ -180,7 +217,7 @@ impl StageLog {
             exceeded: None,
             partial: [Vec::new(), Vec::new()],
             stderr_tail: VecDeque::new(),
-            denials: Vec::new(),
+            denials: Denials::default(),
         };
         let inner = Inner { budget_bytes: bytes, budget_lines: lines, masker: Masker::new(secrets), sink, state: Mutex::new(state) };
         Self { inner: Arc::new(inner) }
@@ -306,13 +343,18 @@ impl StageLog {
         self.inner.sink.line(Source::Host, &masked);
     }
 
-    /// Remembers something the sandbox refused, for the failure reason.
+    /// Remembers something the sandbox refused, for the failure reason,
+    /// and says so in the log the first time (see [`Denials`]).
     pub fn record_denial(&self, what: String) {
-        self.lock().denials.push(what);
+        let line = format!("sandbox denied {what}");
+        if self.lock().denials.record(what) {
+            self.host_line(&line);
+        }
     }
 
+    /// What the sandbox refused, each distinct refusal once.
     pub fn denials(&self) -> Vec<String> {
-        self.lock().denials.clone()
+        self.lock().denials.describe()
     }
 
     /// The last lines of stderr (where a Rust guest's panic message goes).
@@ -407,6 +449,25 @@ impl tokio::io::AsyncWrite for GuestOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal repeated in a loop is kept and logged once, with a count;
+    /// past [`MAX_DENIALS`] distinct ones only a number is kept.
+    #[test]
+    fn denials_are_kept_once_and_bounded() {
+        let sink = Arc::new(Collect::default());
+        let log = StageLog::new(1024, 100, vec![], sink.clone());
+        for _ in 0..1000 {
+            log.record_denial("TCP connection to 10.0.0.1:80".to_string());
+        }
+        for i in 0..100 {
+            log.record_denial(format!("secret \"s{i}\""));
+        }
+        let denials = log.denials();
+        assert_eq!(denials.len(), MAX_DENIALS + 1);
+        assert_eq!(denials[0], "TCP connection to 10.0.0.1:80 (1000 times)");
+        assert_eq!(denials[MAX_DENIALS], "85 other refusal(s)");
+        assert_eq!(sink.0.lock().unwrap().len(), MAX_DENIALS, "one host line per kept refusal");
+    }
 
     #[derive(Default)]
     struct Collect(Mutex<Vec<(Source, String)>>);

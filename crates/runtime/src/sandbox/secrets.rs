@@ -89,8 +89,7 @@ impl secrets::Host for Secrets {
     fn get(&mut self, name: String) -> wasmtime::Result<Result<String, secrets::Error>> {
         Ok(match self.values.get(&name) {
             None => {
-                self.log.host_line(&format!("sandbox denied secret {name:?}: not granted to this plugin"));
-                self.log.record_denial(format!("secret {name:?}: not granted"));
+                self.log.record_denial(format!("secret {name:?}: not granted to this plugin"));
                 Err(secrets::Error::NotGranted)
             }
             Some(Ok(value)) => Ok(value.clone()),

@@ -17,6 +17,7 @@ use wasmtime::component::{HasSelf, Linker};
 use cordon_contract::bindings::cordon::plugin::{blobs, commands, metadata};
 
 use super::RunState;
+use super::limits::Limits;
 use super::output::StageLog;
 
 /// Largest metadata key and value, and blob, a plugin may store.
@@ -45,16 +46,34 @@ pub struct StageCommand {
     pub created_at: u64,
 }
 
+/// How much one scope of metadata (a stage's own, or its deployment's) or
+/// the blobs of one application and plugin may hold: entries, and bytes of
+/// keys and values together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
 /// State a run's host services read and write. Errors are host faults (a
-/// broken state store) and fail the stage; size checks happen before.
+/// broken state store) and fail the stage; size checks happen before. A put
+/// answers false, and writes nothing, when the scope would pass `quota`
+/// (its other entries plus this one) — checked and written atomically.
 pub trait StageServices: Send + Sync {
     fn metadata_get(&self, scope: MetaScope, key: &str) -> anyhow::Result<Option<String>>;
-    fn metadata_put(&self, scope: MetaScope, key: &str, value: &str) -> anyhow::Result<()>;
+    fn metadata_put(&self, scope: MetaScope, key: &str, value: &str, quota: Quota) -> anyhow::Result<bool>;
     fn metadata_entries(&self, scope: MetaScope) -> anyhow::Result<Vec<(String, String)>>;
     fn commands(&self) -> anyhow::Result<Vec<StageCommand>>;
     fn blob_get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
-    fn blob_put(&self, key: &str, value: &[u8]) -> anyhow::Result<()>;
+    fn blob_put(&self, key: &str, value: &[u8], quota: Quota) -> anyhow::Result<bool>;
     fn blob_delete(&self, key: &str) -> anyhow::Result<()>;
+}
+
+/// Whether `entries` (without `key`) leave room for `key` with a value of
+/// `len` bytes under `quota`.
+fn admits<'a>(entries: impl Iterator<Item = (&'a str, usize)>, key: &str, len: usize, quota: Quota) -> bool {
+    let (count, bytes) = entries.filter(|(k, _)| *k != key).fold((0u64, 0u64), |(n, b), (k, v)| (n + 1, b + (k.len() + v) as u64));
+    count < quota.entries && bytes + (key.len() + len) as u64 <= quota.bytes
 }
 
 /// In-memory services for one-off runs and tests.
@@ -69,9 +88,14 @@ impl StageServices for MemoryServices {
     fn metadata_get(&self, scope: MetaScope, key: &str) -> anyhow::Result<Option<String>> {
         Ok(self.metadata.lock().unwrap().get(&(scope, key.to_string())).cloned())
     }
-    fn metadata_put(&self, scope: MetaScope, key: &str, value: &str) -> anyhow::Result<()> {
-        self.metadata.lock().unwrap().insert((scope, key.to_string()), value.to_string());
-        Ok(())
+    fn metadata_put(&self, scope: MetaScope, key: &str, value: &str, quota: Quota) -> anyhow::Result<bool> {
+        let mut map = self.metadata.lock().unwrap();
+        let scoped = map.iter().filter(|((s, _), _)| *s == scope).map(|((_, k), v)| (k.as_str(), v.len()));
+        if !admits(scoped, key, value.len(), quota) {
+            return Ok(false);
+        }
+        map.insert((scope, key.to_string()), value.to_string());
+        Ok(true)
     }
     fn metadata_entries(&self, scope: MetaScope) -> anyhow::Result<Vec<(String, String)>> {
         let map = self.metadata.lock().unwrap();
@@ -83,9 +107,13 @@ impl StageServices for MemoryServices {
     fn blob_get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         Ok(self.blobs.lock().unwrap().get(key).cloned())
     }
-    fn blob_put(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
-        self.blobs.lock().unwrap().insert(key.to_string(), value.to_vec());
-        Ok(())
+    fn blob_put(&self, key: &str, value: &[u8], quota: Quota) -> anyhow::Result<bool> {
+        let mut blobs = self.blobs.lock().unwrap();
+        if !admits(blobs.iter().map(|(k, v)| (k.as_str(), v.len())), key, value.len(), quota) {
+            return Ok(false);
+        }
+        blobs.insert(key.to_string(), value.to_vec());
+        Ok(true)
     }
     fn blob_delete(&self, key: &str) -> anyhow::Result<()> {
         self.blobs.lock().unwrap().remove(key);
@@ -99,11 +127,25 @@ impl StageServices for MemoryServices {
 pub struct Services {
     inner: Arc<dyn StageServices>,
     log: StageLog,
+    metadata_quota: Quota,
+    blob_quota: Quota,
 }
 
 impl Services {
-    pub fn new(inner: Arc<dyn StageServices>, log: StageLog) -> Self {
-        Self { inner, log }
+    pub fn new(inner: Arc<dyn StageServices>, log: StageLog, limits: &Limits) -> Self {
+        Self {
+            inner,
+            log,
+            metadata_quota: Quota { entries: limits.metadata_entries, bytes: limits.metadata_bytes.as_u64() },
+            blob_quota: Quota { entries: limits.blobs, bytes: limits.blob_bytes.as_u64() },
+        }
+    }
+
+    /// The error a plugin gets for a write past a quota; the log names it
+    /// too, so a stage that fails over it says why.
+    fn full(&self, what: &str, quota: Quota, limits: &str) -> String {
+        self.log.record_denial(format!("a write past the quota of {what} ({limits})"));
+        format!("{what} may hold {} entries and {} bytes of keys and values ({limits}); the write was refused", quota.entries, quota.bytes)
     }
 
     fn refuse_secret(&self, what: &str, data: &[u8]) -> Option<String> {
@@ -147,7 +189,13 @@ impl metadata::Host for Services {
         if let Some(refused) = self.refuse_secret("metadata value", value.as_bytes()).or_else(|| self.refuse_secret("metadata key", key.as_bytes())) {
             return Ok(Err(refused));
         }
-        self.inner.metadata_put(scope(s), &key, &value).map_err(|e| host_fault("metadata", e))?;
+        if !self.inner.metadata_put(scope(s), &key, &value, self.metadata_quota).map_err(|e| host_fault("metadata", e))? {
+            let what = match s {
+                metadata::Scope::Stage => "the stage's metadata",
+                metadata::Scope::Deployment => "the deployment's metadata",
+            };
+            return Ok(Err(self.full(what, self.metadata_quota, "`limits.metadata-entries`, `limits.metadata-bytes`")));
+        }
         Ok(Ok(()))
     }
 
@@ -189,7 +237,9 @@ impl blobs::Host for Services {
         if let Some(refused) = self.refuse_secret("blob", &value).or_else(|| self.refuse_secret("blob key", key.as_bytes())) {
             return Ok(Err(refused));
         }
-        self.inner.blob_put(&key, &value).map_err(|e| host_fault("blobs", e))?;
+        if !self.inner.blob_put(&key, &value, self.blob_quota).map_err(|e| host_fault("blobs", e))? {
+            return Ok(Err(self.full("the blobs of this plugin and application", self.blob_quota, "`limits.blobs`, `limits.blob-bytes`")));
+        }
         Ok(Ok(()))
     }
 

@@ -3,7 +3,9 @@
 //! Stages: `TD_SYNC`, `TD_ROLLOUT`, `TD_ROLLBACK`. App settings (JSON):
 //! `vote` (`quick`, `pipeline`, `unsupported`: its strategy answer) and
 //! `violate` (`foreign-index`, `renamed`, `missing`, `duplicate`,
-//! `quick-index`: break the index contract that way). Stage options:
+//! `quick-index`: break the index contract that way; `leak-secret`: put
+//! the granted `token` secret into its summary, version and stage
+//! options). Stage options:
 //! `fail`, `sleep_ms`, `marker`; `TD_ROLLBACK` reports the options it
 //! received and sleeps `rollback_sleep_ms`.
 use std::io::Write;
@@ -40,10 +42,18 @@ fn stage(index: u32, name: &str, rollback: bool, options: &str) -> PlannedStage 
     PlannedStage { index, name: name.into(), desc: String::new(), rollback, options: options.into() }
 }
 
+/// The `token` secret's value when the app settings ask to leak it.
+fn leak(request: &PlanRequest) -> String {
+    if text(&settings(request), "violate") != Some("leak-secret") {
+        return String::new();
+    }
+    cordon_sdk::executor::cordon::plugin::secrets::get("token").map(|v| format!(" {v}")).unwrap_or_default()
+}
+
 impl planning::Guest for TestDeploy {
     fn determine_strategy(request: PlanRequest) -> Result<StrategyAnswer, String> {
         Ok(match text(&settings(&request), "vote") {
-            Some("quick") => StrategyAnswer::Decided(Strategy { strategy: SyncStrategy::QuickSync, summary: "voted quick".into() }),
+            Some("quick") => StrategyAnswer::Decided(Strategy { strategy: SyncStrategy::QuickSync, summary: format!("voted quick{}", leak(&request)) }),
             Some("pipeline") => StrategyAnswer::Decided(Strategy { strategy: SyncStrategy::PipelineSync, summary: "voted pipeline".into() }),
             _ => StrategyAnswer::Unsupported,
         })
@@ -54,7 +64,7 @@ impl planning::Guest for TestDeploy {
         Ok(vec![ArtifactVersion {
             kind: "test".into(),
             name: request.deployment.application_name.clone(),
-            version: version.trim().into(),
+            version: format!("{}{}", version.trim(), leak(&request)),
             url: String::new(),
         }])
     }
@@ -63,7 +73,7 @@ impl planning::Guest for TestDeploy {
         let settings = settings(&request);
         let violation = text(&settings, "violate");
         let index = if violation == Some("quick-index") { 3 } else { 0 };
-        let mut out = vec![stage(index, "TD_SYNC", false, "{}")];
+        let mut out = vec![stage(index, "TD_SYNC", false, &serde_json::json!({ "note": leak(&request) }).to_string())];
         if violation == Some("borrow") {
             // A stage another plugin defines (and would run with its grants).
             out.push(stage(0, "STEP", false, r#"{"sleep_ms": 1}"#));
