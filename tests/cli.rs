@@ -62,6 +62,22 @@ fn stage_run_exits_with_the_stage_status() {
     assert!(text(&out).contains("hostile guest panicked on purpose"));
 }
 
+/// Guest-chosen control bytes — an OSC title sequence, a carriage return
+/// that would overwrite the line with a fake `cordon |` line, a screen
+/// clear — reach the terminal only escaped, from log lines, stderr and the
+/// failure reason alike.
+#[test]
+fn guest_text_cannot_drive_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "probe");
+    let with = serde_json::json!({ "log": "\u{1b}]0;pwned\u{7}\rcordon | WAIT: success", "read": "/source/\u{1b}[2J" }).to_string();
+    let out = cordon(&["--config", &cfg, "stage", "run", "--plugin", "probe", "--stage", "PROBE", "--with", &with]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let raw = [out.stdout.as_slice(), out.stderr.as_slice()].concat();
+    assert!(!raw.iter().any(|b| matches!(b, 0x1b | b'\r' | 0x07)), "raw control bytes reached the terminal: {}", text(&out));
+    assert!(text(&out).contains("\\u{1b}[2J"), "the reason shows the escape: {}", text(&out));
+}
+
 #[test]
 fn bad_input_gets_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();

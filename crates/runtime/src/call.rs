@@ -75,9 +75,9 @@ impl Guard {
             },
             violation = self.disk.exceeded() => Err(RunError::Limit(violation)),
         };
-        // What the plugin wrote after the last walk counts too.
+        // What the plugin wrote to a mount after the last walk counts too.
         let result = match result {
-            Ok(value) => self.disk.check().await.map(|()| value).map_err(RunError::Limit),
+            Ok(value) => self.disk.check_lasting().await.map(|()| value).map_err(RunError::Limit),
             Err(e) => Err(e),
         };
         self.log.flush();

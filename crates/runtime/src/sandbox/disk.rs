@@ -8,9 +8,11 @@
 //! following links — summing the space its entries take on disk (allocated
 //! blocks, so a sparse file counts what it holds) plus [`ENTRY_COST`] per
 //! entry, so millions of empty files are charged too. When a directory
-//! passes its budget the call is stopped like a timeout, naming the limit;
-//! after the call the directories are measured once more, so a plugin that
-//! returns before a walk is caught as well.
+//! passes its budget the call is stopped like a timeout, naming the limit.
+//! A granted mount outlives the call, so it is measured once more after
+//! the call — otherwise a plugin that wrote fast and returned before a walk
+//! would leave the next call to be blamed; `/scratch` is the call's own and
+//! is not (that walk would cost every short call more than it runs).
 //!
 //! Worst-case overshoot: what the plugin writes between two walks — at
 //! most [`INTERVAL`] (longer on a tree so large that walking it takes more
@@ -35,6 +37,8 @@ struct Budgeted {
     host: PathBuf,
     guest: String,
     quota: u64,
+    /// Whether the tree outlives the call (a granted mount).
+    lasting: bool,
 }
 
 /// The disk budgets of one call.
@@ -42,18 +46,21 @@ struct Budgeted {
 pub struct DiskBudgets(Vec<Budgeted>);
 
 impl DiskBudgets {
-    /// Budgets `host`, seen by the guest at `guest`, to `quota` bytes.
-    pub fn add(&mut self, host: &Path, guest: &str, quota: u64) {
-        self.0.push(Budgeted { host: host.to_path_buf(), guest: guest.to_string(), quota });
+    /// Budgets `host`, seen by the guest at `guest`, to `quota` bytes;
+    /// `lasting` when the tree outlives the call.
+    pub fn add(&mut self, host: &Path, guest: &str, quota: u64, lasting: bool) {
+        self.0.push(Budgeted { host: host.to_path_buf(), guest: guest.to_string(), quota, lasting });
     }
 
     /// The first directory past its budget, if any.
     pub async fn check(&self) -> Result<(), Violation> {
-        if self.0.is_empty() {
-            return Ok(());
-        }
-        let dirs = self.0.clone();
-        tokio::task::spawn_blocking(move || over_budget(&dirs)).await.unwrap_or(Ok(()))
+        walk(self.0.clone()).await
+    }
+
+    /// The first lasting directory past its budget, if any: the check
+    /// after a call.
+    pub async fn check_lasting(&self) -> Result<(), Violation> {
+        walk(self.0.iter().filter(|b| b.lasting).cloned().collect()).await
     }
 
     /// Resolves when a directory passes its budget; never, when nothing is
@@ -72,6 +79,13 @@ impl DiskBudgets {
             walk = started.elapsed();
         }
     }
+}
+
+async fn walk(dirs: Vec<Budgeted>) -> Result<(), Violation> {
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    tokio::task::spawn_blocking(move || over_budget(&dirs)).await.unwrap_or(Ok(()))
 }
 
 fn over_budget(dirs: &[Budgeted]) -> Result<(), Violation> {
@@ -130,13 +144,16 @@ mod tests {
         let (small, big) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         std::fs::write(big.path().join("data"), vec![1u8; 256 << 10]).unwrap();
         let mut budgets = DiskBudgets::default();
-        budgets.add(small.path(), "/scratch", 64 << 10);
-        budgets.add(big.path(), "/www", 64 << 10);
+        budgets.add(small.path(), "/scratch", 64 << 10, false);
+        budgets.add(big.path(), "/www", 64 << 10, true);
         match budgets.check().await {
             Err(Violation::Disk { guest, used, limit }) => assert_eq!((guest.as_str(), used >= 256 << 10, limit), ("/www", true, 64 << 10)),
             other => panic!("{other:?}"),
         }
         let Violation::Disk { guest, .. } = budgets.exceeded().await else { panic!() };
         assert_eq!(guest, "/www");
+        let mut scratch_only = DiskBudgets::default();
+        scratch_only.add(big.path(), "/scratch", 64 << 10, false);
+        assert!(scratch_only.check_lasting().await.is_ok(), "a call's own scratch is not walked after it");
     }
 }

@@ -106,11 +106,11 @@ pub struct RunDirs {
 pub fn budgets(dirs: &RunDirs, mounts: &[Mount], scratch: ByteSize) -> DiskBudgets {
     let mut budgets = DiskBudgets::default();
     if let Some(host) = &dirs.scratch {
-        budgets.add(host, SCRATCH, scratch.as_u64());
+        budgets.add(host, SCRATCH, scratch.as_u64(), false);
     }
     for mount in mounts {
         if let Some(quota) = mount.quota {
-            budgets.add(&mount.host, &mount.guest, quota.as_u64());
+            budgets.add(&mount.host, &mount.guest, quota.as_u64(), true);
         }
     }
     budgets
