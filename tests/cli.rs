@@ -78,6 +78,40 @@ fn guest_text_cannot_drive_the_terminal() {
     assert!(text(&out).contains("\\u{1b}[2J"), "the reason shows the escape: {}", text(&out));
 }
 
+/// An id that would become a path outside the state directory is refused
+/// before any file is created.
+#[test]
+fn ids_that_would_leave_the_state_directory_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "wait");
+    for id in ["../../x", "/tmp/x"] {
+        let out = cordon(&["--config", &cfg, "migrate", "resume", id]);
+        assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+        assert!(text(&out).contains("is not a migration id"), "{}", text(&out));
+    }
+    assert!(!dir.path().join("x.lock").exists() && !Path::new("/tmp/x.lock").exists(), "a lock file was created outside the state directory");
+}
+
+/// `cordon … | head`: when the reader has gone, the command stops quietly
+/// (by SIGPIPE, as Unix filters do) instead of printing an error or a panic.
+#[test]
+fn a_closed_pipe_stops_output_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let child = Command::new(cordon_bin())
+        .args(["plugin", "inspect", guest("wait").to_str().unwrap()])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("error") && !stderr.contains("panicked"), "{stderr}");
+    const SIGPIPE: i32 = 13;
+    assert_eq!(out.status.signal(), Some(SIGPIPE), "{:?} {stderr}", out.status);
+}
+
 #[test]
 fn bad_input_gets_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -264,6 +264,32 @@ fn raw(builder: &mut tar::Builder<Vec<u8>>, path: &str, kind: tar::EntryType, li
     builder.append(&header, data).unwrap();
 }
 
+/// A PAX extended-header record `key=value`, with its length prefix.
+fn pax(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while (len.to_string().len() + body.len()) != len {
+        len += 1;
+    }
+    format!("{len}{body}").into_bytes()
+}
+
+/// A ustar archive of a PAX extended header with `record`, then an empty
+/// regular file `name` it applies to.
+fn with_pax(record: Vec<u8>, name: &str) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, kind, data) in [("pax", tar::EntryType::XHeader, record.as_slice()), (name, tar::EntryType::Regular, b"".as_slice())] {
+        let mut header = tar::Header::new_ustar();
+        header.set_path(path).unwrap();
+        header.set_entry_type(kind);
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append(&header, data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
 fn archive(entries: &[(&str, tar::EntryType, Option<&str>, &[u8])]) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (path, kind, link, data) in entries {
@@ -287,6 +313,8 @@ fn crafted_archives_are_refused_and_the_workspace_is_unchanged() {
         ("hard link", archive(&[("good.txt", Regular, None, ok), ("hard", Link, Some("good.txt"), b"")]), "hard links are refused"),
         ("device", archive(&[("dev", Char, None, b"")]), "device files and pipes are refused"),
         ("fifo", archive(&[("pipe", Fifo, None, b"")]), "device files and pipes are refused"),
+        ("PAX size past the limit", with_pax(pax("size", "3221225472"), "big.bin"), "more than 2147483648 bytes, the upload limit"),
+        ("deep path", with_pax(pax("path", &format!("{}deep", "d/".repeat(2044))), "deep"), "longer than 1024 bytes"),
     ];
     for (name, bytes, expected) in cases {
         let (dir, ws) = workspace();

@@ -79,6 +79,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Agent(_)) {
+        // Like every Unix filter: when the reader goes away (`cordon status
+        // | head`), stop quietly instead of failing on a broken pipe. The
+        // agent keeps ignoring SIGPIPE: a dead log reader must not stop it.
+        // SAFETY: called before any other thread exists; SIG_DFL is a valid
+        // disposition for SIGPIPE.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -67,6 +67,9 @@ pub fn create(config: &AgentConfig, ledger: &Ledger, spec_path: &Path) -> Result
 /// Holds a migration for one process: a second `run`/`resume` of the same
 /// migration while this one lives is refused.
 fn lock(state_dir: &Path, id: &str) -> Result<File> {
+    if !cordon_store::is_safe_name(id) {
+        bail!("{id:?} is not a migration id (they look like mig-18c2…-ab12cd34); `cordon migrate status` lists them");
+    }
     let path = state_dir.join("migrations").join(format!("{id}.lock"));
     match cordon_store::lock::try_lock_file(&path)? {
         Some(file) => Ok(file),

@@ -248,6 +248,16 @@ pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
     };
     let staging = tempfile::Builder::new().prefix(".transfer-").tempdir_in(state_dir)?;
     let (header, records) = read_archive(input, staging.path())?;
+    // Ids and application names become snapshot paths: a backup that
+    // carries `..` or a separator in one is refused before anything moves.
+    for r in records.iter().filter(|r| r.table == "deployments") {
+        for col in ["id", "application"] {
+            let value = text(&r.row, col);
+            if !cordon_store::is_safe_name(value) {
+                bail!("{}: deployment {col} {value:?} is not a valid name; the backup is damaged or was not written by `cordon transfer backup`", input.display());
+            }
+        }
+    }
     let mut conn = open_db(state_dir)?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute_batch("CREATE TABLE IF NOT EXISTS transfer_ids (origin TEXT NOT NULL, old TEXT NOT NULL, new TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (origin, old))")?;

@@ -200,10 +200,8 @@ impl AppConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.name.is_empty()
-            || !self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        {
-            bail!("application name {:?} must be letters, digits, '-', '_' or '.'", self.name);
+        if !cordon_store::is_safe_name(&self.name) {
+            bail!("application name {:?} must be 1 to 128 letters, digits, '-', '_' or '.', not starting with '.'", self.name);
         }
         for (field, pattern) in [
             ("planner.commitMatcher.quickSync", &self.planner.commit_matcher.quick_sync),

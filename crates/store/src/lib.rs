@@ -31,6 +31,16 @@ pub fn database_path(state_dir: &Path) -> PathBuf {
     state_dir.join("state.db")
 }
 
+/// Whether `name` is safe as an id or name that becomes a file name
+/// (deployment and migration ids, application names): 1 to 128 ASCII
+/// letters, digits, '-', '_' or '.', not starting with '.' — so never `..`,
+/// a separator or a hidden file.
+pub fn is_safe_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
 /// Milliseconds since the Unix epoch: the clock of every stored time.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -321,4 +331,17 @@ pub trait StateStore: Send + Sync {
     fn add_command(&self, command: &CommandRecord) -> Result<()>;
     /// Commands of the deployment (`stage` = None) or of one stage.
     fn commands(&self, deployment: &str, stage: Option<&str>) -> Result<Vec<CommandRecord>>;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn safe_names_cannot_leave_a_directory() {
+        for ok in ["web", "mig-18c2-ab12cd34", "app.v2", "a_b-1"] {
+            assert!(super::is_safe_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "../../x", "/abs", "a/b", ".hidden", "a\\b", "a b", &"x".repeat(129)] {
+            assert!(!super::is_safe_name(bad), "{bad:?}");
+        }
+    }
 }

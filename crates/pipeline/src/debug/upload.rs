@@ -11,7 +11,8 @@
 //! 2. every entry is checked and extracted into the clone with cap-std, so no
 //!    path can leave it: `..`, absolute paths, hard links, device files and
 //!    archives over the size limit are refused with an error naming the
-//!    entry; symlinks are allowed only if, once everything is extracted,
+//!    entry (sizes as the PAX records say, paths at most [`MAX_PATH`]
+//!    bytes); symlinks are allowed only if, once everything is extracted,
 //!    they resolve inside the workspace (chains included);
 //! 3. only then is the clone swapped with the workspace in one atomic
 //!    `renameat2(RENAME_EXCHANGE)`.
@@ -50,6 +51,12 @@ pub struct Summary {
     pub symlinks: u64,
     pub bytes: u64,
 }
+
+/// Longest relative path an upload may create, in bytes: with the state
+/// directory and the staging prefix in front it stays far below the
+/// kernel's 4,096-byte limit, so no upload leaves a tree that later
+/// uploads or deployments cannot copy.
+pub const MAX_PATH: usize = 1024;
 
 /// A relative path without `..`, or an error naming `what`.
 fn confined(path: &Path, what: &str) -> Result<PathBuf> {
@@ -142,6 +149,9 @@ pub fn extract(archive: impl Read, workspace: &Path, to: &Path, limits: &Limits)
         if path.as_os_str().is_empty() {
             continue;
         }
+        if to.join(&path).as_os_str().len() > MAX_PATH {
+            bail!("archive entry {}…: its path is longer than {MAX_PATH} bytes, the upload limit; shorten it", raw.display().to_string().chars().take(80).collect::<String>());
+        }
         let kind = entry.header().entry_type();
         match kind {
             tar::EntryType::Directory => {
@@ -149,7 +159,9 @@ pub fn extract(archive: impl Read, workspace: &Path, to: &Path, limits: &Limits)
                 summary.dirs += 1;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let size = entry.header().size()?;
+                // The size the archive reader uses: a PAX `size` record
+                // overrides the header's.
+                let size = entry.size();
                 summary.bytes += size;
                 if summary.bytes > limits.max_bytes {
                     bail!("the archive holds more than {} bytes, the upload limit (at entry {})", limits.max_bytes, raw.display());

@@ -4,9 +4,10 @@
 //!
 //! Each capability lives in its own module with the same three parts — the
 //! grant parsed from config, the per-run state built from it, and its wiring
-//! into the WASI context or the linker: [`fs`] (preopens), [`net`] (socket
-//! and HTTP allow-lists), [`env`] (environment), [`secrets`] (named
-//! secrets), [`limits`] (memory, time, output sizes), [`output`] (the stage
+//! into the WASI context or the linker: [`fs`] (preopens), [`disk`] (disk
+//! budgets of the writable ones), [`net`] (socket and HTTP allow-lists),
+//! [`env`] (environment), [`secrets`] (named secrets), [`limits`] (memory,
+//! time, output sizes, state quotas), [`output`] (the stage
 //! log, guest stdout and stderr), [`services`] (metadata, commands, blobs)
 //! and [`stores`] (a migration phase's store handles). [`RunState`] holds
 //! one field per capability; adding a capability means adding its module,

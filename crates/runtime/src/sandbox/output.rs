@@ -344,7 +344,8 @@ impl StageLog {
     }
 
     /// Remembers something the sandbox refused, for the failure reason,
-    /// and says so in the log the first time (see [`Denials`]).
+    /// and says so in the log the first time; only the first 16 distinct
+    /// refusals are kept, repeats counted.
     pub fn record_denial(&self, what: String) {
         let line = format!("sandbox denied {what}");
         if self.lock().denials.record(what) {
