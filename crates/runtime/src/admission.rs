@@ -60,33 +60,37 @@ impl Pool {
                 self.core_instances, self.memories, self.tables
             ));
         }
-        Ok(Slots { weight: weight as u32, plugin: Arc::new(Semaphore::new(share as usize)), pool: Some(self.free.clone()) })
+        Ok(Slots(Some(Pooled { weight: weight as u32, plugin: Arc::new(Semaphore::new(share as usize)), pool: self.free.clone() })))
     }
 }
 
-/// What one plugin's calls draw on: its own share, then the pool.
+/// What one plugin's calls draw on; None when instances do not come from
+/// a pool.
 #[derive(Debug, Clone)]
-pub struct Slots {
+pub struct Slots(Option<Pooled>);
+
+/// A plugin's weight per call, its own share, and the pool.
+#[derive(Debug, Clone)]
+struct Pooled {
     weight: u32,
     plugin: Arc<Semaphore>,
-    /// None when instances do not come from a pool.
-    pool: Option<Arc<Semaphore>>,
+    pool: Arc<Semaphore>,
 }
 
 impl Slots {
     /// Slots of an engine without a pool: every call is admitted at once.
     pub fn unpooled() -> Self {
-        Self { weight: 0, plugin: Arc::new(Semaphore::new(0)), pool: None }
+        Self(None)
     }
 
     /// Waits until a call may instantiate; the call holds its slots until
     /// the returned admission is dropped (after its store).
     pub async fn admit(&self) -> Admission {
-        let Some(pool) = &self.pool else { return Admission { _held: None } };
+        let Some(p) = &self.0 else { return Admission { _held: None } };
         // Always the plugin's share first, then the pool: one order, so
         // waiting calls cannot hold each other up in a cycle.
-        let own = self.plugin.clone().acquire_many_owned(self.weight).await.expect("never closed");
-        let pooled = pool.clone().acquire_many_owned(self.weight).await.expect("never closed");
+        let own = p.plugin.clone().acquire_many_owned(p.weight).await.expect("never closed");
+        let pooled = p.pool.clone().acquire_many_owned(p.weight).await.expect("never closed");
         Admission { _held: Some((own, pooled)) }
     }
 }

@@ -18,6 +18,10 @@ use super::*;
 
 const SCHEMA_VERSION: i64 = 1;
 
+/// Writes one metadata entry, host's or plugin's.
+const METADATA_UPSERT: &str = "INSERT INTO metadata (deployment, stage, key, value) VALUES (?1, ?2, ?3, ?4)
+     ON CONFLICT (deployment, stage, key) DO UPDATE SET value = excluded.value";
+
 const SCHEMA: &str = r#"
 CREATE TABLE applications (
     name TEXT PRIMARY KEY,
@@ -441,8 +445,7 @@ impl StateStore for SqliteStore {
 
     fn metadata_put(&self, deployment: &str, stage: &str, key: &str, value: &str) -> Result<()> {
         self.conn().execute(
-            "INSERT INTO metadata (deployment, stage, key, value) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (deployment, stage, key) DO UPDATE SET value = excluded.value",
+            METADATA_UPSERT,
             params![deployment, stage, key, value],
         )?;
         Ok(())
@@ -453,8 +456,7 @@ impl StateStore for SqliteStore {
             &mut self.conn(),
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(key AS BLOB)) + LENGTH(CAST(value AS BLOB))), 0) FROM metadata
              WHERE deployment = ?1 AND stage = ?2 AND key <> ?3",
-            "INSERT INTO metadata (deployment, stage, key, value) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (deployment, stage, key) DO UPDATE SET value = excluded.value",
+            METADATA_UPSERT,
             [deployment, stage, key],
             &value,
             quota,

@@ -69,11 +69,20 @@ pub trait StageServices: Send + Sync {
     fn blob_delete(&self, key: &str) -> anyhow::Result<()>;
 }
 
-/// Whether `entries` (without `key`) leave room for `key` with a value of
-/// `len` bytes under `quota`.
-fn admits<'a>(entries: impl Iterator<Item = (&'a str, usize)>, key: &str, len: usize, quota: Quota) -> bool {
-    let (count, bytes) = entries.filter(|(k, _)| *k != key).fold((0u64, 0u64), |(n, b), (k, v)| (n + 1, b + (k.len() + v) as u64));
-    count < quota.entries && bytes + (key.len() + len) as u64 <= quota.bytes
+impl Quota {
+    /// Whether a scope holding `entries` other entries of `bytes` bytes
+    /// may take one more of `added` bytes (the rule `cordon_store::Quota`
+    /// applies in the database).
+    fn admits(&self, entries: u64, bytes: u64, added: u64) -> bool {
+        entries < self.entries && bytes.saturating_add(added) <= self.bytes
+    }
+
+    /// [`Quota::admits`] for `key` with a value of `len` bytes, over a
+    /// scope's `(key, value length)` entries.
+    fn admits_in<'a>(&self, entries: impl Iterator<Item = (&'a str, usize)>, key: &str, len: usize) -> bool {
+        let (count, bytes) = entries.filter(|(k, _)| *k != key).fold((0u64, 0u64), |(n, b), (k, v)| (n + 1, b + (k.len() + v) as u64));
+        self.admits(count, bytes, (key.len() + len) as u64)
+    }
 }
 
 /// In-memory services for one-off runs and tests.
@@ -91,7 +100,7 @@ impl StageServices for MemoryServices {
     fn metadata_put(&self, scope: MetaScope, key: &str, value: &str, quota: Quota) -> anyhow::Result<bool> {
         let mut map = self.metadata.lock().unwrap();
         let scoped = map.iter().filter(|((s, _), _)| *s == scope).map(|((_, k), v)| (k.as_str(), v.len()));
-        if !admits(scoped, key, value.len(), quota) {
+        if !quota.admits_in(scoped, key, value.len()) {
             return Ok(false);
         }
         map.insert((scope, key.to_string()), value.to_string());
@@ -109,7 +118,7 @@ impl StageServices for MemoryServices {
     }
     fn blob_put(&self, key: &str, value: &[u8], quota: Quota) -> anyhow::Result<bool> {
         let mut blobs = self.blobs.lock().unwrap();
-        if !admits(blobs.iter().map(|(k, v)| (k.as_str(), v.len())), key, value.len(), quota) {
+        if !quota.admits_in(blobs.iter().map(|(k, v)| (k.as_str(), v.len())), key, value.len()) {
             return Ok(false);
         }
         blobs.insert(key.to_string(), value.to_vec());
