@@ -286,3 +286,83 @@ async fn files_pipeline_rolls_back_to_the_exact_previous_files() {
     let versions: serde_json::Value = serde_json::from_str(&d.plan).unwrap();
     assert_eq!(versions["versions"][0]["version"], "2.0.0");
 }
+
+/// Every file of the tree `current` leads to (resolved once, as a web
+/// server resolves it per request): all `count` of them, all with the same
+/// content — or why not.
+fn whole(current: &Path, count: usize) -> Result<(), String> {
+    let Ok(tree) = std::fs::canonicalize(current) else { return Ok(()) }; // nothing served yet
+    let dir = std::fs::read_dir(&tree).map_err(|e| format!("{}: {e}", tree.display()))?;
+    let names: Vec<_> = dir.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    let mut contents = std::collections::BTreeSet::new();
+    for path in &names {
+        contents.insert(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
+    }
+    if names.len() != count || contents.len() != 1 {
+        return Err(format!("{} files, {} distinct contents", names.len(), contents.len()));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn files_readers_never_see_a_partial_tree_while_the_agent_is_killed_at_the_flip() {
+    const FILES: usize = 300;
+    let world = files_world();
+    let host = world.host().await;
+    let app = world.app("site", "name: site\nplugins:\n  files: { target: /www, exclude: [app.cordon.yaml, VERSION] }\n");
+    let current = mount(&world, "www").join("current");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = std::thread::spawn({
+        let (current, stop) = (current.clone(), stop.clone());
+        move || {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Err(why) = whole(&current, FILES) {
+                    return Err(format!("a reader saw a partial tree after {reads} whole reads: {why}"));
+                }
+                reads += 1;
+            }
+            Ok(reads)
+        }
+    });
+    let mut reruns = 0;
+    for round in 1..=4 {
+        let content = format!("round {round}");
+        let files: Vec<(String, &str)> = (0..FILES).map(|i| (format!("f{i:03}.txt"), content.as_str())).collect();
+        write_site(&app, "1", &files.iter().map(|(n, c)| (n.as_str(), *c)).collect::<Vec<_>>());
+        let out = std::process::Command::new(cordon_tests::cordon_bin())
+            .arg("--config")
+            .arg(&world.config)
+            .args(["deploy", app.to_str().unwrap(), "--detach"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let id = format!("site-{round}");
+        let before = std::fs::read_link(&current).ok();
+        let mut agent = start_agent(&world);
+        // Kill the agent the moment `current` flips: before it records the result.
+        let started = Instant::now();
+        while std::fs::read_link(&current).ok() == before {
+            assert!(started.elapsed() < Duration::from_secs(30), "round {round}: `current` never flipped");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        agent.0.kill().unwrap();
+        agent.0.wait().unwrap();
+        let _agent = start_agent(&world);
+        until(&format!("deployment {id}"), || host.store.deployment(&id).unwrap().unwrap().status.is_final()).await;
+        let d = host.store.deployment(&id).unwrap().unwrap();
+        assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+        let stage = &host.store.stages(&id).unwrap()[0];
+        if stage.attempts > 1 {
+            reruns += 1;
+            let logs = host.store.logs(&id, Some(&stage.id), 0, usize::MAX).unwrap();
+            let text: String = logs.iter().map(|l| l.text.clone()).collect();
+            assert!(text.contains("already serves"), "the re-run did not find its release current: {text}");
+        }
+        assert_eq!(std::fs::read(current.join("f000.txt")).unwrap(), content.as_bytes());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().unwrap().unwrap();
+    eprintln!("{reruns} of 4 stages ran again after the flip; {reads} whole reads");
+    assert!(reruns > 0, "no kill landed between the flip and the recorded result: the test proved nothing");
+}

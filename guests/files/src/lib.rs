@@ -10,7 +10,10 @@
 //! web server serves. A rollout copies the source into a new release and
 //! flips `current` with an atomic rename, so readers see the old tree or the
 //! new one, never a mix; files the source no longer has are simply not in
-//! the new release. Older releases beyond the previous one are pruned.
+//! the new release. Older releases beyond the previous one are pruned. A
+//! stage that runs again after a crash (the agent killed right after the
+//! flip) finds its release already current and leaves it alone: the tree
+//! readers are served is never modified.
 //!
 //! Stages: `FILES_SYNC` (quick sync: target := source), `FILES_CANARY_ROLLOUT`
 //! (canary := source), `FILES_PRIMARY_ROLLOUT` (target := source),
@@ -101,12 +104,23 @@ fn prune(mount_path: &str, keep: &[Option<String>]) {
 }
 
 /// Copies `from` into a new release of `mount_path` and makes it current.
+///
+/// Safe to run again after a crash at any point: the release `current`
+/// points to is never modified (if it is already this release, the earlier
+/// run flipped it and nothing is left to do), and a release is built under a
+/// `.partial` name and renamed into place only when complete.
 fn release(mount_path: &str, from: &str, id: &str, exclude: &[String]) -> Result<String, String> {
     let previous = current(mount_path);
     let rel = format!("releases/{id}");
+    if previous.as_deref() == Some(rel.as_str()) {
+        return Ok(format!("{mount_path}/current already serves {rel} (an earlier run of this stage flipped it)"));
+    }
     let dir = format!("{mount_path}/{rel}");
+    let partial = format!("{mount_path}/releases/.{id}.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    let files = copy_tree(Path::new(from), Path::new(&partial), exclude, true)?;
     let _ = std::fs::remove_dir_all(&dir);
-    let files = copy_tree(Path::new(from), Path::new(&dir), exclude, true)?;
+    std::fs::rename(&partial, &dir).map_err(|e| format!("rename {partial} to {dir}: {e}"))?;
     flip(mount_path, &rel)?;
     prune(mount_path, &[Some(rel.clone()), previous]);
     Ok(format!("{files} files from {from} now served from {mount_path}/current"))
