@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cordon_pipeline::debug::Breakpoints;
-use cordon_pipeline::debug::upload::{self, Limits};
+use cordon_pipeline::debug::upload::{self, Limits, Mode};
 use cordon_pipeline::Host;
 use cordon_pipeline::plan::TriggerInfo;
 use cordon_store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, StageStatus};
@@ -298,6 +298,11 @@ fn archive(entries: &[(&str, tar::EntryType, Option<&str>, &[u8])]) -> Vec<u8> {
     builder.into_inner().unwrap()
 }
 
+/// Extracts `archive` into `workspace/to` and swaps it in.
+fn extract(archive: &[u8], workspace: &Path, to: &Path, limits: &Limits) -> anyhow::Result<upload::Summary> {
+    upload::prepare(archive, workspace, to, Mode::Merge, limits)?.commit()
+}
+
 #[test]
 fn crafted_archives_are_refused_and_the_workspace_is_unchanged() {
     use tar::EntryType::*;
@@ -319,7 +324,7 @@ fn crafted_archives_are_refused_and_the_workspace_is_unchanged() {
     for (name, bytes, expected) in cases {
         let (dir, ws) = workspace();
         let before = snapshot(&ws);
-        let err = upload::extract(bytes.as_slice(), &ws, Path::new("."), &Limits::default()).expect_err(name);
+        let err = extract(bytes.as_slice(), &ws, Path::new("."), &Limits::default()).expect_err(name);
         assert!(format!("{err:#}").contains(expected), "{name}: expected {expected:?} in {err:#}");
         assert_eq!(snapshot(&ws), before, "{name}: the workspace changed");
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -331,12 +336,12 @@ fn crafted_archives_are_refused_and_the_workspace_is_unchanged() {
     let (_dir, ws) = workspace();
     let before = snapshot(&ws);
     let big = archive(&[("a.bin", Regular, None, &[7u8; 4096]), ("b.bin", Regular, None, &[7u8; 4096])]);
-    let err = upload::extract(big.as_slice(), &ws, Path::new("."), &Limits { max_bytes: 6000, ..Default::default() }).unwrap_err();
+    let err = extract(big.as_slice(), &ws, Path::new("."), &Limits { max_bytes: 6000, ..Default::default() }).unwrap_err();
     assert!(format!("{err:#}").contains("more than 6000 bytes"), "{err:#}");
     let truncated = &big[..big.len() / 2];
-    let err = upload::extract(truncated, &ws, Path::new("."), &Limits::default()).unwrap_err();
+    let err = extract(truncated, &ws, Path::new("."), &Limits::default()).unwrap_err();
     assert!(format!("{err:#}").contains("truncated"), "{err:#}");
-    let err = upload::extract(archive(&[("a", Regular, None, ok)]).as_slice(), &ws, Path::new("../up"), &Limits::default()).unwrap_err();
+    let err = extract(archive(&[("a", Regular, None, ok)]).as_slice(), &ws, Path::new("../up"), &Limits::default()).unwrap_err();
     assert!(format!("{err:#}").contains("--to ../up: `..` is refused"), "{err:#}");
     assert_eq!(snapshot(&ws), before);
 }
@@ -349,7 +354,7 @@ fn a_good_archive_lands_atomically_under_to() {
     let twin = ws.parent().unwrap().join("twin.css");
     std::fs::hard_link(ws.join("css/site.css"), &twin).unwrap();
     let bytes = archive(&[("site.css", Regular, None, b"body{color:red}"), ("fonts", Directory, None, b""), ("fonts/a.woff", Regular, None, b"font"), ("latest.css", Symlink, Some("site.css"), b"")]);
-    let summary = upload::extract(bytes.as_slice(), &ws, Path::new("css"), &Limits::default()).unwrap();
+    let summary = extract(bytes.as_slice(), &ws, Path::new("css"), &Limits::default()).unwrap();
     assert_eq!((summary.files, summary.dirs, summary.symlinks), (2, 1, 1));
     let after = snapshot(&ws);
     assert_eq!(after["css/site.css"], "body{color:red}");
@@ -421,4 +426,152 @@ async fn the_inner_loop_from_the_readme() {
     let out = cordon(&world, &["upload", "site-1", local.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("has no paused stage"), "{}", text(&out));
+}
+
+#[test]
+fn ordinary_input_is_accepted_git_archive_and_sparse_files() {
+    // `git archive` starts with a PAX global header holding the commit.
+    let repo = tempfile::tempdir().unwrap();
+    let git = |args: &[&str]| {
+        let out = Command::new("git").args(args).current_dir(repo.path()).env("GIT_CONFIG_GLOBAL", "/dev/null").output().unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", text(&out));
+        out.stdout
+    };
+    git(&["init", "-q"]);
+    std::fs::write(repo.path().join("index.html"), "from git").unwrap();
+    git(&["add", "."]);
+    git(&["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one"]);
+    let archive = git(&["archive", "--format=tar", "HEAD"]);
+    let (_dir, ws) = workspace();
+    extract(&archive, &ws, Path::new("."), &Limits::default()).unwrap();
+    assert_eq!(snapshot(&ws)["index.html"], "from git");
+
+    // A sparse file in a directory upload (tar writes it as a GNU sparse entry).
+    let local = tempfile::tempdir().unwrap();
+    let sparse = std::fs::File::create(local.path().join("disk.img")).unwrap();
+    sparse.set_len(8 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_at(&sparse, b"end", (8 << 20) - 3).unwrap();
+    let (_dir, ws) = workspace();
+    upload::prepare_dir(local.path(), &[], &ws, Path::new("."), Mode::Merge, &Limits::default()).unwrap().commit().unwrap();
+    let copied = std::fs::read(ws.join("disk.img")).unwrap();
+    assert_eq!((copied.len(), &copied[copied.len() - 3..]), (8 << 20, &b"end"[..]));
+}
+
+#[test]
+fn an_upload_that_fails_on_the_local_side_changes_nothing() {
+    let local = tempfile::tempdir().unwrap();
+    std::fs::write(local.path().join("a.txt"), "a").unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(local.path().join("z.sock")).unwrap();
+    let (dir, ws) = workspace();
+    let before = snapshot(&ws);
+    let err = upload::prepare_dir(local.path(), &[], &ws, Path::new("."), Mode::Merge, &Limits::default()).err().expect("a socket cannot be uploaded");
+    assert!(format!("{err:#}").contains("z.sock: sockets, pipes and device files cannot be uploaded"), "{err:#}");
+    assert_eq!(snapshot(&ws), before);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "staging left behind");
+}
+
+#[test]
+fn limits_count_the_whole_workspace_and_delete_mirrors() {
+    use tar::EntryType::*;
+    let (_dir, ws) = workspace(); // 3 entries: index.html, css, css/site.css
+    let limits = Limits { max_entries: 5, max_bytes: 1 << 20 };
+    extract(&archive(&[("a.txt", Regular, None, b"a"), ("b.txt", Regular, None, b"b")]), &ws, Path::new("."), &limits).unwrap();
+    // Replacing files adds no entries; new ones do, across uploads.
+    extract(&archive(&[("a.txt", Regular, None, b"a2")]), &ws, Path::new("."), &limits).unwrap();
+    let err = extract(&archive(&[("c.txt", Regular, None, b"c")]), &ws, Path::new("."), &limits).unwrap_err();
+    assert!(format!("{err:#}").contains("the workspace would hold more than 5 entries"), "{err:#}");
+    let small = Limits { max_entries: 100, max_bytes: 20 };
+    let err = extract(&archive(&[("big.txt", Regular, None, &[b'x'; 16])]), &ws, Path::new("."), &small).unwrap_err();
+    assert!(format!("{err:#}").contains("the workspace would hold more than 20 bytes"), "{err:#}");
+
+    // Mirror: `css` holds exactly the upload; the rest of the workspace stays.
+    upload::prepare(archive(&[("new.css", Regular, None, b"n")]).as_slice(), &ws, Path::new("css"), Mode::Mirror, &limits).unwrap().commit().unwrap();
+    let after = snapshot(&ws);
+    assert_eq!(after.keys().cloned().collect::<Vec<_>>(), vec!["a.txt", "b.txt", "css", "css/new.css", "index.html"]);
+}
+
+fn local_dir(world: &World, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = world.dir.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (file, content) in files {
+        std::fs::write(dir.join(file), content).unwrap();
+    }
+    dir
+}
+
+fn spawn_cordon(world: &World, args: &[&str]) -> std::process::Child {
+    Command::new(cordon_bin())
+        .arg("--config")
+        .arg(&world.config)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn message_of(host: &Host, d: &str, stage: &str) -> String {
+    host.store.stages(d).unwrap().into_iter().find(|s| s.id == stage).unwrap().message
+}
+
+/// A paused `gate` and an independent `reader` that reads the source after
+/// two seconds: uploads wait for the reader, run one after the other, and
+/// a `debug continue` sent meanwhile never lets a stage run on a source
+/// that changes under it.
+#[tokio::test]
+async fn uploads_wait_for_readers_and_for_each_other() {
+    let world = World::new();
+    let host = world.host().await;
+    let yaml = "name: up\npipeline:\n  stages:\n    - { id: gate, name: STEP, with: { read: /source/data.txt } }\n    - { id: reader, name: STEP, needs: [], with: { sleep_ms: 2000, read: /source/data.txt } }\n";
+    let app = world.app("up", yaml);
+    std::fs::write(app.join("data.txt"), "v1").unwrap();
+    let _agent = start_agent(&world);
+    let paused_with_reader = |d: &str| status_of(&host, d, "gate") == StageStatus::Paused && status_of(&host, d, "reader") == StageStatus::Running;
+
+    // Two uploads while the reader runs: both wait, both land.
+    let out = cordon(&world, &["deploy", app.to_str().unwrap(), "--break-before", "gate", "--detach"]);
+    assert!(out.status.success(), "{}", text(&out));
+    until("gate paused, reader running", || paused_with_reader("up-1")).await;
+    let one = local_dir(&world, "one", &[("data.txt", "v2"), ("a.txt", "a")]);
+    let two = local_dir(&world, "two", &[("b.txt", "b")]);
+    let uploads = [spawn_cordon(&world, &["upload", "up-1", one.to_str().unwrap()]), spawn_cordon(&world, &["upload", "up-1", two.to_str().unwrap()])];
+    let outs: Vec<_> = uploads.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for out in &outs {
+        assert!(out.status.success(), "{}", text(out));
+    }
+    assert!(outs.iter().any(|o| text(o).contains("waiting for the running stages of up-1")), "an upload did not wait for the reader");
+    assert_eq!((status_of(&host, "up-1", "reader"), message_of(&host, "up-1", "reader").as_str()), (StageStatus::Success, "read v1"));
+    let source = PathBuf::from(host.store.deployment("up-1").unwrap().unwrap().target_snapshot);
+    let files = snapshot(&source);
+    assert_eq!((files["data.txt"].as_str(), files["a.txt"].as_str(), files["b.txt"].as_str()), ("v2", "a", "b"), "an upload was lost");
+
+    // An upload that would leave an invalid app config changes nothing.
+    let bad = local_dir(&world, "bad", &[("app.cordon.yaml", "name: up\npipeline: [oops\n")]);
+    let out = cordon(&world, &["upload", "up-1", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("invalid application config; nothing was changed"), "{}", text(&out));
+    assert_eq!(snapshot(&source), files);
+    let out = cordon(&world, &["debug", "continue", "up-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    until("up-1", || finished(&host, "up-1").status.is_final()).await;
+    assert_eq!(finished(&host, "up-1").status, DeploymentStatus::Success);
+    assert_eq!(message_of(&host, "up-1", "gate"), "read v2");
+
+    // `debug continue` while an upload waits: the gate runs on the source it
+    // was paused with; the upload, finding it resumed, changes nothing.
+    let out = cordon(&world, &["deploy", app.to_str().unwrap(), "--break-before", "gate", "--detach"]);
+    assert!(out.status.success(), "{}", text(&out));
+    until("gate paused, reader running", || paused_with_reader("up-2")).await;
+    let late = local_dir(&world, "late", &[("data.txt", "late")]);
+    let upload = spawn_cordon(&world, &["upload", "up-2", late.to_str().unwrap()]);
+    let out = cordon(&world, &["debug", "continue", "up-2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = upload.wait_with_output().unwrap();
+    until("up-2", || finished(&host, "up-2").status.is_final()).await;
+    assert_eq!(finished(&host, "up-2").status, DeploymentStatus::Success);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("resumed during the upload; nothing was changed"), "{}", text(&out));
+    assert_eq!(message_of(&host, "up-2", "gate"), "read v1");
+    let source = PathBuf::from(host.store.deployment("up-2").unwrap().unwrap().target_snapshot);
+    assert_eq!(snapshot(&source)["data.txt"], "v1");
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cordon_pipeline::debug::upload::{Limits, upload_dir};
+use cordon_pipeline::debug::upload::{Limits, Mode, prepare_dir};
 
 /// ~200 MB: many small files, some medium ones, a few large ones.
 fn make_tree(root: &Path) -> u64 {
@@ -56,7 +56,7 @@ fn main() {
         std::fs::create_dir_all(workspace.join("old")).unwrap();
         std::fs::write(workspace.join("old/index.html"), "v1").unwrap();
         let start = Instant::now();
-        let summary = upload_dir(&source, &[], &workspace, Path::new("."), &Limits::default()).unwrap();
+        let summary = prepare_dir(&source, &[], &workspace, Path::new("."), Mode::Merge, &Limits::default()).unwrap().commit().unwrap();
         ours.push(start.elapsed());
         assert_eq!(summary.bytes, bytes);
 

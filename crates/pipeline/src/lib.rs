@@ -23,6 +23,7 @@ use anyhow::{Context, Result};
 use cordon_runtime::engine::Engine;
 use cordon_runtime::plugin::{AgentConfig, Plugins};
 use cordon_runtime::runner::{Deployment, Trigger};
+use cordon_store::lock::sweep;
 use cordon_store::{DeploymentRecord, SqliteStore, StateStore, database_path, now_ms};
 use config::AppConfig;
 use plan::TriggerInfo;
@@ -94,27 +95,29 @@ pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<Depl
     let dir = std::fs::canonicalize(app_dir).with_context(|| format!("cannot resolve {}", app_dir.display()))?;
     host.store.upsert_application(&app.name, &dir.to_string_lossy())?;
     let trigger_json = serde_json::to_string(&trigger)?;
+    // The copy is made once, then placed under the first free id: placing
+    // never replaces, so concurrent triggers of one application each take
+    // their own id.
+    let snapshots = host.state_dir.join("snapshots");
+    sweep(&snapshots, &[snapshot::STAGING, debug::upload::STAGING])?;
+    let staged = snapshot::Staged::copy(app_dir, &snapshots)?;
     let mut n = host.store.deployments(Some(&app.name), usize::MAX)?.len() + 1;
     loop {
         let id = format!("{}-{n}", app.name);
+        n += 1;
         let snapshot = host.snapshot_dir(&id);
-        if host.store.deployment(&id)?.is_some() || snapshot.exists() {
-            n += 1;
+        if host.store.deployment(&id)?.is_some() || !staged.place(&snapshot)? {
             continue;
         }
-        snapshot::snapshot(app_dir, &snapshot)?;
         let record = DeploymentRecord::queued(&id, &app.name, trigger_json.clone(), snapshot.to_string_lossy().into_owned(), now_ms());
-        match host.store.insert_deployment(&record) {
-            Ok(()) => return Ok(record),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&snapshot);
-                if host.store.deployment(&id)?.is_some() {
-                    n += 1;
-                    continue;
-                }
-                return Err(e);
+        if let Err(e) = host.store.insert_deployment(&record) {
+            staged.take_back(&snapshot)?;
+            if host.store.deployment(&id)?.is_some() {
+                continue;
             }
+            return Err(e);
         }
+        return Ok(record);
     }
 }
 

@@ -19,7 +19,7 @@
 //!   is bounded by its own stage timeout.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +30,8 @@ use super::config::AppConfig;
 use super::plan::{self, PlanInput, PlanSummary, TriggerInfo};
 use super::services::{StoreLog, StoreServices};
 use cordon_store::now_ms;
-use super::{Host, deployment_info, snapshot};
+use super::snapshot::{self, SourceLock};
+use super::{Host, deployment_info};
 use cordon_runtime::runner::{self, Deployment, Outcome, Stage, StageCall, Status};
 use cordon_runtime::sandbox::RunDirs;
 use crate::debug::{self, Breakpoints, Pause};
@@ -187,6 +188,8 @@ struct Run {
     /// Time spent paused before that, stored so it survives a restart.
     paused_ms: u64,
     last_poll: Option<std::time::Instant>,
+    /// Held shared while stages may read the source (uploads wait for it).
+    source: SourceLock,
 }
 
 impl Run {
@@ -196,6 +199,7 @@ impl Run {
         let info = deployment_info(&record, &app, &trigger);
         let breakpoints = app.debug.clone().unwrap_or_default().merged(&trigger.breakpoints);
         let paused_ms = debug::paused_ms(host.store.as_ref(), &record.id)?;
+        let source = SourceLock::of(Path::new(&record.target_snapshot));
         Ok(Self {
             host,
             record,
@@ -213,6 +217,7 @@ impl Run {
             paused_since: None,
             paused_ms,
             last_poll: None,
+            source,
         })
     }
 
@@ -386,7 +391,13 @@ impl Run {
         let mut exited: Option<String> = None;
         let ending = loop {
             self.poll_commands()?;
-            self.apply_resumes()?;
+            if running.is_empty() {
+                self.source.release();
+            }
+            // Passing a breakpoint and starting stages wait for an upload under way.
+            if !self.resumes.is_empty() && self.source.share()? {
+                self.apply_resumes()?;
+            }
             self.account_pause()?;
             // The deployment timeout bounds the forward stages, paused time excluded.
             let deadline = match (rollback, self.paused_since) {
@@ -443,13 +454,15 @@ impl Run {
             if phase.iter().all(|&i| self.stages[i].status.is_final()) {
                 break Ending::Completed;
             }
+            let mut upload_under_way = false;
             if exited.is_none() {
                 let ready: Vec<usize> = phase
                     .iter()
                     .copied()
                     .filter(|&i| self.ready(i))
                     .collect();
-                for i in ready {
+                upload_under_way = !ready.is_empty() && !self.source.share()?;
+                for i in ready.into_iter().filter(|_| !upload_under_way) {
                     let stage = self.stages[i].clone();
                     if let Some(why) = self.skip_reason(&stage) {
                         self.record(&stage.id, StageStatus::Skipped, &why, false)?;
@@ -483,7 +496,7 @@ impl Run {
                 }
             }
             let paused = phase.iter().any(|&i| self.stages[i].status == StageStatus::Paused);
-            if running.is_empty() && paused {
+            if running.is_empty() && (paused || upload_under_way) {
                 tokio::time::sleep(COMMAND_POLL).await;
                 continue;
             }

@@ -4,22 +4,99 @@
 //! succeeded. `.git` is left out; symlinks are copied as symlinks (the
 //! sandbox never follows them outside the mount).
 
+use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use cordon_store::lock::{Staging, place};
 
-/// Copies `src` to `dest` (which must not exist) through a temporary
-/// directory, so a crash never leaves a half-copied snapshot in place.
-pub fn snapshot(src: &Path, dest: &Path) -> Result<()> {
-    if dest.exists() {
-        bail!("snapshot {} already exists", dest.display());
+/// A copy of an application directory, built in a staging directory of the
+/// snapshots directory so a killed command leaves nothing half-copied in
+/// place (and the agent sweeps what it leaves).
+pub struct Staged {
+    staging: Staging,
+}
+
+/// Prefix of snapshot staging directories, for [`cordon_store::lock::sweep`].
+pub const STAGING: &str = ".partial-";
+
+impl Staged {
+    /// Copies `src` into a staging directory of `snapshots`.
+    pub fn copy(src: &Path, snapshots: &Path) -> Result<Staged> {
+        let staging = Staging::new(snapshots, STAGING)?;
+        let tree = staging.path().join("tree");
+        std::fs::create_dir(&tree)?;
+        copy_tree(src, &tree).with_context(|| format!("cannot snapshot {}", src.display()))?;
+        Ok(Staged { staging })
     }
-    let parent = dest.parent().context("snapshot path has no parent")?;
-    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let tmp = tempfile::Builder::new().prefix(".partial-").tempdir_in(parent)?;
-    copy_tree(src, tmp.path()).with_context(|| format!("cannot snapshot {}", src.display()))?;
-    std::fs::rename(tmp.keep(), dest).with_context(|| format!("cannot move the snapshot into {}", dest.display()))?;
-    Ok(())
+
+    /// Moves the copy to `dest`, unless something is there (`Ok(false)`).
+    pub fn place(&self, dest: &Path) -> Result<bool> {
+        place(&self.staging.path().join("tree"), dest)
+    }
+
+    /// Takes a placed copy back from `dest` (its record could not be written).
+    pub fn take_back(&self, dest: &Path) -> Result<()> {
+        std::fs::rename(dest, self.staging.path().join("tree")).with_context(|| format!("cannot remove {}", dest.display()))
+    }
+}
+
+/// Who may read or change a deployment's source snapshot: stages read it
+/// holding the lock shared; an upload changes it holding the lock
+/// exclusively. So an upload waits for running stages to finish, and no
+/// stage starts (nor a breakpoint is passed) while an upload is under way —
+/// every stage sees one tree from its start to its end. The lock is a file
+/// next to the snapshot, `<id>.lock`.
+pub struct SourceLock {
+    path: PathBuf,
+    held: Option<File>,
+}
+
+impl SourceLock {
+    pub fn of(snapshot: &Path) -> SourceLock {
+        let mut name = snapshot.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        SourceLock { path: snapshot.with_file_name(name), held: None }
+    }
+
+    fn open(&self) -> Result<File> {
+        File::options().create(true).truncate(false).write(true).open(&self.path).with_context(|| format!("cannot open {}", self.path.display()))
+    }
+
+    /// Holds the lock shared so stages may read; `false` while an upload
+    /// holds it (try again later).
+    pub fn share(&mut self) -> Result<bool> {
+        if self.held.is_none() {
+            let file = self.open()?;
+            match file.try_lock_shared() {
+                Ok(()) => self.held = Some(file),
+                Err(TryLockError::WouldBlock) => return Ok(false),
+                Err(TryLockError::Error(e)) => return Err(e).with_context(|| format!("cannot lock {}", self.path.display())),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Lets an upload in (no stage reads now).
+    pub fn release(&mut self) {
+        self.held = None;
+    }
+
+    /// Holds the lock exclusively, waiting for readers (and other uploads);
+    /// `waiting` is called once if it has to wait.
+    pub fn exclusive(mut self, waiting: impl FnOnce()) -> Result<SourceLock> {
+        let file = self.open()?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                waiting();
+                file.lock().with_context(|| format!("cannot lock {}", self.path.display()))?;
+            }
+            Err(TryLockError::Error(e)) => return Err(e).with_context(|| format!("cannot lock {}", self.path.display())),
+        }
+        self.held = Some(file);
+        Ok(self)
+    }
 }
 
 fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
@@ -102,16 +179,18 @@ mod tests {
         std::fs::write(src.join("index.html"), "v1").unwrap();
         std::fs::write(src.join("docs/a.md"), "a").unwrap();
         std::fs::write(src.join(".git/HEAD"), "ref").unwrap();
-        let one = dir.path().join("snap/1");
-        snapshot(&src, &one).unwrap();
+        let snap = dir.path().join("snap");
+        let one = snap.join("1");
+        assert!(Staged::copy(&src, &snap).unwrap().place(&one).unwrap());
         assert!(!one.join(".git").exists() && one.join("docs/a.md").exists());
         assert_eq!(changed_files(None, &one).unwrap(), vec!["docs/a.md", "index.html"]);
 
         std::fs::write(src.join("docs/a.md"), "b").unwrap();
         std::fs::write(src.join("new.txt"), "n").unwrap();
-        let two = dir.path().join("snap/2");
-        snapshot(&src, &two).unwrap();
+        let two = snap.join("2");
+        assert!(Staged::copy(&src, &snap).unwrap().place(&two).unwrap());
         assert_eq!(changed_files(Some(&one), &two).unwrap(), vec!["docs/a.md", "new.txt"]);
-        assert!(snapshot(&src, &two).is_err(), "an existing snapshot is never overwritten");
+        assert!(!Staged::copy(&src, &snap).unwrap().place(&two).unwrap(), "an existing snapshot is never replaced");
+        assert_eq!(std::fs::read_dir(&snap).unwrap().count(), 2, "staging directories are removed");
     }
 }

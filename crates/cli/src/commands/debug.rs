@@ -12,6 +12,7 @@ use clap::Subcommand;
 
 use cordon_pipeline::config::AppConfig;
 use cordon_pipeline::plan::TriggerInfo;
+use cordon_pipeline::snapshot::SourceLock;
 use cordon_pipeline::{self as pipeline, Host, control, open_store};
 use cordon_runtime::plugin::AgentConfig;
 use cordon_runtime::runner;
@@ -57,6 +58,11 @@ async fn run_paused(config_path: &Path, id: &str) -> Result<ExitCode> {
     let host = Host::open(&config).await?;
     let stage = control::paused_stage(host.store.as_ref(), id)?;
     let record = control::deployment(host.store.as_ref(), id)?;
+    // Like a stage, the debug run reads the source: not while an upload changes it.
+    let mut source = SourceLock::of(Path::new(&record.target_snapshot));
+    if !source.share()? {
+        anyhow::bail!("an upload into {id} is under way; run this again when it is done");
+    }
     let app = AppConfig::load(Path::new(&record.target_snapshot))?;
     let trigger: TriggerInfo = serde_json::from_str(&record.trigger).context("the stored trigger is not readable")?;
     let plugin = host.plugins.get(&stage.plugin).with_context(|| format!("plugin `{}` is no longer in the agent config", stage.plugin))?.clone();

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
-use cordon_pipeline::debug::upload;
+use cordon_pipeline::debug::upload::{self, Mode, Source};
 use cordon_pipeline::{control, open_store};
 use cordon_runtime::plugin::AgentConfig;
 use cordon_runtime::sandbox::fs::TARGET;
@@ -29,6 +29,9 @@ pub struct Upload {
     /// Upload this tar archive instead of a directory.
     #[arg(long, conflicts_with = "dir")]
     archive: Option<PathBuf>,
+    /// Make `--to` hold exactly the upload: remove the files it does not have.
+    #[arg(long)]
+    delete: bool,
     /// Resume the deployment after the upload.
     #[arg(long = "continue")]
     resume: bool,
@@ -40,17 +43,17 @@ impl Upload {
     pub fn run(self, config_path: &Path) -> Result<ExitCode> {
         let store = open_store(&AgentConfig::load(config_path)?)?;
         let id = self.deployment.as_str();
-        let stage = control::paused_stage(&store, id)?;
-        let record = control::deployment(&store, id)?;
-        let workspace = PathBuf::from(&record.target_snapshot);
-        let limits = upload::Limits::default();
-        let summary = match &self.archive {
+        let mode = if self.delete { Mode::Mirror } else { Mode::Merge };
+        let waiting = || eprintln!("waiting for the running stages of {id} (or another upload) to finish…");
+        let mut archive;
+        let source = match &self.archive {
             Some(file) => {
-                let reader = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-                upload::extract(std::io::BufReader::new(reader), &workspace, &self.to, &limits)?
+                archive = std::io::BufReader::new(std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?);
+                Source::Archive(&mut archive)
             }
-            None => upload::upload_dir(self.dir.as_deref().unwrap_or(Path::new(".")), &self.ignore, &workspace, &self.to, &limits)?,
+            None => Source::Dir { dir: self.dir.as_deref().unwrap_or(Path::new(".")), ignore: &self.ignore },
         };
+        let (summary, stage) = upload::into_deployment(&store, id, source, &self.to, mode, &upload::Limits::default(), waiting)?;
         println!(
             "uploaded {} files ({} bytes) into {TARGET}/{} of deployment {id}, paused at {}",
             summary.files,

@@ -14,21 +14,38 @@
 //!    entry (sizes as the PAX records say, paths at most [`MAX_PATH`]
 //!    bytes); symlinks are allowed only if, once everything is extracted,
 //!    they resolve inside the workspace (chains included);
-//! 3. only then is the clone swapped with the workspace in one atomic
+//! 3. the result must hold a valid `app.cordon.yaml` of the same
+//!    application, and the deployment must still be paused;
+//! 4. only then is the clone swapped with the workspace in one atomic
 //!    `renameat2(RENAME_EXCHANGE)`.
 //!
 //! A refused or interrupted upload therefore leaves the workspace exactly as
-//! it was.
+//! it was (and the agent sweeps the staging a killed upload leaves). An
+//! upload holds the deployment's [`SourceLock`] exclusively from start to
+//! end: it waits for running stages to finish, no stage starts and no
+//! breakpoint is passed until it is in, and two uploads run one after the
+//! other, the second on top of the first. Uploads merge by default;
+//! [`Mode::Mirror`] (`--delete`) makes `--to` hold exactly the upload.
+//! [`Limits`] bound the workspace after the upload, not one upload.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
+use cordon_store::lock::Staging;
+use cordon_store::{StageRecord, StateStore};
 
-/// What one upload may contain.
+use crate::config::AppConfig;
+use crate::control;
+use crate::snapshot::SourceLock;
+
+/// What the workspace may hold once an upload is in: the limits count what
+/// was there before plus what the upload adds, so repeated uploads cannot
+/// grow a source without bound (every upload clones the workspace, so this
+/// also bounds what one upload costs).
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Total bytes of file content.
@@ -39,7 +56,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_bytes: 2 << 30, max_entries: 1_000_000 }
+        Self { max_bytes: 2 << 30, max_entries: 100_000 }
     }
 }
 
@@ -58,6 +75,9 @@ pub struct Summary {
 /// uploads or deployments cannot copy.
 pub const MAX_PATH: usize = 1024;
 
+/// Prefix of upload staging directories, for [`cordon_store::lock::sweep`].
+pub const STAGING: &str = ".upload-";
+
 /// A relative path without `..`, or an error naming `what`.
 fn confined(path: &Path, what: &str) -> Result<PathBuf> {
     let mut out = PathBuf::new();
@@ -74,32 +94,47 @@ fn confined(path: &Path, what: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// What a clone of the workspace holds: entries, content bytes, and the
+/// size of each non-directory (relative path → bytes): writing one of those
+/// must replace it, not write through the hard link.
+#[derive(Default)]
+struct Cloned {
+    entries: u64,
+    bytes: u64,
+    files: HashMap<PathBuf, u64>,
+}
+
 /// Clones `from` into `to`: directories created, files hard-linked,
-/// symlinks copied as symlinks. Returns the cloned non-directories,
-/// relative to `to`: writing one of those must replace it, not write
-/// through the link.
-fn clone_tree(from: &Path, to: &Path) -> Result<HashSet<PathBuf>> {
-    fn walk(from: &Path, to: &Path, rel: &Path, out: &mut HashSet<PathBuf>) -> Result<()> {
+/// symlinks copied as symlinks; `skip` (relative) is left out.
+fn clone_tree(from: &Path, to: &Path, skip: Option<&Path>) -> Result<Cloned> {
+    fn walk(from: &Path, to: &Path, rel: &Path, skip: Option<&Path>, out: &mut Cloned) -> Result<()> {
         std::fs::create_dir_all(to)?;
         for entry in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
             let entry = entry?;
             let (src, dst, rel) = (entry.path(), to.join(entry.file_name()), rel.join(entry.file_name()));
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                walk(&src, &dst, &rel, out)?;
+            if Some(rel.as_path()) == skip {
                 continue;
             }
-            if kind.is_symlink() {
+            out.entries += 1;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(&src, &dst, &rel, skip, out)?;
+                continue;
+            }
+            let size = if kind.is_symlink() {
                 std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+                0
             } else {
                 std::fs::hard_link(&src, &dst).or_else(|_| std::fs::copy(&src, &dst).map(drop))?;
-            }
-            out.insert(rel);
+                entry.metadata()?.len()
+            };
+            out.bytes += size;
+            out.files.insert(rel, size);
         }
         Ok(())
     }
-    let mut out = HashSet::new();
-    walk(from, to, Path::new(""), &mut out)?;
+    let mut out = Cloned::default();
+    walk(from, to, Path::new(""), skip, &mut out)?;
     Ok(out)
 }
 
@@ -120,13 +155,51 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
     }
 }
 
-/// Extracts a tar archive into `workspace/to`, all or nothing.
-pub fn extract(archive: impl Read, workspace: &Path, to: &Path, limits: &Limits) -> Result<Summary> {
+/// How an upload lands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Files of the upload are added or replaced; others stay.
+    Merge,
+    /// `--to` ends up holding exactly the upload: files it does not have
+    /// are removed.
+    Mirror,
+}
+
+/// An upload extracted into a staging copy of the workspace, not yet in
+/// place: [`Prepared::commit`] swaps it in; dropping it changes nothing.
+pub struct Prepared {
+    staging: Staging,
+    workspace: PathBuf,
+    pub summary: Summary,
+}
+
+impl Prepared {
+    /// The workspace as it will be.
+    pub fn tree(&self) -> PathBuf {
+        self.staging.path().join("tree")
+    }
+
+    /// Swaps the new tree with the workspace in one step.
+    pub fn commit(self) -> Result<Summary> {
+        exchange(&self.tree(), &self.workspace)?;
+        // `tree` now holds the old workspace; dropping the staging removes it.
+        Ok(self.summary)
+    }
+}
+
+/// Extracts a tar archive into a staging copy of `workspace`, under `to`.
+pub fn prepare(archive: impl Read, workspace: &Path, to: &Path, mode: Mode, limits: &Limits) -> Result<Prepared> {
     let to = confined(to, "--to")?;
     let parent = workspace.parent().context("the workspace has no parent directory")?;
-    let staging = tempfile::Builder::new().prefix(".upload-").tempdir_in(parent)?;
+    let staging = Staging::new(parent, STAGING)?;
     let tree = staging.path().join("tree");
-    let cloned = clone_tree(workspace, &tree).context("cannot stage the workspace")?;
+    let cloned = match mode {
+        Mode::Mirror if to.as_os_str().is_empty() => std::fs::create_dir(&tree).map(|()| Cloned::default()).map_err(Into::into),
+        Mode::Mirror => clone_tree(workspace, &tree, Some(&to)),
+        Mode::Merge => clone_tree(workspace, &tree, None),
+    }
+    .context("cannot stage the workspace")?;
+    let (mut entries, mut bytes) = (cloned.entries, cloned.bytes);
     let root = Dir::open_ambient_dir(&tree, ambient_authority())?;
     let dest = if to.as_os_str().is_empty() {
         root.open_dir(".")?
@@ -141,30 +214,39 @@ pub fn extract(archive: impl Read, workspace: &Path, to: &Path, limits: &Limits)
     let mut archive = tar::Archive::new(archive);
     for (n, entry) in archive.entries().context("not a tar archive")?.enumerate() {
         let mut entry = entry.with_context(|| format!("archive entry {}: cannot be read (truncated or corrupt archive)", n + 1))?;
-        if n as u64 + 1 > limits.max_entries {
-            bail!("the archive has more than {} entries, the upload limit", limits.max_entries);
+        let kind = entry.header().entry_type();
+        if kind == tar::EntryType::XGlobalHeader {
+            continue; // `git archive` records its commit here
         }
         let raw = entry.path().with_context(|| format!("archive entry {}: unreadable path", n + 1))?.into_owned();
         let path = confined(&raw, "archive entry")?;
         if path.as_os_str().is_empty() {
             continue;
         }
+        let existing = cloned.files.get(&to.join(&path)).copied();
+        if existing.is_none() {
+            entries += 1;
+            if entries > limits.max_entries {
+                bail!("the workspace would hold more than {} entries, the upload limit (at entry {}); upload less or use --delete", limits.max_entries, raw.display());
+            }
+        }
         if to.join(&path).as_os_str().len() > MAX_PATH {
             bail!("archive entry {}…: its path is longer than {MAX_PATH} bytes, the upload limit; shorten it", raw.display().to_string().chars().take(80).collect::<String>());
         }
-        let kind = entry.header().entry_type();
         match kind {
             tar::EntryType::Directory => {
                 dest.create_dir_all(&path).with_context(|| format!("archive entry {}: cannot create the directory", raw.display()))?;
                 summary.dirs += 1;
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 // The size the archive reader uses: a PAX `size` record
-                // overrides the header's.
+                // overrides the header's; a sparse file's is its full size
+                // (holes are written as zeros).
                 let size = entry.size();
                 summary.bytes += size;
-                if summary.bytes > limits.max_bytes {
-                    bail!("the archive holds more than {} bytes, the upload limit (at entry {})", limits.max_bytes, raw.display());
+                bytes = (bytes + size).saturating_sub(existing.unwrap_or(0));
+                if bytes > limits.max_bytes {
+                    bail!("the workspace would hold more than {} bytes, the upload limit (at entry {}); upload less or use --delete", limits.max_bytes, raw.display());
                 }
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
                     && created.insert(dir.to_path_buf())
@@ -175,7 +257,7 @@ pub fn extract(archive: impl Read, workspace: &Path, to: &Path, limits: &Limits)
                 // A file that exists in the clone is hard-linked to the live
                 // workspace: write a new file and rename it over, never
                 // write through the link.
-                let replace = cloned.contains(&to.join(&path));
+                let replace = existing.is_some();
                 let tmp = path.with_file_name(format!(".{}.cordon-upload", path.file_name().unwrap_or_default().to_string_lossy()));
                 let written = if replace { &tmp } else { &path };
                 let mut options = cap_std::fs::OpenOptions::new();
@@ -223,9 +305,7 @@ pub fn extract(archive: impl Read, workspace: &Path, to: &Path, limits: &Limits)
     }
     drop(dest);
     drop(root);
-    exchange(&tree, workspace)?;
-    // `tree` now holds the old workspace; the temporary directory removes it.
-    Ok(summary)
+    Ok(Prepared { staging, workspace: workspace.to_path_buf(), summary })
 }
 
 /// The files and directories an upload of `dir` contains, relative to it:
@@ -260,9 +340,11 @@ pub fn walk(dir: &Path, ignore: &[String]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Uploads `dir` into `workspace/to`: the tar stream is produced by one
-/// thread and extracted by this one, so nothing is buffered in full.
-pub fn upload_dir(dir: &Path, ignore: &[String], workspace: &Path, to: &Path, limits: &Limits) -> Result<Summary> {
+/// Prepares an upload of `dir` into `workspace/to`: the tar stream is
+/// produced by one thread and extracted by this one, so nothing is
+/// buffered in full. Anything the local side cannot read (a socket, a FIFO,
+/// an unreadable file) fails the upload before anything is swapped in.
+pub fn prepare_dir(dir: &Path, ignore: &[String], workspace: &Path, to: &Path, mode: Mode, limits: &Limits) -> Result<Prepared> {
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
     }
@@ -273,14 +355,59 @@ pub fn upload_dir(dir: &Path, ignore: &[String], workspace: &Path, to: &Path, li
         let mut builder = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, writer));
         builder.follow_symlinks(false);
         for rel in entries {
-            builder.append_path_with_name(dir.join(&rel), &rel).with_context(|| format!("cannot read {}", dir.join(&rel).display()))?;
+            let path = dir.join(&rel);
+            let kind = path.symlink_metadata().with_context(|| format!("cannot read {}", path.display()))?.file_type();
+            if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
+                bail!("{}: sockets, pipes and device files cannot be uploaded; add it to .gitignore or --ignore", path.display());
+            }
+            builder.append_path_with_name(&path, &rel).with_context(|| format!("cannot read {}", path.display()))?;
         }
         builder.into_inner()?.flush()?;
         Ok(())
     });
-    let result = extract(std::io::BufReader::with_capacity(1 << 20, reader), workspace, to, limits);
+    let prepared = prepare(std::io::BufReader::with_capacity(1 << 20, reader), workspace, to, mode, limits);
     let produced = producer.join().map_err(|_| anyhow::anyhow!("the archive writer panicked"))?;
-    let summary = result?;
+    // The writer's error first: a failed writer still ends its archive
+    // cleanly (tar's builder does on drop), so the extraction may look whole.
     produced?;
-    Ok(summary)
+    prepared
+}
+
+/// Where an upload comes from.
+pub enum Source<'a> {
+    /// A local directory, walked with [`walk`]'s rules.
+    Dir { dir: &'a Path, ignore: &'a [String] },
+    /// A tar archive.
+    Archive(&'a mut dyn Read),
+}
+
+/// Uploads into the source of deployment `id`, which must be paused (and
+/// still be when the upload is ready to swap in — a `debug continue` sent
+/// meanwhile is applied after it, to the new source). It waits for the
+/// deployment's running stages (`waiting` is called if it has to) and for
+/// other uploads, so none is lost; the resulting source must hold a valid
+/// `app.cordon.yaml` of the same application. Returns the paused stage.
+pub fn into_deployment(
+    store: &dyn StateStore,
+    id: &str,
+    source: Source,
+    to: &Path,
+    mode: Mode,
+    limits: &Limits,
+    waiting: impl FnOnce(),
+) -> Result<(Summary, StageRecord)> {
+    let record = control::deployment(store, id)?;
+    control::paused_stage(store, id)?;
+    let workspace = PathBuf::from(&record.target_snapshot);
+    let _lock = SourceLock::of(&workspace).exclusive(waiting)?;
+    let prepared = match source {
+        Source::Dir { dir, ignore } => prepare_dir(dir, ignore, &workspace, to, mode, limits)?,
+        Source::Archive(archive) => prepare(archive, &workspace, to, mode, limits)?,
+    };
+    let app = AppConfig::load(&prepared.tree()).context("the upload would leave an invalid application config; nothing was changed")?;
+    if app.name != record.application {
+        bail!("the upload renames the application from `{}` to `{}` in app.cordon.yaml; nothing was changed", record.application, app.name);
+    }
+    let stage = control::paused_stage(store, id).context("it was resumed during the upload; nothing was changed")?;
+    Ok((prepared.commit()?, stage))
 }

@@ -97,11 +97,14 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl AgentConfig {
-    /// Reads and validates the config at `path`.
+    /// Reads and validates the config at `path`. The path is made
+    /// canonical first, so the state directory and every path derived from
+    /// it (and stored) are absolute whatever the working directory.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read agent config {}", path.display()))?;
-        Self::parse(&text, path)
+        let path = std::fs::canonicalize(path).with_context(|| format!("cannot resolve agent config {}", path.display()))?;
+        Self::parse(&text, &path)
     }
 
     /// Parses `text` as if read from `path` (relative paths resolve against

@@ -5,7 +5,8 @@
 //! `failure`, `exited`, `skipped`, `cancelled`), `marker` (append one line
 //! to this file per execution, to count runs), `wait_for` (`approve`: wait
 //! until an approve command arrives, and name who sent it), `secret` (log
-//! the value of this granted secret, which the host must mask), `log`.
+//! the value of this granted secret, which the host must mask), `log`,
+//! `read` (a file to read last: its content becomes the message).
 use std::io::Write;
 use std::time::Duration;
 
@@ -25,6 +26,8 @@ struct Options {
     wait_for: Option<String>,
     secret: Option<String>,
     log: Option<String>,
+    /// A file to read after sleeping; its content becomes the message.
+    read: Option<String>,
 }
 
 fn run(request: StageRequest) -> StageResult {
@@ -69,6 +72,12 @@ fn run(request: StageRequest) -> StageResult {
         "cancelled" => StageStatus::Cancelled,
         other => return finish(StageStatus::Failure, format!("unknown status {other:?}")),
     };
+    if let Some(path) = &options.read {
+        return match std::fs::read_to_string(path) {
+            Ok(text) => finish(status, format!("read {text}")),
+            Err(e) => finish(StageStatus::Failure, format!("read {path}: {e}")),
+        };
+    }
     let message = if status == StageStatus::Failure { "failing on purpose" } else { "" };
     finish(status, message)
 }
