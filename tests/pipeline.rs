@@ -422,3 +422,66 @@ async fn twenty_concurrent_deployments_across_ten_applications() {
     // Ten applications at once: far less than twenty sequential deployments.
     assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn a_relative_config_path_stores_absolute_paths() {
+    let world = World::new();
+    let yaml = std::fs::read_to_string(&world.config).unwrap();
+    let state = world.dir.path().join("state");
+    std::fs::write(world.dir.path().join("rel.yaml"), yaml.replace(&format!("state-dir: {}", state.display()), "state-dir: state")).unwrap();
+    world.app("rel", "name: rel\npipeline:\n  stages:\n    - { name: STEP }\n");
+    // Queued from the config's directory with a relative path…
+    let out = Command::new(cordon_bin()).current_dir(world.dir.path()).args(["--config", "rel.yaml", "deploy", "apps/rel", "--detach"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let host = world.host().await;
+    let d = host.store.deployment("rel-1").unwrap().unwrap();
+    assert!(Path::new(&d.target_snapshot).is_absolute() && Path::new(&d.target_snapshot).starts_with(&state), "{}", d.target_snapshot);
+    // …and run by an agent started elsewhere.
+    let _agent = cordon_tests::AgentProcess(
+        Command::new(cordon_bin()).current_dir("/").arg("--config").arg(world.dir.path().join("rel.yaml")).arg("agent").spawn().unwrap(),
+    );
+    let started = Instant::now();
+    while !host.store.deployment("rel-1").unwrap().unwrap().status.is_final() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the deployment did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let d = host.store.deployment("rel-1").unwrap().unwrap();
+    assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+}
+
+#[tokio::test]
+async fn concurrent_deploys_of_one_application_each_get_their_own_snapshot() {
+    const PROCESSES: usize = 6;
+    const EACH: usize = 5;
+    let world = World::new();
+    let app = world.app("race", "name: race\npipeline:\n  stages:\n    - { name: STEP }\n");
+    // What a killed upload left: swept by the next trigger.
+    let snapshots = world.dir.path().join("state/snapshots");
+    std::fs::create_dir_all(snapshots.join(".upload-killed/tree")).unwrap();
+    std::fs::write(snapshots.join(".upload-killed/.owner"), "").unwrap();
+    let children: Vec<_> = (0..PROCESSES)
+        .map(|_| {
+            let (config, app) = (world.config.clone(), app.clone());
+            std::thread::spawn(move || {
+                (0..EACH)
+                    .map(|_| Command::new(cordon_bin()).arg("--config").arg(&config).args(["deploy", app.to_str().unwrap(), "--detach"]).output().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for child in children {
+        for out in child.join().unwrap() {
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let host = world.host().await;
+    let deployments = host.store.deployments(Some("race"), usize::MAX).unwrap();
+    assert_eq!(deployments.len(), PROCESSES * EACH);
+    for d in &deployments {
+        assert!(Path::new(&d.target_snapshot).join("app.cordon.yaml").exists(), "{} has no snapshot", d.id);
+    }
+    let mut left: Vec<String> = std::fs::read_dir(&snapshots).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.retain(|n| n.starts_with('.'));
+    assert!(left.is_empty(), "staging left behind: {left:?}");
+    assert_eq!(std::fs::read_dir(&snapshots).unwrap().count(), PROCESSES * EACH);
+}

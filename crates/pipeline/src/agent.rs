@@ -3,14 +3,15 @@
 //! One agent owns a state directory at a time (an exclusive lock on
 //! `agent.lock`); commands from other processes reach it through the state
 //! store. Deployments of different applications run at once; a deployment
-//! waits while an earlier one of the same application is unfinished.
+//! waits while an earlier one of the same application is unfinished. On
+//! start it removes the staging directories killed commands left.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use cordon_store::lock::AgentLock;
+use cordon_store::lock::{AgentLock, sweep_state_dir};
 use tokio::task::JoinSet;
 
 use cordon_store::now_ms;
@@ -33,6 +34,10 @@ pub struct ServeScope {
 
 /// Runs deployments until `scope` says to stop (or forever).
 pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Result<()> {
+    let swept = sweep_state_dir(&host.state_dir)?;
+    if swept > 0 {
+        tracing::info!("removed {swept} staging director(ies) left by killed commands");
+    }
     let mut running: JoinSet<Result<DeploymentStatus>> = JoinSet::new();
     // Task → (application, deployment), and applications with one running.
     let mut tasks: HashMap<tokio::task::Id, (String, String)> = HashMap::new();

@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use cordon_runtime::engine::Engine;
 use cordon_runtime::plugin::{AgentConfig, Plugins};
 use cordon_runtime::runner::{Deployment, Trigger};
-use cordon_store::lock::sweep;
+use cordon_store::lock::sweep_state_dir;
 use cordon_store::{DeploymentRecord, SqliteStore, StateStore, database_path, now_ms};
 use config::AppConfig;
 use plan::TriggerInfo;
@@ -99,7 +99,7 @@ pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<Depl
     // never replaces, so concurrent triggers of one application each take
     // their own id.
     let snapshots = host.state_dir.join("snapshots");
-    sweep(&snapshots, &[snapshot::STAGING, debug::upload::STAGING])?;
+    sweep_state_dir(&host.state_dir)?;
     let staged = snapshot::Staged::copy(app_dir, &snapshots)?;
     let mut n = host.store.deployments(Some(&app.name), usize::MAX)?.len() + 1;
     loop {

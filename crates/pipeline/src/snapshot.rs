@@ -8,7 +8,7 @@ use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use cordon_store::lock::{Staging, place};
+use cordon_store::lock::{Staging, place, staging};
 
 /// A copy of an application directory, built in a staging directory of the
 /// snapshots directory so a killed command leaves nothing half-copied in
@@ -17,13 +17,10 @@ pub struct Staged {
     staging: Staging,
 }
 
-/// Prefix of snapshot staging directories, for [`cordon_store::lock::sweep`].
-pub const STAGING: &str = ".partial-";
-
 impl Staged {
     /// Copies `src` into a staging directory of `snapshots`.
     pub fn copy(src: &Path, snapshots: &Path) -> Result<Staged> {
-        let staging = Staging::new(snapshots, STAGING)?;
+        let staging = Staging::new(snapshots, staging::SNAPSHOT)?;
         let tree = staging.path().join("tree");
         std::fs::create_dir(&tree)?;
         copy_tree(src, &tree).with_context(|| format!("cannot snapshot {}", src.display()))?;

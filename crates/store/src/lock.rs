@@ -82,6 +82,22 @@ pub fn place(from: &Path, to: &Path) -> Result<bool> {
     }
 }
 
+/// Staging prefixes of the state directory's commands.
+pub mod staging {
+    /// A deployment's source snapshot being copied (`snapshots/`).
+    pub const SNAPSHOT: &str = ".partial-";
+    /// An upload being extracted (`snapshots/`).
+    pub const UPLOAD: &str = ".upload-";
+    /// A backup being restored (the state directory).
+    pub const RESTORE: &str = ".transfer-";
+}
+
+/// Removes what killed commands left in `state_dir` (see [`staging`]);
+/// returns how many directories.
+pub fn sweep_state_dir(state_dir: &Path) -> Result<usize> {
+    Ok(sweep(&state_dir.join("snapshots"), &[staging::SNAPSHOT, staging::UPLOAD])? + sweep(state_dir, &[staging::RESTORE])?)
+}
+
 /// Removes the staging directories in `parent` whose command died (their
 /// `.owner` lock is free), and returns how many. A directory without an
 /// owner file is removed only when older than a minute: its command may

@@ -35,7 +35,7 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
-use cordon_store::lock::Staging;
+use cordon_store::lock::{Staging, staging};
 use cordon_store::{StageRecord, StateStore};
 
 use crate::config::AppConfig;
@@ -74,9 +74,6 @@ pub struct Summary {
 /// kernel's 4,096-byte limit, so no upload leaves a tree that later
 /// uploads or deployments cannot copy.
 pub const MAX_PATH: usize = 1024;
-
-/// Prefix of upload staging directories, for [`cordon_store::lock::sweep`].
-pub const STAGING: &str = ".upload-";
 
 /// A relative path without `..`, or an error naming `what`.
 fn confined(path: &Path, what: &str) -> Result<PathBuf> {
@@ -191,7 +188,7 @@ impl Prepared {
 pub fn prepare(archive: impl Read, workspace: &Path, to: &Path, mode: Mode, limits: &Limits) -> Result<Prepared> {
     let to = confined(to, "--to")?;
     let parent = workspace.parent().context("the workspace has no parent directory")?;
-    let staging = Staging::new(parent, STAGING)?;
+    let staging = Staging::new(parent, staging::UPLOAD)?;
     let tree = staging.path().join("tree");
     let cloned = match mode {
         Mode::Mirror if to.as_os_str().is_empty() => std::fs::create_dir(&tree).map(|()| Cloned::default()).map_err(Into::into),
