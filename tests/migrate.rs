@@ -76,6 +76,18 @@ impl Setup {
         Command::new(cordon_bin()).arg("--config").arg(&self.config).args(args).env_remove("CORDON_LOG").output().unwrap()
     }
 
+    fn spawn_piped(&self, args: &[&str]) -> std::process::Child {
+        Command::new(cordon_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("CORDON_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     fn spawn(&self, args: &[&str]) -> std::process::Child {
         Command::new(cordon_bin())
             .arg("--config")
@@ -463,4 +475,126 @@ async fn an_item_action_rewrites_values_during_copy_and_verify_agrees() {
         assert!(image.starts_with("new.example/team/app:"), "{}: {image}", String::from_utf8_lossy(key));
     }
     assert_eq!(src.range(b"", 1000).await.unwrap().0, { all.sort(); all }, "no cleanup phase: the source is untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_store_fails_the_step_naming_it_and_a_resumed_migration_completes() {
+    let (a, b) = (EtcdServer::start().await, EtcdServer::start().await);
+    let source_before = seed(&a.kv().await.unwrap(), 600, &CLUSTERS).await;
+    let setup = Setup::new();
+    let destination = format!("{{ etcd: {{ endpoints: [\"{}\"], timeout: 2s }} }}", b.endpoint);
+    let spec = setup.spec("m.yaml", &etcd(&a), &destination, "{ entries: 10 }", ALL_PHASES);
+    let child = setup.spawn_piped(&["migrate", "run", spec.to_str().unwrap()]);
+    let ledger = setup.ledger();
+    until("copy to be under way", &ledger, |l| l.list().unwrap().first().is_some_and(|m| l.phases(&m.id).unwrap()[1].entries >= 50)).await;
+    b.freeze();
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let waited = started.elapsed();
+    b.thaw();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(waited < Duration::from_secs(20), "the hung store stalled the migration for {waited:?}");
+    assert!(text(&out).contains(&format!("did not answer within 2s")) && text(&out).contains(&b.endpoint), "{}", text(&out));
+    let id = ledger.list().unwrap()[0].id.clone();
+    assert_eq!(ledger.get(&id).unwrap().unwrap().status, Status::Failed);
+
+    // Resumed to the end: the earlier failed attempt of `copy` does not count.
+    let resumed = setup.cordon(&["migrate", "resume", &id]);
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    assert!(text(&resumed).contains(&format!("migration {id} completed")) && !text(&resumed).contains("with-errors"), "{}", text(&resumed));
+    assert_eq!(b.dump().await, selected(&source_before));
+    assert_eq!(a.dump().await, others(&source_before));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_starts_over_on_resume_and_abort_releases_the_claim() {
+    let setup = Setup::new();
+    let src = Sqlite::open(&setup.dir.path().join("src.sqlite")).unwrap();
+    let before = seed(&src, 30, &CLUSTERS).await;
+    let sqlite = |p: &str| format!("{{ sqlite: {{ path: {p} }} }}");
+    // Verify against a destination that holds one wrong value: it fails.
+    let dst = Sqlite::open(&setup.dir.path().join("dst.sqlite")).unwrap();
+    let wanted = selected(&before);
+    dst.put(&wanted).await.unwrap();
+    dst.put(&[(wanted[0].0.clone(), b"tampered".to_vec())]).await.unwrap();
+    let spec = setup.spec("v.yaml", &sqlite("src.sqlite"), &sqlite("dst.sqlite"), "{ entries: 4 }", "  - { name: prepare, plugin: migrate-prepare, with: { allow-existing: true } }\n  - { name: verify, plugin: migrate-verify }\n");
+    let (id, ended) = migrate(&setup, &spec).await;
+    assert_eq!(ended.status, Status::Failed, "{:?}", ended.error);
+    // Fixed, then resumed: verify reads everything again and passes.
+    dst.put(&wanted[..1]).await.unwrap();
+    let resumed = setup.cordon(&["migrate", "resume", &id]);
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    // Both sides, each read once.
+    assert_eq!(setup.ledger().phases(&id).unwrap()[1].entries, 2 * wanted.len() as u64, "verify counted a page twice");
+
+    // A failed migration holds the unit until it is aborted.
+    dst.put(&[(wanted[0].0.clone(), b"tampered".to_vec())]).await.unwrap();
+    let (id, ended) = migrate(&setup, &spec).await;
+    assert_eq!(ended.status, Status::Failed);
+    let second = setup.cordon(&["migrate", "run", spec.to_str().unwrap()]);
+    assert!(text(&second).contains(&format!("already being migrated by {id}")), "{}", text(&second));
+    let out = setup.cordon(&["migrate", "abort", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("claim") && text(&out).contains("nothing was undone"), "{}", text(&out));
+    assert_eq!(setup.ledger().get(&id).unwrap().unwrap().status, Status::Aborted);
+    let again = setup.cordon(&["migrate", "abort", &id]);
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    dst.put(&wanted[..1]).await.unwrap();
+    let third = setup.cordon(&["migrate", "run", spec.to_str().unwrap()]);
+    assert!(third.status.success(), "{}", text(&third));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_keeps_keys_written_after_the_copy() {
+    let setup = Setup::new();
+    let src_path = setup.dir.path().join("src.sqlite");
+    let src = Sqlite::open(&src_path).unwrap();
+    let before = seed(&src, 30, &CLUSTERS).await;
+    let sqlite = |p: &str| format!("{{ sqlite: {{ path: {p} }} }}");
+    let spec = setup.spec(
+        "c.yaml",
+        &sqlite("src.sqlite"),
+        &sqlite("dst.sqlite"),
+        "{ entries: 100 }",
+        "  - { name: prepare, plugin: migrate-prepare }\n  - { name: copy, plugin: migrate-copy }\n  - { name: verify, plugin: migrate-verify }\n  - { name: cleanup, plugin: migrate-cleanup, with: { retries: 0 } }\n",
+    );
+    let wanted = selected(&before);
+    let (changed, created) = (wanted[3].0.clone(), b"/registry/core/configmaps/root:org-a/ns-1/created-late".to_vec());
+    // A writer that was not stopped: right after verify, it changes one
+    // selected key and creates another.
+    let writer = rusqlite::Connection::open(&src_path).unwrap();
+    let ledger = setup.ledger();
+    let agent = setup.agent();
+    let id = run::create(&agent, &ledger, &spec).unwrap();
+    let ended = run::run(&agent, engine(), ledger.clone(), &id, Arc::new(NullSink), |e| {
+        if e.phase == "verify" && e.done {
+            writer.execute("UPDATE kv SET value = ?2 WHERE key = ?1", rusqlite::params![changed, b"changed".to_vec()]).unwrap();
+            writer.execute("INSERT INTO kv (key, value) VALUES (?1, ?2)", rusqlite::params![created, b"new".to_vec()]).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(ended.status, Status::Failed);
+    let error = ended.error.unwrap();
+    assert!(error.contains("2 key(s) changed in the source since they were copied") && error.contains("migrate abort"), "{error}");
+    let (left, _) = src.range(b"", 10_000).await.unwrap();
+    let left_selected = selected(&left);
+    assert_eq!(left_selected.len(), 2, "only the two written keys stay: {left_selected:?}");
+    assert!(left.contains(&(changed, b"changed".to_vec())) && left.contains(&(created, b"new".to_vec())));
+    assert_eq!(others(&left), others(&before));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_that_cannot_start_is_left_failed_not_running() {
+    let setup = Setup::new();
+    Sqlite::open(&setup.dir.path().join("src.sqlite")).unwrap();
+    let text = "source: { sqlite: { path: src.sqlite } }\ndestination: { sqlite: { path: dst.sqlite } }\nselector: { plugin: kcp-keys, with: { cluster: \"a/b\" } }\nphases:\n  - { name: prepare, plugin: migrate-prepare }\n";
+    let spec = setup.dir.path().join("bad-selector.yaml");
+    std::fs::write(&spec, text).unwrap();
+    let out = setup.cordon(&["migrate", "run", spec.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    let ledger = setup.ledger();
+    let m = &ledger.list().unwrap()[0];
+    assert_eq!(m.status, Status::Failed);
+    assert!(m.error.as_deref().unwrap_or_default().contains("invalid kcp-keys options"), "{:?}", m.error);
 }

@@ -9,7 +9,7 @@
 //! Lives in the tests crate because it starts etcd servers like the tests.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cordon_migrate::kv::{Etcd, KvStore, Pair};
 use cordon_migrate::{Ledger, Status, run};
@@ -38,7 +38,7 @@ fn value(i: usize) -> Vec<u8> {
 }
 
 async fn connect(s: &EtcdServer) -> Etcd {
-    Etcd::connect(std::slice::from_ref(&s.endpoint), "", PAGE).await.unwrap()
+    Etcd::connect(std::slice::from_ref(&s.endpoint), "", PAGE, Duration::from_secs(30)).await.unwrap()
 }
 
 async fn count(kv: &Etcd) -> usize {

@@ -300,7 +300,17 @@ impl Default for World {
 
 /// Runs deployments in this process until none is left unfinished.
 pub async fn serve_until_idle(host: &Arc<Host>, state_dir: &Path) {
-    let lock = AgentLock::try_acquire(state_dir).unwrap().expect("no other agent");
+    // A process another test spawns holds a copy of every descriptor
+    // between its fork and its exec, so a lock just released may look
+    // held for a moment: retry briefly.
+    let started = std::time::Instant::now();
+    let lock = loop {
+        match AgentLock::try_acquire(state_dir).unwrap() {
+            Some(lock) => break lock,
+            None if started.elapsed() < std::time::Duration::from_secs(5) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            None => panic!("another agent holds {}", state_dir.display()),
+        }
+    };
     let scope = ServeScope { until_idle: true, ..Default::default() };
     tokio::time::timeout(std::time::Duration::from_secs(120), serve(host.clone(), &lock, scope))
         .await
@@ -416,7 +426,17 @@ impl EtcdServer {
     }
 
     pub async fn kv(&self) -> anyhow::Result<cordon_migrate::kv::Etcd> {
-        cordon_migrate::kv::Etcd::connect(std::slice::from_ref(&self.endpoint), "", 128).await
+        cordon_migrate::kv::Etcd::connect(std::slice::from_ref(&self.endpoint), "", 128, std::time::Duration::from_secs(10)).await
+    }
+
+    /// Stops the server's process (SIGSTOP): it hangs, answering nothing.
+    pub fn freeze(&self) {
+        assert!(std::process::Command::new("kill").args(["-STOP", &self.child.id().to_string()]).status().unwrap().success());
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        assert!(std::process::Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status().unwrap().success());
     }
 
     /// Every key and value, in key order.

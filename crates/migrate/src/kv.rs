@@ -6,9 +6,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use etcd_client::{GetOptions, KvClient, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, ConnectOptions, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse};
 
 /// One key and its value.
 pub type Pair = (Vec<u8>, Vec<u8>);
@@ -30,6 +31,63 @@ pub trait KvStore: Send + Sync {
 
     /// Deletes the keys; returns how many existed.
     async fn delete(&self, keys: &[Vec<u8>]) -> Result<u32>;
+
+    /// Deletes each key only if it still holds the given value, in one
+    /// compare-and-delete per key (a writer between the caller's read and
+    /// this delete keeps the key). Returns how many were deleted and the
+    /// keys that were kept because they changed (or vanished).
+    async fn delete_unchanged(&self, entries: &[Pair]) -> Result<(u32, Vec<Vec<u8>>)>;
+}
+
+/// Bounds every call of a store: a hung store (a stopped process, a dead
+/// network path) fails the step within `limit`, naming the store.
+pub struct Deadline {
+    inner: Arc<dyn KvStore>,
+    limit: Duration,
+}
+
+impl Deadline {
+    pub fn new(inner: Arc<dyn KvStore>, limit: Duration) -> Self {
+        Self { inner, limit }
+    }
+
+    async fn bound<T>(&self, what: &str, call: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.limit, call).await {
+            Ok(result) => result,
+            Err(_) => anyhow::bail!(
+                "{what} on {} did not answer within {} (the store's `timeout`); is it running and reachable?",
+                self.inner.describe(),
+                humantime::format_duration(self.limit)
+            ),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl KvStore for Deadline {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    async fn range(&self, start: &[u8], limit: usize) -> Result<(Vec<Pair>, bool)> {
+        self.bound("a range read", self.inner.range(start, limit)).await
+    }
+
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.bound("a get", self.inner.get(key)).await
+    }
+
+    async fn put(&self, entries: &[Pair]) -> Result<()> {
+        self.bound("a put", self.inner.put(entries)).await
+    }
+
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u32> {
+        self.bound("a delete", self.inner.delete(keys)).await
+    }
+
+    async fn delete_unchanged(&self, entries: &[Pair]) -> Result<(u32, Vec<Vec<u8>>)> {
+        self.bound("a delete", self.inner.delete_unchanged(entries)).await
+    }
 }
 
 /// The first key after every key that starts with `prefix` (etcd's range
@@ -59,9 +117,12 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    pub async fn connect(endpoints: &[String], prefix: &str, txn_ops: usize) -> Result<Self> {
-        let client = etcd_client::Client::connect(endpoints, None)
+    /// Connects within `timeout` (requests are bounded by [`Deadline`]).
+    pub async fn connect(endpoints: &[String], prefix: &str, txn_ops: usize, timeout: Duration) -> Result<Self> {
+        let options = ConnectOptions::new().with_connect_timeout(timeout);
+        let client = tokio::time::timeout(timeout, etcd_client::Client::connect(endpoints, Some(options)))
             .await
+            .map_err(|_| anyhow::anyhow!("etcd at {} did not answer within {}", endpoints.join(","), humantime::format_duration(timeout)))?
             .with_context(|| format!("cannot connect to etcd at {}", endpoints.join(",")))?;
         Ok(Self { client: client.kv_client(), endpoints: endpoints.to_vec(), prefix: prefix.as_bytes().to_vec(), txn_ops: txn_ops.max(1) })
     }
@@ -124,6 +185,30 @@ impl KvStore for Etcd {
             }
         }
         Ok(deleted)
+    }
+
+    async fn delete_unchanged(&self, entries: &[Pair]) -> Result<(u32, Vec<Vec<u8>>)> {
+        let (mut deleted, mut kept) = (0, Vec::new());
+        for chunk in entries.chunks(self.txn_ops) {
+            let compares: Vec<Compare> = chunk.iter().map(|(k, v)| Compare::value(self.full(k), CompareOp::Equal, v.clone())).collect();
+            let deletes: Vec<TxnOp> = chunk.iter().map(|(k, _)| TxnOp::delete(self.full(k), None)).collect();
+            let txn = Txn::new().when(compares).and_then(deletes);
+            let response = self.client.clone().txn(txn).await.with_context(|| format!("etcd {}", self.describe()))?;
+            if response.succeeded() {
+                deleted += chunk.len() as u32;
+                continue;
+            }
+            // Some key changed: decide key by key.
+            for (k, v) in chunk {
+                let txn = Txn::new().when([Compare::value(self.full(k), CompareOp::Equal, v.clone())]).and_then([TxnOp::delete(self.full(k), None)]);
+                if self.client.clone().txn(txn).await.with_context(|| format!("etcd {}", self.describe()))?.succeeded() {
+                    deleted += 1;
+                } else {
+                    kept.push(k.clone());
+                }
+            }
+        }
+        Ok((deleted, kept))
     }
 }
 
@@ -214,6 +299,26 @@ impl KvStore for Sqlite {
         })
         .await
     }
+
+    async fn delete_unchanged(&self, entries: &[Pair]) -> Result<(u32, Vec<Vec<u8>>)> {
+        let entries = entries.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let (mut deleted, mut kept) = (0, Vec::new());
+            {
+                let mut stmt = tx.prepare_cached("DELETE FROM kv WHERE key = ?1 AND value = ?2")?;
+                for (k, v) in &entries {
+                    match stmt.execute(rusqlite::params![k, v])? {
+                        0 => kept.push(k.clone()),
+                        _ => deleted += 1,
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok((deleted, kept))
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -241,5 +346,9 @@ mod tests {
         assert_eq!(kv.delete(&[vec![b'k', 0], vec![b'x']]).await.unwrap(), 1);
         assert_eq!(kv.get(&[b'k', 1]).await.unwrap(), Some(vec![1; 3]));
         assert_eq!(kv.get(&[b'k', 0]).await.unwrap(), None);
+        // Compare-and-delete: a key whose value changed is kept.
+        let (deleted, kept) = kv.delete_unchanged(&[(vec![b'k', 1], vec![1; 3]), (vec![b'k', 2], vec![9; 3]), (vec![b'k', 0], vec![0; 3])]).await.unwrap();
+        assert_eq!((deleted, kept), (1, vec![vec![b'k', 2], vec![b'k', 0]]));
+        assert_eq!(kv.get(&[b'k', 2]).await.unwrap(), Some(vec![2; 3]));
     }
 }

@@ -21,6 +21,8 @@ pub enum Status {
     Completed,
     /// Finished, with errors a `continue-and-report` phase recorded.
     CompletedWithErrors,
+    /// Given up with `cordon migrate abort`; its claim is released.
+    Aborted,
 }
 
 impl Status {
@@ -30,6 +32,7 @@ impl Status {
             Status::Failed => "failed",
             Status::Completed => "completed",
             Status::CompletedWithErrors => "completed-with-errors",
+            Status::Aborted => "aborted",
         }
     }
 
@@ -38,12 +41,13 @@ impl Status {
             "running" => Status::Running,
             "completed" => Status::Completed,
             "completed-with-errors" => Status::CompletedWithErrors,
+            "aborted" => Status::Aborted,
             _ => Status::Failed,
         }
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, Status::Completed | Status::CompletedWithErrors)
+        matches!(self, Status::Completed | Status::CompletedWithErrors | Status::Aborted)
     }
 }
 
@@ -178,6 +182,19 @@ impl Ledger {
         if let Some(summary) = summary {
             conn.execute("UPDATE phases SET summary = ?3 WHERE migration = ?1 AND idx = ?2", params![id, phase as i64, summary])?;
         }
+        Ok(())
+    }
+
+    /// Starts phase `phase` over: its progress and the checkpoint cleared.
+    pub fn restart_phase(&self, id: &str, phase: usize) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "UPDATE phases SET steps = 0, entries = 0, bytes = 0, failed = 0, summary = 'started over' WHERE migration = ?1 AND idx = ?2",
+            params![id, phase as i64],
+        )?;
+        tx.execute("UPDATE migrations SET checkpoint = NULL, updated_at = ?2 WHERE id = ?1", params![id, now_ms() as i64])?;
+        tx.commit()?;
         Ok(())
     }
 

@@ -12,7 +12,12 @@
 //!
 //! The unit's claim is released when the migration completes (with or
 //! without errors); a failed migration keeps it until it is resumed to the
-//! end.
+//! end or aborted ([`abort`]). A phase that failed and then succeeded on
+//! resume leaves no error behind: only phases that end failed or with
+//! failed entries make a migration `completed-with-errors`. `verify`
+//! always starts over on resume, so it compares the stores as they are.
+//! Any error, setup included, leaves the migration `failed`, never
+//! `running`.
 
 use std::fs::File;
 use std::path::Path;
@@ -20,7 +25,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 
-use super::ledger::{Ledger, Status, StepRecord};
+use super::ledger::{Ledger, Migration, Status, StepRecord};
 use super::scope::{ScopedStores, Transform};
 use super::spec::{ErrorPolicy, MigrationSpec};
 use cordon_runtime::engine::Engine;
@@ -91,14 +96,48 @@ pub async fn run(
     mut report: impl FnMut(&StepEvent<'_>),
 ) -> Result<Ended> {
     let _lock = lock(&config.state_dir, id)?;
+    let m = unfinished(config, &ledger, id)?;
+    ledger.set_status(id, Status::Running, None)?;
+    match drive(config, engine, ledger.clone(), &m, sink, &mut report).await {
+        Ok(ended) => Ok(ended),
+        Err(e) => {
+            ledger.set_status(id, Status::Failed, Some(&format!("{e:#}")))?;
+            Err(e)
+        }
+    }
+}
+
+fn unfinished(config: &AgentConfig, ledger: &Ledger, id: &str) -> Result<Migration> {
     let m = ledger.get(id)?.with_context(|| format!("no migration {id} in {}; `cordon migrate status` lists them", config.state_dir.display()))?;
     if m.status.is_final() {
         bail!("migration {id} is already {}; there is nothing to resume", m.status.as_str());
     }
+    Ok(m)
+}
+
+/// Gives migration `id` up: marks it `aborted` and releases its claim on
+/// the unit, so a new migration of the unit may start. Refused while a
+/// process runs it. Nothing in the stores is changed or undone.
+pub fn abort(config: &AgentConfig, ledger: &Ledger, id: &str) -> Result<Migration> {
+    let _lock = lock(&config.state_dir, id)?;
+    let m = unfinished(config, ledger, id)?;
+    ledger.set_status(id, Status::Aborted, m.error.as_deref())?;
+    ledger.release(id)?;
+    Ok(m)
+}
+
+async fn drive(
+    config: &AgentConfig,
+    engine: &Engine,
+    ledger: Arc<Ledger>,
+    m: &Migration,
+    sink: Arc<dyn LogSink>,
+    report: &mut impl FnMut(&StepEvent<'_>),
+) -> Result<Ended> {
+    let id = m.id.as_str();
     // The spec as recorded when the migration began: a changed file does
     // not change a running migration.
     let spec = MigrationSpec::parse(&m.spec, Path::new(&m.spec_path), config)?;
-    ledger.set_status(id, Status::Running, None)?;
 
     let selector = load(config, engine, &spec.selector.plugin).await?;
     let filter = KeyFilterSession::open(engine, &selector, &spec.selector.options_json(), sink.clone())
@@ -116,11 +155,15 @@ pub async fn run(
     let destination = spec.destination.open().await.context("destination")?;
     let scope = Arc::new(ScopedStores::new(id, &m.unit, source, destination, filter, transform, spec.budget, ledger.clone(), m.verified)?);
 
-    let mut had_errors = ledger.phases(id)?.iter().any(|p| p.failed > 0 || p.status == "failed");
     for index in m.phase..spec.phases.len() {
         let phase = &spec.phases[index];
         let plugin = load(config, engine, &phase.plugin).await?;
-        let mut checkpoint = if index == m.phase { m.checkpoint.clone() } else { None };
+        let verify = phase.name == "verify";
+        let resumed = index == m.phase;
+        if resumed && verify {
+            ledger.restart_phase(id, index)?;
+        }
+        let mut checkpoint = if resumed && !verify { m.checkpoint.clone() } else { None };
         let mut totals = ledger.phases(id)?.get(index).cloned().unwrap_or_default();
         ledger.set_phase_status(id, index, "running", None)?;
         loop {
@@ -137,7 +180,7 @@ pub async fn run(
             let step = runner::migration_step(engine, &plugin, scope.clone(), &request, sink.clone()).await.map_err(|e| e.to_string());
             let (record, outcome_checkpoint) = match &step {
                 Ok(o) => (
-                    StepRecord { done: o.done, checkpoint: o.checkpoint.as_deref(), entries: o.entries, bytes: o.bytes, failed: o.failed, summary: &o.summary, verify: phase.name == "verify" },
+                    StepRecord { done: o.done, checkpoint: o.checkpoint.as_deref(), entries: o.entries, bytes: o.bytes, failed: o.failed, summary: &o.summary, verify },
                     o.checkpoint.clone(),
                 ),
                 Err(e) if phase.on_error == ErrorPolicy::FailFast => {
@@ -152,7 +195,6 @@ pub async fn run(
             totals.entries += record.entries;
             totals.bytes += record.bytes;
             totals.failed += record.failed;
-            had_errors |= record.failed > 0;
             if step.is_err() {
                 ledger.set_phase_status(id, index, "failed", None)?;
             }
@@ -175,6 +217,7 @@ pub async fn run(
             checkpoint = outcome_checkpoint;
         }
     }
+    let had_errors = ledger.phases(id)?.iter().any(|p| p.failed > 0 || p.status == "failed");
     let status = if had_errors { Status::CompletedWithErrors } else { Status::Completed };
     ledger.set_status(id, status, None)?;
     ledger.release(id)?;

@@ -1,7 +1,8 @@
 //! The store handles a phase receives, scoped by the migration: only
 //! selected keys are visible or writable, values come through the
 //! migration's transform, writes need the unit's claim, deletes need a
-//! passed `verify`, and continue tokens are bound to the migration.
+//! passed `verify` and a destination holding the key as the source does,
+//! and continue tokens are bound to the migration.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -235,6 +236,12 @@ impl MigrationStores for ScopedStores {
         }
     }
 
+    /// Deletes a key only if the destination holds it as the source holds it
+    /// now (its value through the transform), and only if the source still
+    /// holds that value at the moment of the delete (compare-and-delete): a
+    /// key written after it was copied — changed, or new — is kept, and the
+    /// call fails naming it, so the operator copies again. Nothing a writer
+    /// did meanwhile is lost.
     async fn source_delete(&self, keys: Vec<Vec<u8>>) -> Result<u32, String> {
         self.check_claimed("delete")?;
         if !self.verified.load(Ordering::SeqCst) {
@@ -242,7 +249,29 @@ impl MigrationStores for ScopedStores {
         }
         let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
         self.check_selected(&refs, "delete").await?;
-        self.source.delete(&keys).await.map_err(|e| format!("{e:#}"))
+        let (mut copied, mut changed) = (Vec::new(), Vec::new());
+        for key in keys {
+            let Some(value) = self.source.get(&key).await.map_err(|e| format!("{e:#}"))? else { continue };
+            let expected = self.transformed(&key, value.clone()).await?;
+            let held = self.destination.get(&key).await.map_err(|e| format!("{e:#}"))?;
+            if expected.is_some() && held == expected {
+                copied.push((key, value));
+            } else {
+                changed.push(key);
+            }
+        }
+        let (deleted, kept) = self.source.delete_unchanged(&copied).await.map_err(|e| format!("{e:#}"))?;
+        changed.extend(kept);
+        if let Some(first) = changed.first() {
+            return Err(format!(
+                "{} key(s) changed in the source since they were copied (first {}): they were kept there ({deleted} unchanged key(s) deleted); \
+                 stop the unit's writers, then `cordon migrate abort {}` and migrate the unit again",
+                changed.len(),
+                show(first),
+                self.id
+            ));
+        }
+        Ok(deleted)
     }
 
     async fn claim(&self) -> Result<(), String> {

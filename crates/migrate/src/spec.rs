@@ -18,6 +18,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
@@ -37,8 +38,19 @@ pub enum StoreSpec {
         /// Operations per transaction (etcd's `--max-txn-ops`).
         #[serde(default = "default_txn_ops")]
         max_txn_ops: usize,
+        /// How long one call may take before the step fails.
+        #[serde(default = "default_timeout", with = "humantime_serde")]
+        timeout: Duration,
     },
-    Sqlite { path: PathBuf },
+    Sqlite {
+        path: PathBuf,
+        #[serde(default = "default_timeout", with = "humantime_serde")]
+        timeout: Duration,
+    },
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_txn_ops() -> usize {
@@ -55,15 +67,18 @@ impl StoreSpec {
                 e.sort();
                 format!("etcd {} {prefix:?}", e.join(","))
             }
-            StoreSpec::Sqlite { path } => format!("sqlite {}", path.display()),
+            StoreSpec::Sqlite { path, .. } => format!("sqlite {}", path.display()),
         }
     }
 
+    /// Opens the store; every call on it is bounded by its `timeout`.
     pub async fn open(&self) -> Result<std::sync::Arc<dyn super::kv::KvStore>> {
-        Ok(match self {
-            StoreSpec::Etcd { endpoints, prefix, max_txn_ops } => std::sync::Arc::new(super::kv::Etcd::connect(endpoints, prefix, *max_txn_ops).await?),
-            StoreSpec::Sqlite { path } => std::sync::Arc::new(super::kv::Sqlite::open(path)?),
-        })
+        use super::kv::{Deadline, Etcd, KvStore, Sqlite};
+        let (store, timeout): (std::sync::Arc<dyn KvStore>, Duration) = match self {
+            StoreSpec::Etcd { endpoints, prefix, max_txn_ops, timeout } => (std::sync::Arc::new(Etcd::connect(endpoints, prefix, *max_txn_ops, *timeout).await?), *timeout),
+            StoreSpec::Sqlite { path, timeout } => (std::sync::Arc::new(Sqlite::open(path)?), *timeout),
+        };
+        Ok(std::sync::Arc::new(Deadline::new(store, timeout)))
     }
 }
 
@@ -171,7 +186,7 @@ impl MigrationSpec {
                         bail!("{file}: {field}.etcd.max-txn-ops must be at least 1");
                     }
                 }
-                StoreSpec::Sqlite { path } => {
+                StoreSpec::Sqlite { path, .. } => {
                     if path.is_relative() {
                         *path = base.join(&*path);
                     }

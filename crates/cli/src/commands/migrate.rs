@@ -1,4 +1,4 @@
-//! `cordon migrate run|status|resume`: migrations from the command line,
+//! `cordon migrate run|status|resume|abort`: migrations from the command line,
 //! with progress (entries and bytes per phase) on a terminal.
 
 use std::io::IsTerminal;
@@ -28,6 +28,11 @@ pub enum MigrateCommand {
     Status { id: Option<String> },
     /// Continue an interrupted or failed migration from its last checkpoint.
     Resume { id: String },
+    /// Give a failed migration up and release its claim on the unit.
+    ///
+    /// Nothing in the stores is undone: keys already copied stay in the
+    /// destination, keys cleanup already deleted stay deleted.
+    Abort { id: String },
 }
 
 impl MigrateCommand {
@@ -36,6 +41,7 @@ impl MigrateCommand {
             MigrateCommand::Run { spec } => start(config, &spec).await,
             MigrateCommand::Status { id } => status(config, id.as_deref()),
             MigrateCommand::Resume { id } => resume(config, &id).await,
+            MigrateCommand::Abort { id } => abort(config, &id),
         }
     }
 }
@@ -100,6 +106,15 @@ async fn drive(config: &AgentConfig, ledger: Arc<Ledger>, id: &str) -> Result<Ex
         None => println!("migration {id} {}", ended.status.as_str()),
     }
     Ok(exit(ended.status))
+}
+
+fn abort(config_path: &Path, id: &str) -> Result<ExitCode> {
+    let config = AgentConfig::load(config_path)?;
+    let ledger = Ledger::open(&config.state_dir)?;
+    let m = run::abort(&config, &ledger, id)?;
+    println!("migration {id} aborted; its claim on {} is released", m.unit);
+    println!("nothing was undone: keys it copied stay in the destination; keys its cleanup deleted (if it ran) stay deleted");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn status(config_path: &Path, id: Option<&str>) -> Result<ExitCode> {
