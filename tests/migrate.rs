@@ -440,9 +440,124 @@ async fn transfer_carries_history_maps_taken_ids_and_adds_nothing_twice() {
     let junk = source.dir.path().join("junk.tar");
     std::fs::write(&junk, b"not a tar at all").unwrap();
     let empty = tempfile::tempdir().unwrap();
-    let out = Command::new(cordon_bin()).args(["transfer", "restore", "--input"]).arg(&junk).arg("--state").arg(empty.path()).output().unwrap();
+    let target = empty.path().join("state");
+    let out = Command::new(cordon_bin()).args(["transfer", "restore", "--input"]).arg(&junk).arg("--state").arg(&target).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("junk.tar"), "{}", text(&out));
+    assert!(text(&out).contains("junk.tar: not a Cordon transfer archive"), "{}", text(&out));
+    assert!(!text(&out).contains("not a tar at all"), "the file's bytes were printed: {}", text(&out));
+    assert!(!target.exists(), "a refused restore created {}", target.display());
+}
+
+/// What a restore leaves, independent of where: deployments, stages,
+/// applications and the snapshot directory (staging included).
+fn restored(state: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(cordon_store::database_path(state)).unwrap();
+    let prefix = state.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for sql in [
+        "SELECT id || ' ' || status || ' ' || application || ' ' || target_snapshot || ' ' || running_snapshot FROM deployments ORDER BY id",
+        "SELECT deployment || ' ' || id || ' ' || status FROM stages ORDER BY deployment, id",
+        "SELECT name || ' ' || COALESCE(last_success, '') || ' ' || COALESCE(running_snapshot, '') FROM applications ORDER BY name",
+        "SELECT COUNT(*) || ' log lines' FROM logs",
+    ] {
+        let mut stmt = conn.prepare(sql).unwrap();
+        out.extend(stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(|r| r.unwrap().replace(&prefix, "STATE")));
+    }
+    let names = |dir: &Path| {
+        let mut n: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        n.sort();
+        n
+    };
+    out.extend(names(&state.join("snapshots")).into_iter().map(|n| format!("snapshot {n}")));
+    out.extend(names(state).into_iter().filter(|n| n.starts_with('.')).map(|n| format!("staging {n}")));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_killed_and_run_again_equals_a_clean_one() {
+    use cordon_tests::{World, deploy};
+    let trigger = || cordon_pipeline::plan::TriggerInfo { commander: "test".into(), ..Default::default() };
+    let source = World::new();
+    let host = source.host().await;
+    let app = source.app("kr", "name: kr\npipeline:\n  stages:\n    - { name: STEP }\n");
+    for i in 0..300 {
+        std::fs::write(app.join(format!("page-{i}.html")), format!("page {i}")).unwrap();
+    }
+    let state = source.agent_config().state_dir;
+    for _ in 0..12 {
+        deploy(&host, &state, &app, trigger()).await;
+    }
+    drop(host);
+    let backup = source.dir.path().join("backup.tar");
+    let out = Command::new(cordon_bin()).arg("--config").arg(&source.config).args(["transfer", "backup", "--output"]).arg(&backup).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let restore = |target: &Path| {
+        let mut command = Command::new(cordon_bin());
+        command.args(["transfer", "restore", "--input"]).arg(&backup).arg("--state").arg(target);
+        command
+    };
+
+    let clean = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = restore(clean.path()).output().unwrap();
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    let want = restored(clean.path());
+    let mut killed_mid_way = 0;
+    // Kills spread over the restore's time, until two landed mid-way.
+    for trial in 1..=24u32 {
+        if killed_mid_way >= 2 && trial > 6 {
+            break;
+        }
+        let target = tempfile::tempdir().unwrap();
+        let mut child = restore(target.path()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(took * (trial % 8 + 1) / 9);
+        child.kill().unwrap();
+        let killed = child.wait().unwrap().code().is_none();
+        let staged = std::fs::read_dir(target.path()).map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".transfer-"))).unwrap_or(false);
+        killed_mid_way += usize::from(killed && staged);
+        let out = restore(target.path()).output().unwrap();
+        assert!(out.status.success(), "trial {trial}: {}", text(&out));
+        assert_eq!(restored(target.path()), want, "trial {trial}: a killed restore run again differs from a clean one");
+    }
+    eprintln!("{killed_mid_way} restores were killed with their staging in place (restore took {took:?})");
+    assert!(killed_mid_way > 0, "no kill landed during a restore: the test proved nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_backup_after_an_older_one_completes_history_and_the_running_source() {
+    use cordon_tests::{World, deploy, serve_until_idle};
+    let trigger = || cordon_pipeline::plan::TriggerInfo { commander: "test".into(), ..Default::default() };
+    let source = World::new();
+    let host = source.host().await;
+    let app = source.app("nw", "name: nw\npipeline:\n  stages:\n    - { name: STEP }\n");
+    let state = source.agent_config().state_dir;
+    deploy(&host, &state, &app, trigger()).await;
+    let queued = cordon_pipeline::trigger(&host, &app, trigger()).unwrap();
+    let backup = |name: &str| {
+        let path = source.dir.path().join(name);
+        let out = Command::new(cordon_bin()).arg("--config").arg(&source.config).args(["transfer", "backup", "--output"]).arg(&path).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        path
+    };
+    let older = backup("older.tar");
+    serve_until_idle(&host, &state).await;
+    let newer = backup("newer.tar");
+    drop(host);
+
+    let target = tempfile::tempdir().unwrap();
+    for b in [&older, &newer] {
+        let out = Command::new(cordon_bin()).args(["transfer", "restore", "--input"]).arg(b).arg("--state").arg(target.path()).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let store = cordon_store::sqlite::SqliteStore::open(&cordon_store::database_path(target.path())).unwrap();
+    use cordon_store::StateStore;
+    let d = store.deployment(&queued.id).unwrap().unwrap();
+    assert_eq!(d.status, cordon_store::DeploymentStatus::Success, "{d:?}");
+    assert_eq!(store.stages(&queued.id).unwrap().len(), 1, "the history is whole");
+    let a = store.application("nw").unwrap().unwrap();
+    assert_eq!(a.last_success.as_deref(), Some(queued.id.as_str()));
+    assert!(Path::new(a.running_snapshot.as_deref().unwrap()).is_dir(), "{a:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,7 @@ use rusqlite::{Connection, OptionalExtension, params_from_iter};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use cordon_store::lock::{Staging, place, staging, sweep_state_dir};
 use cordon_store::now_ms;
 
 const FORMAT: &str = "cordon-transfer-v1";
@@ -176,6 +177,25 @@ pub struct RestoreReport {
 }
 
 /// Reads an archive: its header, its records, and its snapshots extracted under `staging`.
+/// The backup's header, read from its first entry.
+fn read_archive_header(input: &Path) -> Result<Header> {
+    let file = std::fs::File::open(input).with_context(|| format!("cannot read {}", input.display()))?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    let first = archive.entries().ok().and_then(|mut e| e.next()).and_then(Result::ok);
+    let Some(mut entry) = first.filter(|e| e.path().is_ok_and(|p| p.to_str() == Some("cordon-transfer.json"))) else {
+        bail!("{}: not a Cordon transfer archive (it does not begin with cordon-transfer.json); write one with `cordon transfer backup`", input.display());
+    };
+    parse_header(&mut entry, input)
+}
+
+fn parse_header(entry: impl Read, input: &Path) -> Result<Header> {
+    let header: Header = serde_json::from_reader(entry).with_context(|| format!("{}: cordon-transfer.json is malformed", input.display()))?;
+    if header.format != FORMAT {
+        bail!("{}: format {:?}, this cordon reads {FORMAT}", input.display(), header.format);
+    }
+    Ok(header)
+}
+
 fn read_archive(input: &Path, staging: &Path) -> Result<(Header, Vec<Record>)> {
     let file = std::fs::File::open(input).with_context(|| format!("cannot read {}", input.display()))?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
@@ -183,14 +203,12 @@ fn read_archive(input: &Path, staging: &Path) -> Result<(Header, Vec<Record>)> {
     for entry in archive.entries().with_context(|| format!("{}: not a Cordon transfer archive", input.display()))? {
         let mut entry = entry.with_context(|| format!("{}: a damaged archive", input.display()))?;
         let path = entry.path()?.into_owned();
+        // The backup writes its header first: anything else is not one.
+        if header.is_none() && path.to_str() != Some("cordon-transfer.json") {
+            bail!("{}: not a Cordon transfer archive (it does not begin with cordon-transfer.json); write one with `cordon transfer backup`", input.display());
+        }
         match path.to_str() {
-            Some("cordon-transfer.json") => {
-                let h: Header = serde_json::from_reader(&mut entry).with_context(|| format!("{}: cordon-transfer.json is malformed", input.display()))?;
-                if h.format != FORMAT {
-                    bail!("{}: format {:?}, this cordon reads {FORMAT}", input.display(), h.format);
-                }
-                header = Some(h);
-            }
+            Some("cordon-transfer.json") => header = Some(parse_header(&mut entry, input)?),
             Some("records.jsonl") => {
                 let mut text = String::new();
                 entry.read_to_string(&mut text)?;
@@ -208,7 +226,7 @@ fn read_archive(input: &Path, staging: &Path) -> Result<(Header, Vec<Record>)> {
                     bail!("{}: entry {} points outside the archive", input.display(), path.display());
                 }
             }
-            _ => bail!("{}: unexpected entry {}", input.display(), path.display()),
+            _ => bail!("{}: unexpected entry {:?}", input.display(), path.display().to_string().chars().take(80).collect::<String>()),
         }
     }
     let header = header.with_context(|| format!("{}: not a Cordon transfer archive (no cordon-transfer.json)", input.display()))?;
@@ -243,10 +261,13 @@ fn insert(tx: &Connection, table: &str, row: &Map<String, Value>, skip: &[&str])
 
 /// Restores the backup `input` into `state_dir`.
 pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
+    // Refuse what is not a backup before the state directory is touched.
+    read_archive_header(input)?;
     let Some(_lock) = cordon_store::lock::AgentLock::try_acquire(state_dir)? else {
         bail!("an agent is running on {}; stop it before restoring into that state", state_dir.display());
     };
-    let staging = tempfile::Builder::new().prefix(".transfer-").tempdir_in(state_dir)?;
+    sweep_state_dir(state_dir)?;
+    let staging = Staging::new(state_dir, staging::RESTORE)?;
     let (header, records) = read_archive(input, staging.path())?;
     // Ids and application names become snapshot paths: a backup that
     // carries `..` or a separator in one is refused before anything moves.
@@ -278,21 +299,36 @@ pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
     for d in deployments {
         let old = text(d, "id").to_string();
         let known: Option<String> = tx.query_row("SELECT new FROM transfer_ids WHERE origin = ?1 AND old = ?2", [&header.origin, &old], |r| r.get(0)).optional()?;
-        if let Some(new) = known {
-            map.insert(old, new);
-            report.deployments_skipped += 1;
-            continue;
-        }
-        let app = text(d, "application").to_string();
-        let taken = |id: &str| -> Result<bool> {
-            Ok(tx.query_row("SELECT 1 FROM deployments WHERE id = ?1", [id], |_| Ok(())).optional()?.is_some() || new_snapshots.join(id).exists())
+        let new = match known {
+            Some(new) if !superseded(&tx, &new, d)? => {
+                map.insert(old, new);
+                report.deployments_skipped += 1;
+                continue;
+            }
+            // Restored unfinished from an older backup; this one has its end.
+            Some(new) => {
+                for table in ["stages", "logs", "metadata", "commands"] {
+                    tx.execute(&format!("DELETE FROM {table} WHERE deployment = ?1"), [&new])?;
+                }
+                tx.execute("DELETE FROM deployments WHERE id = ?1", [&new])?;
+                report.notes.push(format!("deployment {old} ended after the earlier backup: its whole history replaces the partial one"));
+                new
+            }
+            None => {
+                // Ids are taken by rows only: a snapshot directory without a
+                // row was left by a restore killed before its commit, and is
+                // replaced below — so a rerun picks the same ids.
+                let app = text(d, "application").to_string();
+                let taken = |id: &str| -> Result<bool> { Ok(tx.query_row("SELECT 1 FROM deployments WHERE id = ?1", [id], |_| Ok(())).optional()?.is_some()) };
+                let mut new = old.clone();
+                let mut n = tx.query_row("SELECT COUNT(*) FROM deployments WHERE application = ?1", [&app], |r| r.get::<_, i64>(0))? + 1;
+                while taken(&new)? {
+                    new = format!("{app}-{n}");
+                    n += 1;
+                }
+                new
+            }
         };
-        let mut new = old.clone();
-        let mut n = tx.query_row("SELECT COUNT(*) FROM deployments WHERE application = ?1", [&app], |r| r.get::<_, i64>(0))? + 1;
-        while taken(&new)? {
-            new = format!("{app}-{n}");
-            n += 1;
-        }
         let remap = |path: &str| rebase(path, &old_snapshots, &new_snapshots, |id| if id == old { Some(new.clone()) } else { map.get(id).cloned() });
         tx.execute_batch("SAVEPOINT deployment")?;
         let result = (|| -> Result<()> {
@@ -307,7 +343,7 @@ pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
             let unfinished = !matches!(text(d, "status"), "success" | "failure" | "cancelled");
             if unfinished {
                 row.insert("status".into(), Value::String("cancelled".into()));
-                row.insert("reason".into(), Value::String(format!("transferred while {}; not resumed here", text(d, "status"))));
+                row.insert("reason".into(), Value::String(format!("{UNFINISHED} {}; not resumed here", text(d, "status"))));
                 report.notes.push(format!("deployment {old} was {} at backup time: restored as cancelled", text(d, "status")));
             }
             insert(&tx, "deployments", &row, &[])?;
@@ -324,12 +360,17 @@ pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
                     insert(&tx, table, &r, if table == "logs" { &["seq"] } else { &[] })?;
                 }
             }
-            tx.execute("INSERT INTO transfer_ids VALUES (?1, ?2, ?3, ?4)", rusqlite::params![header.origin, old, new, now_ms() as i64])?;
+            tx.execute("INSERT OR REPLACE INTO transfer_ids VALUES (?1, ?2, ?3, ?4)", rusqlite::params![header.origin, old, new, now_ms() as i64])?;
             let staged = staging.path().join("snapshots").join(&old);
             if staged.is_dir() {
                 let dest = new_snapshots.join(&new);
                 std::fs::create_dir_all(&new_snapshots)?;
-                std::fs::rename(&staged, &dest).with_context(|| format!("cannot place the snapshot of {old} at {}", dest.display()))?;
+                if !place(&staged, &dest)? {
+                    std::fs::remove_dir_all(&dest).with_context(|| format!("cannot replace the unrecorded {}", dest.display()))?;
+                    if !place(&staged, &dest)? {
+                        bail!("cannot place the snapshot of {old} at {}: something else created it meanwhile", dest.display());
+                    }
+                }
                 copied.push(dest);
             }
             Ok(())
@@ -349,10 +390,25 @@ pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
 
     for a in rows("applications") {
         let name = text(a, "name");
-        let exists = tx.query_row("SELECT 1 FROM applications WHERE name = ?1", [name], |_| Ok(())).optional()?.is_some();
-        if exists {
-            if report.deployments_added > 0 || report.deployments_skipped == 0 {
-                report.notes.push(format!("application {name} exists here: kept this control plane's record"));
+        let here: Option<Option<String>> = tx.query_row("SELECT last_success FROM applications WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+        if let Some(last_here) = here {
+            // The backup's last success, if restored and newer than ours,
+            // is the running one (an older backup restored first left it
+            // behind).
+            let theirs = map.get(text(a, "last_success"));
+            let seq = |id: &str| -> Result<i64> { Ok(tx.query_row("SELECT seq FROM deployments WHERE id = ?1", [id], |r| r.get(0)).optional()?.unwrap_or(0)) };
+            match theirs {
+                Some(new) if seq(new)? > seq(last_here.as_deref().unwrap_or_default())? => {
+                    tx.execute(
+                        "UPDATE applications SET last_success = ?2, running_snapshot = (SELECT target_snapshot FROM deployments WHERE id = ?2) WHERE name = ?1",
+                        [name, new.as_str()],
+                    )?;
+                    report.notes.push(format!("application {name}: its last success is now {new}, from this backup"));
+                }
+                _ if report.deployments_added > 0 || report.deployments_skipped == 0 => {
+                    report.notes.push(format!("application {name} exists here: kept this control plane's record"));
+                }
+                _ => {}
             }
             continue;
         }
@@ -395,6 +451,16 @@ pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
     write_private(&report.id_map, &serde_json::to_vec_pretty(&doc)?)?;
     Ok(report)
 }
+
+/// Whether the deployment restored as `id` was unfinished in an earlier
+/// backup (restored cancelled) and `row`, from this backup, has its end.
+fn superseded(tx: &Connection, id: &str, row: &Map<String, Value>) -> Result<bool> {
+    let reason: Option<String> = tx.query_row("SELECT reason FROM deployments WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+    Ok(reason.is_some_and(|r| r.starts_with(UNFINISHED)) && matches!(text(row, "status"), "success" | "failure" | "cancelled") && !text(row, "reason").starts_with(UNFINISHED))
+}
+
+/// How the reason of a deployment restored unfinished begins.
+const UNFINISHED: &str = "transferred while";
 
 /// Writes `bytes` to `path` atomically, readable by the owner only.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
