@@ -53,7 +53,11 @@ fn stage_run_exits_with_the_stage_status() {
 
     let out = cordon(&["--config", &cfg, "stage", "run", "--plugin", "wait", "--stage", "WAIT", "--with", r#"{"duration": -1}"#]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("WAIT: failure") && text(&out).contains("duration must be a non-negative"));
+    assert!(text(&out).contains("WAIT: failure") && text(&out).contains("duration must be a number of seconds from 0 to 2592000"));
+    // So large it would overflow the deadline: refused, not finished at once.
+    let out = cordon(&["--config", &cfg, "stage", "run", "--plugin", "wait", "--stage", "WAIT", "--with", r#"{"duration": 1e308}"#]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("duration must be a number of seconds"), "{}", text(&out));
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "panic");

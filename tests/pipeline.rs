@@ -339,7 +339,14 @@ async fn approve_and_skip_from_a_second_process() {
         let host = host.clone();
         async move { serve_until_idle(&host, &state).await }
     });
+    // Approving a stage that is not running yet, or as nobody, is refused.
+    let out = cordon(&world, &["approve", &d.id, "soak", "--as", "alice"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not waiting for an approval"), "{}", String::from_utf8_lossy(&out.stderr));
     wait_for_stage(&host, &d.id, "gate", StageStatus::Running).await;
+    let out = cordon(&world, &["approve", &d.id, "gate", "--as", ""]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--as is empty"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cordon(&world, &["approve", &d.id, "gate", "--as", "alice"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_for_stage(&host, &d.id, "soak", StageStatus::Running).await;
@@ -373,6 +380,7 @@ async fn sigkill_during_a_stage_then_resume_without_duplicates() {
     );
     let out = cordon(&world, &["deploy", app.to_str().unwrap(), "--detach"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no agent is running"), "queued silently: {}", String::from_utf8_lossy(&out.stderr));
     let id = "kill-1";
     let mut agent = start_agent(&world);
     wait_for_stage(&host, id, "s1-STEP", StageStatus::Running).await;

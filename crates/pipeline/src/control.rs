@@ -67,6 +67,9 @@ impl fmt::Display for Sent {
 /// stages): the deployment and the stage must not have ended, and the
 /// stage must exist once the deployment is planned.
 pub fn send(store: &dyn StateStore, id: &str, stage: Option<&str>, kind: CommandKind, commander: &str) -> Result<Sent> {
+    if commander.trim().is_empty() {
+        bail!("--as is empty: name who sends the {kind} (it is recorded, and approver lists match it)");
+    }
     let d = deployment(store, id)?;
     if d.status.is_final() {
         bail!("deployment {id} already ended ({}); there is nothing to {kind}", d.status);
@@ -80,6 +83,10 @@ pub fn send(store: &dyn StateStore, id: &str, stage: Option<&str>, kind: Command
             let s = resolve_stage(&stages, id, wanted)?;
             if s.status.is_final() {
                 bail!("stage {} of {id} already ended ({}); there is nothing to {kind}", s.id, s.status);
+            }
+            // Only a running stage can be waiting for an approval.
+            if kind == CommandKind::Approve && s.status != StageStatus::Running {
+                bail!("stage {} of {id} is {}, not waiting for an approval; approve it while it runs", s.id, s.status);
             }
             s.id.clone()
         }
@@ -155,6 +162,8 @@ mod tests {
         let sent = send(&store, "app-1", None, CommandKind::Cancel, "alice").unwrap();
         assert_eq!(sent.to_string(), "cancel sent to deployment app-1 as alice");
         assert_eq!(store.commands("app-1", None).unwrap().len(), 1);
+        let err = send(&store, "app-1", None, CommandKind::Cancel, " ").unwrap_err().to_string();
+        assert!(err.contains("--as is empty"), "{err}");
         let err = resume(&store, "app-1", false, "alice").unwrap_err().to_string();
         assert!(err.contains("no paused stage"), "{err}");
 

@@ -18,6 +18,9 @@ struct Options {
     duration: f64,
 }
 
+/// The longest wait: 30 days (longer is a typo, and would overflow).
+const MAX_SECONDS: f64 = 30.0 * 24.0 * 3600.0;
+
 fn default_duration() -> f64 {
     10.0
 }
@@ -33,8 +36,8 @@ impl StagePlugin for Wait {
     type Options = Options;
 
     fn run(_ctx: &Context, options: Options) -> Outcome {
-        if !(options.duration.is_finite() && options.duration >= 0.0) {
-            return Outcome::Failure("invalid WAIT options: duration must be a non-negative number of seconds".into());
+        if !(options.duration.is_finite() && (0.0..=MAX_SECONDS).contains(&options.duration)) {
+            return Outcome::Failure(format!("invalid WAIT options: duration must be a number of seconds from 0 to {MAX_SECONDS} (30 days), not {}", options.duration));
         }
         let start = match metadata::stage_get(START_KEY).and_then(|v| v.parse::<u64>().ok()) {
             Some(start) => {

@@ -33,6 +33,9 @@ impl Deploy {
         let id = record.id.clone();
         println!("deployment {id} of {} queued", record.application);
         if self.detach {
+            if AgentLock::try_acquire(&config.state_dir)?.is_some() {
+                eprintln!("warning: no agent is running on {}; {id} waits until `cordon agent` starts", config.state_dir.display());
+            }
             return Ok(ExitCode::SUCCESS);
         }
         let runner = match AgentLock::try_acquire(&config.state_dir)? {

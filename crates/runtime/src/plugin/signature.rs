@@ -41,6 +41,9 @@ fn decode<const N: usize>(text: &str, what: &str) -> Result<[u8; N]> {
 /// (with or without the `cordon-public-key-v1` prefix).
 pub fn parse_public(text: &str) -> Result<VerifyingKey> {
     let text = text.trim();
+    if text.starts_with(PRIVATE) {
+        bail!("this is a private key; give its public key (the `.pub` file written next to it), and keep the private one secret");
+    }
     let b64 = text.strip_prefix(PUBLIC).unwrap_or(text);
     VerifyingKey::from_bytes(&decode::<32>(b64, "the public key")?).context("not a valid ed25519 public key")
 }
@@ -171,5 +174,9 @@ mod tests {
         assert!(check(&file, &sig, &sha, &trusted).unwrap_err().to_string().contains("signature is invalid"));
         let missing = dir.path().join("none.sig");
         assert!(check(&file, &missing, &sha, &trusted).unwrap_err().to_string().contains("must be signed"));
+        // A private key given where a public one belongs: named, not echoed.
+        let private = std::fs::read_to_string(dir.path().join("key")).unwrap();
+        let err = parse_public(&private).unwrap_err().to_string();
+        assert!(err.contains("this is a private key") && !err.contains(private.split(' ').nth(1).unwrap().trim()), "{err}");
     }
 }
