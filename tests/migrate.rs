@@ -609,7 +609,7 @@ async fn a_hung_store_fails_the_step_naming_it_and_a_resumed_migration_completes
     b.thaw();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(waited < Duration::from_secs(20), "the hung store stalled the migration for {waited:?}");
-    assert!(text(&out).contains(&format!("did not answer within 2s")) && text(&out).contains(&b.endpoint), "{}", text(&out));
+    assert!(text(&out).contains("did not answer within 2s") && text(&out).contains(&b.endpoint), "{}", text(&out));
     let id = ledger.list().unwrap()[0].id.clone();
     assert_eq!(ledger.get(&id).unwrap().unwrap().status, Status::Failed);
 
