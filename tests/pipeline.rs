@@ -339,11 +339,11 @@ async fn approve_and_skip_from_a_second_process() {
         let host = host.clone();
         async move { serve_until_idle(&host, &state).await }
     });
+    wait_for_stage(&host, &d.id, "gate", StageStatus::Running).await;
     // Approving a stage that is not running yet, or as nobody, is refused.
     let out = cordon(&world, &["approve", &d.id, "soak", "--as", "alice"]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not waiting for an approval"), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_for_stage(&host, &d.id, "gate", StageStatus::Running).await;
     let out = cordon(&world, &["approve", &d.id, "gate", "--as", ""]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--as is empty"), "{}", String::from_utf8_lossy(&out.stderr));

@@ -55,7 +55,11 @@ impl Staging {
             .prefix(prefix)
             .tempdir_in(parent)
             .with_context(|| format!("cannot create a staging directory in {}", parent.display()))?;
-        let owner = try_lock_file(&dir.path().join(OWNER))?.context("a new staging directory is locked by another process")?;
+        // Locked under another name, then renamed: a sweeper never sees an
+        // owner file that is not locked yet.
+        let unlocked = dir.path().join(".owner.new");
+        let owner = try_lock_file(&unlocked)?.context("a new staging directory is locked by another process")?;
+        std::fs::rename(&unlocked, dir.path().join(OWNER)).with_context(|| format!("cannot create {}", dir.path().join(OWNER).display()))?;
         Ok(Staging { dir, _owner: owner })
     }
 
