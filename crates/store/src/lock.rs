@@ -120,13 +120,18 @@ pub fn sweep(parent: &Path, prefixes: &[&str]) -> Result<usize> {
             continue;
         }
         let path = entry.path();
+        // Another command may finish (and remove it) or sweep it meanwhile:
+        // a directory that is gone is not an error.
         let dead = match File::options().write(true).open(path.join(OWNER)) {
             Ok(owner) => owner.try_lock().is_ok(),
-            Err(_) => entry.metadata()?.modified()?.elapsed().is_ok_and(|age| age.as_secs() > 60),
+            Err(_) => entry.metadata().ok().and_then(|m| m.modified().ok()).is_some_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 60)),
         };
         if dead {
-            std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove the abandoned {}", path.display()))?;
-            removed += 1;
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot remove the abandoned {}", path.display())),
+            }
         }
     }
     Ok(removed)
