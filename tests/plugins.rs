@@ -55,7 +55,7 @@ async fn wait_refuses_bad_options(guest: &str) {
     let app = world.app("w", "name: w\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: -1 } }\n");
     let d = deploy(&host, &world.dir.path().join("state"), &app, trigger()).await;
     assert_eq!(d.status, DeploymentStatus::Failure);
-    assert!(d.reason.contains("duration must be a non-negative number"), "{guest}: {}", d.reason);
+    assert!(d.reason.contains("duration must be a number of seconds from 0 to 2592000"), "{guest}: {}", d.reason);
     let app = world.app("w2", "name: w2\npipeline:\n  stages:\n    - { name: WAIT, with: { duratoin: 1 } }\n");
     let d = deploy(&host, &world.dir.path().join("state"), &app, trigger()).await;
     assert!(d.reason.contains("unknown field `duratoin`"), "{guest}: {}", d.reason);

@@ -13,6 +13,9 @@ from wit_world import exports
 from wit_world.exports import execution, stages
 from wit_world.imports import log, metadata, types
 
+# The longest wait: 30 days (longer is a typo).
+MAX_SECONDS = 30 * 24 * 3600
+
 START_KEY = "wait.start-unix-ms"
 
 
@@ -39,8 +42,8 @@ class Execution(exports.Execution):
         if unknown:
             return finish(types.StageStatus.FAILURE, f"invalid WAIT options: unknown field `{unknown[0]}`, expected `duration`")
         duration = options.get("duration", 10.0)
-        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration < 0:
-            return finish(types.StageStatus.FAILURE, "invalid WAIT options: duration must be a non-negative number of seconds")
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 <= duration <= MAX_SECONDS:
+            return finish(types.StageStatus.FAILURE, f"invalid WAIT options: duration must be a number of seconds from 0 to {MAX_SECONDS} (30 days), not {duration}")
         stored = metadata.get(metadata.Scope.STAGE, START_KEY)
         if stored is not None and stored.isdigit():
             start = int(stored)
