@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use cordon_store::lock::{Staging, place, staging, sweep_state_dir};
-use cordon_store::now_ms;
+use cordon_store::{DeploymentStatus, now_ms};
 
 const FORMAT: &str = "cordon-transfer-v1";
 const TABLES: [&str; 7] = ["applications", "deployments", "stages", "logs", "metadata", "blobs", "commands"];
@@ -183,9 +183,13 @@ fn read_archive_header(input: &Path) -> Result<Header> {
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
     let first = archive.entries().ok().and_then(|mut e| e.next()).and_then(Result::ok);
     let Some(mut entry) = first.filter(|e| e.path().is_ok_and(|p| p.to_str() == Some("cordon-transfer.json"))) else {
-        bail!("{}: not a Cordon transfer archive (it does not begin with cordon-transfer.json); write one with `cordon transfer backup`", input.display());
+        return Err(not_a_backup(input));
     };
     parse_header(&mut entry, input)
+}
+
+fn not_a_backup(input: &Path) -> anyhow::Error {
+    anyhow::anyhow!("{}: not a Cordon transfer archive (it does not begin with cordon-transfer.json); write one with `cordon transfer backup`", input.display())
 }
 
 fn parse_header(entry: impl Read, input: &Path) -> Result<Header> {
@@ -205,7 +209,7 @@ fn read_archive(input: &Path, staging: &Path) -> Result<(Header, Vec<Record>)> {
         let path = entry.path()?.into_owned();
         // The backup writes its header first: anything else is not one.
         if header.is_none() && path.to_str() != Some("cordon-transfer.json") {
-            bail!("{}: not a Cordon transfer archive (it does not begin with cordon-transfer.json); write one with `cordon transfer backup`", input.display());
+            return Err(not_a_backup(input));
         }
         match path.to_str() {
             Some("cordon-transfer.json") => header = Some(parse_header(&mut entry, input)?),
@@ -340,7 +344,7 @@ pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
             }
             let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM deployments", [], |r| r.get(0))?;
             row.insert("seq".into(), Value::from(seq));
-            let unfinished = !matches!(text(d, "status"), "success" | "failure" | "cancelled");
+            let unfinished = !ended(d);
             if unfinished {
                 row.insert("status".into(), Value::String("cancelled".into()));
                 row.insert("reason".into(), Value::String(format!("{UNFINISHED} {}; not resumed here", text(d, "status"))));
@@ -456,7 +460,12 @@ pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
 /// backup (restored cancelled) and `row`, from this backup, has its end.
 fn superseded(tx: &Connection, id: &str, row: &Map<String, Value>) -> Result<bool> {
     let reason: Option<String> = tx.query_row("SELECT reason FROM deployments WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-    Ok(reason.is_some_and(|r| r.starts_with(UNFINISHED)) && matches!(text(row, "status"), "success" | "failure" | "cancelled") && !text(row, "reason").starts_with(UNFINISHED))
+    Ok(reason.is_some_and(|r| r.starts_with(UNFINISHED)) && ended(row) && !text(row, "reason").starts_with(UNFINISHED))
+}
+
+/// Whether a backed-up deployment row had ended.
+fn ended(row: &Map<String, Value>) -> bool {
+    text(row, "status").parse::<DeploymentStatus>().is_ok_and(DeploymentStatus::is_final)
 }
 
 /// How the reason of a deployment restored unfinished begins.

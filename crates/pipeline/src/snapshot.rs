@@ -8,7 +8,7 @@ use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use cordon_store::lock::{Staging, place, staging};
+use cordon_store::lock::{Staging, open_lock_file, place, staging};
 
 /// A copy of an application directory, built in a staging directory of the
 /// snapshots directory so a killed command leaves nothing half-copied in
@@ -56,15 +56,11 @@ impl SourceLock {
         SourceLock { path: snapshot.with_file_name(name), held: None }
     }
 
-    fn open(&self) -> Result<File> {
-        File::options().create(true).truncate(false).write(true).open(&self.path).with_context(|| format!("cannot open {}", self.path.display()))
-    }
-
     /// Holds the lock shared so stages may read; `false` while an upload
     /// holds it (try again later).
     pub fn share(&mut self) -> Result<bool> {
         if self.held.is_none() {
-            let file = self.open()?;
+            let file = open_lock_file(&self.path)?;
             match file.try_lock_shared() {
                 Ok(()) => self.held = Some(file),
                 Err(TryLockError::WouldBlock) => return Ok(false),
@@ -82,7 +78,7 @@ impl SourceLock {
     /// Holds the lock exclusively, waiting for readers (and other uploads);
     /// `waiting` is called once if it has to wait.
     pub fn exclusive(mut self, waiting: impl FnOnce()) -> Result<SourceLock> {
-        let file = self.open()?;
+        let file = open_lock_file(&self.path)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {

@@ -25,15 +25,20 @@ impl AgentLock {
 /// Takes an exclusive lock on `path` (created with its directory), held
 /// while the returned file lives; `None` when another process holds it.
 pub fn try_lock_file(path: &Path) -> Result<Option<File>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let file = File::options().create(true).truncate(false).write(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file = open_lock_file(path)?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
         Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
     }
+}
+
+/// Opens (creating it and its directory) the file a lock is taken on.
+pub fn open_lock_file(path: &Path) -> Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    File::options().create(true).truncate(false).write(true).open(path).with_context(|| format!("cannot open {}", path.display()))
 }
 
 /// A directory a command builds before moving its content into place

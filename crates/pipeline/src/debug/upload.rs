@@ -307,7 +307,8 @@ pub fn prepare(archive: impl Read, workspace: &Path, to: &Path, mode: Mode, limi
 
 /// The files and directories an upload of `dir` contains, relative to it:
 /// `.gitignore` files honoured at every level, `ignore` patterns added,
-/// `.git` left out.
+/// `.git` left out. A socket, pipe or device file is an error (a tar
+/// stream cannot carry it).
 pub fn walk(dir: &Path, ignore: &[String]) -> Result<Vec<PathBuf>> {
     let mut overrides = ignore::overrides::OverrideBuilder::new(dir);
     for pattern in ignore {
@@ -329,6 +330,9 @@ pub fn walk(dir: &Path, ignore: &[String]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in builder.build() {
         let entry = entry?;
+        if entry.file_type().is_some_and(|t| !(t.is_file() || t.is_dir() || t.is_symlink())) {
+            bail!("{}: sockets, pipes and device files cannot be uploaded; add it to .gitignore or --ignore", entry.path().display());
+        }
         let rel = entry.path().strip_prefix(dir)?.to_path_buf();
         if !rel.as_os_str().is_empty() {
             out.push(rel);
@@ -352,12 +356,7 @@ pub fn prepare_dir(dir: &Path, ignore: &[String], workspace: &Path, to: &Path, m
         let mut builder = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, writer));
         builder.follow_symlinks(false);
         for rel in entries {
-            let path = dir.join(&rel);
-            let kind = path.symlink_metadata().with_context(|| format!("cannot read {}", path.display()))?.file_type();
-            if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
-                bail!("{}: sockets, pipes and device files cannot be uploaded; add it to .gitignore or --ignore", path.display());
-            }
-            builder.append_path_with_name(&path, &rel).with_context(|| format!("cannot read {}", path.display()))?;
+            builder.append_path_with_name(dir.join(&rel), &rel).with_context(|| format!("cannot read {}", dir.join(&rel).display()))?;
         }
         builder.into_inner()?.flush()?;
         Ok(())
