@@ -29,6 +29,7 @@ fn send(host: &Host, deployment: &str, kind: CommandKind) {
             kind,
             commander: "dev".into(),
             created_at: 0,
+            answer: None,
         })
         .unwrap();
 }

@@ -198,6 +198,7 @@ fn send(host: &Host, deployment: &str, stage: &str, kind: CommandKind) {
             kind,
             commander: "tester".into(),
             created_at: 0,
+            answer: None,
         })
         .unwrap();
 }
@@ -325,7 +326,8 @@ fn cordon(world: &World, args: &[&str]) -> std::process::Output {
     Command::new(cordon_bin()).arg("--config").arg(&world.config).args(args).output().unwrap()
 }
 
-#[tokio::test]
+// Two threads: the agent runs while the test waits for `cordon approve`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approve_and_skip_from_a_second_process() {
     let world = World::new();
     let host = world.host().await;
@@ -349,6 +351,7 @@ async fn approve_and_skip_from_a_second_process() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--as is empty"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cordon(&world, &["approve", &d.id, "gate", "--as", "alice"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("as alice: accepted\n"), "{out:?}");
     wait_for_stage(&host, &d.id, "soak", StageStatus::Running).await;
     // A stage name shared by several stages is refused: ask for the id.
     let out = cordon(&world, &["skip", &d.id, "STEP", "--as", "bob"]);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cordon_pipeline::plan::TriggerInfo;
-use cordon_store::{CommandKind, CommandRecord, DeploymentStatus, StageStatus};
+use cordon_store::{DeploymentStatus, StageStatus};
 use cordon_tests::{Server, World, deploy, plugin_entry, serve_until_idle, start_agent};
 
 fn trigger() -> TriggerInfo {
@@ -84,21 +84,15 @@ async fn wait_in_python_checks_its_options() {
     wait_refuses_bad_options("wait-py").await;
 }
 
-fn approve(host: &cordon_pipeline::Host, deployment: &str, stage: &str, who: &str, n: u32) {
-    host.store
-        .add_command(&CommandRecord {
-            id: format!("{deployment}/{stage}/approve/{n}"),
-            deployment: deployment.into(),
-            stage: stage.into(),
-            kind: CommandKind::Approve,
-            commander: who.into(),
-            created_at: 0,
-        })
-        .unwrap();
+/// `cordon approve` in another process, as an operator runs it.
+async fn approve(world: &World, deployment: &str, who: &str) -> std::process::Output {
+    let mut command = std::process::Command::new(cordon_tests::cordon_bin());
+    command.arg("--config").arg(&world.config).args(["approve", deployment, "gate", "--as", who]);
+    tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
 }
 
 #[tokio::test]
-async fn approval_needs_distinct_listed_approvers() {
+async fn approval_needs_distinct_listed_approvers_and_answers_each() {
     let world = World::with_plugins(&plugin_entry("approval", "executor", ""));
     let host = world.host().await;
     let state = world.dir.path().join("state");
@@ -109,12 +103,20 @@ async fn approval_needs_distinct_listed_approvers() {
         async move { serve_until_idle(&host, &state).await }
     });
     until("the gate to run", || host.store.stages(&d.id).unwrap().first().is_some_and(|s| s.status == StageStatus::Running)).await;
-    approve(&host, &d.id, "gate", "mallory", 1);
-    approve(&host, &d.id, "gate", "alice", 2);
-    approve(&host, &d.id, "gate", "alice", 3);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // A refused approval fails the command with the plugin's reason.
+    let out = approve(&world, &d.id, "mallory").await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refused the approval by mallory: mallory is not one of the approvers (alice, bob)"), "{stderr}");
+    for _ in 0..2 {
+        let out = approve(&world, &d.id, "alice").await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let accepted = format!("approve sent to stage gate of {} as alice: accepted", d.id);
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&accepted), "{out:?}");
+    }
     assert_eq!(host.store.stages(&d.id).unwrap()[0].status, StageStatus::Running, "one distinct approver is not enough");
-    approve(&host, &d.id, "gate", "bob", 4);
+    let out = approve(&world, &d.id, "bob").await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("accepted"), "{out:?}");
     serving.await.unwrap();
     let d = host.store.deployment(&d.id).unwrap().unwrap();
     assert_eq!(d.status, DeploymentStatus::Success);
@@ -122,7 +124,7 @@ async fn approval_needs_distinct_listed_approvers() {
     assert_eq!(gate.message, "approved by alice, bob");
     assert_eq!(host.store.metadata_get(&d.id, "gate", "approved-by").unwrap().as_deref(), Some("alice,bob"));
     let logs: Vec<String> = host.store.logs(&d.id, Some("gate"), 0, 100).unwrap().into_iter().map(|l| l.text).collect();
-    assert!(logs.iter().any(|l| l.contains("approval by mallory refused")), "{logs:?}");
+    assert!(logs.iter().any(|l| l.contains("approval refused: mallory is not one of the approvers")), "{logs:?}");
 }
 
 #[tokio::test]

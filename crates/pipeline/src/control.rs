@@ -7,10 +7,14 @@
 //! or by its name when that is unique in the deployment.
 
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use cordon_store::{CommandKind, CommandRecord, DeploymentRecord, StageRecord, StageStatus, StateStore, now_ms};
+use cordon_store::{Answer, CommandKind, CommandRecord, DeploymentRecord, StageRecord, StageStatus, StateStore, now_ms};
+
+/// How often [`await_answer`] looks for the stage's answer.
+const ANSWER_POLL: Duration = Duration::from_millis(100);
 
 /// The deployment `id`, or an error that lists recent ones.
 pub fn deployment(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord> {
@@ -51,6 +55,11 @@ pub fn paused_stage(store: &dyn StateStore, id: &str) -> Result<StageRecord> {
 /// e.g. `approve sent to stage s1-WAIT_APPROVAL of app-3 as alice`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sent {
+    /// The recorded command's id.
+    pub id: String,
+    pub deployment: String,
+    /// The stage's id; empty for deployment commands.
+    pub stage: String,
     pub kind: CommandKind,
     /// `deployment ID` or `stage STAGE of ID`.
     pub target: String,
@@ -99,10 +108,32 @@ pub fn send(store: &dyn StateStore, id: &str, stage: Option<&str>, kind: Command
         kind,
         commander: commander.to_string(),
         created_at: now_ms() / 1000,
+        answer: None,
     };
     store.add_command(&record)?;
     let target = if stage_id.is_empty() { format!("deployment {id}") } else { format!("stage {stage_id} of {id}") };
-    Ok(Sent { kind, target, commander: commander.to_string() })
+    Ok(Sent { id: record.id, deployment: id.to_string(), stage: stage_id, kind, target, commander: commander.to_string() })
+}
+
+/// Waits up to `within` for the stage's answer to `sent` (an approval's
+/// plugin accepts or refuses it). `None` when no answer came: no agent
+/// runs the deployment, the stage ended first, or its plugin does not
+/// answer commands.
+pub fn await_answer(store: &dyn StateStore, sent: &Sent, within: Duration) -> Result<Option<Answer>> {
+    let deadline = Instant::now() + within;
+    loop {
+        // The stage first: a plugin answers before its stage ends, so an
+        // ended stage's answer is in the commands read after.
+        let stage_ended = store.stages(&sent.deployment)?.iter().any(|s| s.id == sent.stage && s.status.is_final());
+        let command = store.commands(&sent.deployment, Some(&sent.stage))?.into_iter().find(|c| c.id == sent.id);
+        if let Some(answer) = command.and_then(|c| c.answer) {
+            return Ok(Some(answer));
+        }
+        if stage_ended || Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(ANSWER_POLL);
+    }
 }
 
 /// Continues (or, with `fail`, fails) the stage `id` is paused at.

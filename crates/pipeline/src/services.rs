@@ -95,6 +95,10 @@ impl StageServices for StoreServices {
             })
             .collect())
     }
+    fn answer_command(&self, id: &str, verdict: Result<(), String>) -> anyhow::Result<()> {
+        let answer = verdict.map_or_else(store::Answer::Refused, |()| store::Answer::Accepted);
+        self.store.answer_command(&self.deployment, &self.stage, id, &answer)
+    }
     fn blob_get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         self.store.blob_get(&self.application, &self.plugin, key)
     }

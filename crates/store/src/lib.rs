@@ -222,6 +222,18 @@ pub struct CommandRecord {
     pub kind: CommandKind,
     pub commander: String,
     pub created_at: u64,
+    /// What the stage answered, once it did (an approval's plugin accepts
+    /// or refuses it; commands the host acts on get none).
+    pub answer: Option<Answer>,
+}
+
+/// A stage's answer to a command addressed to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Answer {
+    Accepted,
+    /// Refused, with the plugin's reason.
+    Refused(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,6 +343,10 @@ pub trait StateStore: Send + Sync {
     fn add_command(&self, command: &CommandRecord) -> Result<()>;
     /// Commands of the deployment (`stage` = None) or of one stage.
     fn commands(&self, deployment: &str, stage: Option<&str>) -> Result<Vec<CommandRecord>>;
+    /// Records the answer of `stage` of `deployment` to its command `id`,
+    /// unless the command already has one; another stage's command, or an
+    /// unknown id, changes nothing.
+    fn answer_command(&self, deployment: &str, stage: &str, id: &str, answer: &Answer) -> Result<()>;
 }
 
 #[cfg(test)]

@@ -16,7 +16,15 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::*;
 
-const SCHEMA_VERSION: i64 = 1;
+/// Schema changes in order: entry `i` takes a database at version `i` to
+/// version `i + 1`, so an existing database is brought forward on open.
+const MIGRATIONS: &[&str] = &[
+    SCHEMA,
+    // 2: stages answer commands (approvals accepted or refused).
+    "ALTER TABLE commands ADD COLUMN verdict TEXT;
+     ALTER TABLE commands ADD COLUMN reason TEXT NOT NULL DEFAULT '';",
+];
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Writes one metadata entry, host's or plugin's.
 const METADATA_UPSERT: &str = "INSERT INTO metadata (deployment, stage, key, value) VALUES (?1, ?2, ?3, ?4)
@@ -131,17 +139,16 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        match version {
-            0 => {
-                tx.execute_batch(SCHEMA)?;
-                tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            }
-            SCHEMA_VERSION => {}
-            other => anyhow::bail!(
-                "the state database {} has schema version {other}, this cordon understands {SCHEMA_VERSION}; use a matching cordon release",
+        if !(0..=SCHEMA_VERSION).contains(&version) {
+            anyhow::bail!(
+                "the state database {} has schema version {version}, this cordon understands up to {SCHEMA_VERSION}; use a matching cordon release",
                 path.display()
-            ),
+            );
         }
+        for migration in &MIGRATIONS[version as usize..] {
+            tx.execute_batch(migration).with_context(|| format!("cannot bring the state database {} up to date", path.display()))?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
         Ok(Self { conn: Mutex::new(conn) })
     }
@@ -237,6 +244,11 @@ fn command_row(r: &Row<'_>) -> rusqlite::Result<(CommandRecord, String)> {
             kind: CommandKind::Approve,
             commander: r.get(4)?,
             created_at: r.get(5)?,
+            answer: match r.get::<_, Option<String>>(6)?.as_deref() {
+                None => None,
+                Some("accepted") => Some(Answer::Accepted),
+                Some(_) => Some(Answer::Refused(r.get(7)?)),
+            },
         },
         r.get(3)?,
     ))
@@ -513,10 +525,22 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
+    fn answer_command(&self, deployment: &str, stage: &str, id: &str, answer: &Answer) -> Result<()> {
+        let (verdict, reason) = match answer {
+            Answer::Accepted => ("accepted", ""),
+            Answer::Refused(reason) => ("refused", reason.as_str()),
+        };
+        self.conn().execute(
+            "UPDATE commands SET verdict = ?4, reason = ?5 WHERE id = ?3 AND deployment = ?1 AND stage = ?2 AND verdict IS NULL",
+            params![deployment, stage, id, verdict, reason],
+        )?;
+        Ok(())
+    }
+
     fn commands(&self, deployment: &str, stage: Option<&str>) -> Result<Vec<CommandRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, deployment, stage, kind, commander, created_at FROM commands
+            "SELECT id, deployment, stage, kind, commander, created_at, verdict, reason FROM commands
              WHERE deployment = ?1 AND (?2 IS NULL OR stage = ?2) ORDER BY seq",
         )?;
         let rows = stmt.query_map(params![deployment, stage], command_row)?;
@@ -573,6 +597,44 @@ mod tests {
         assert!(store.blob_put_within("app", "p", "k", &[0u8; 19], quota).unwrap());
         assert!(!store.blob_put_within("app", "p", "j", &[0u8; 1], quota).unwrap());
         assert!(store.blob_put_within("app", "q", "j", &[0u8; 1], quota).unwrap());
+    }
+
+    /// A stage answers only its own commands, once; a database made by the
+    /// previous schema is brought forward on open with its commands intact.
+    #[test]
+    fn stages_answer_their_own_commands_once_and_old_databases_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(SCHEMA).unwrap();
+        old.pragma_update(None, "user_version", 1).unwrap();
+        old.execute("INSERT INTO commands VALUES ('c0', 'd1', 's1', 'approve', 'alice', 1, 1)", []).unwrap();
+        drop(old);
+
+        let store = SqliteStore::open(&path).unwrap();
+        let command = |id: &str| CommandRecord {
+            id: id.into(),
+            deployment: "d1".into(),
+            stage: "s1".into(),
+            kind: CommandKind::Approve,
+            commander: "mallory".into(),
+            created_at: 2,
+            answer: None,
+        };
+        store.add_command(&command("c1")).unwrap();
+        store.answer_command("d1", "s2", "c1", &Answer::Accepted).unwrap();
+        store.answer_command("d1", "s1", "c1", &Answer::Refused("not an approver".into())).unwrap();
+        store.answer_command("d1", "s1", "c1", &Answer::Accepted).unwrap();
+        store.answer_command("d1", "s1", "c0", &Answer::Accepted).unwrap();
+        let answers: Vec<_> = store.commands("d1", Some("s1")).unwrap().into_iter().map(|c| (c.id, c.answer)).collect();
+        assert_eq!(
+            answers,
+            [("c0".to_string(), Some(Answer::Accepted)), ("c1".to_string(), Some(Answer::Refused("not an approver".into())))]
+        );
+        drop(store);
+        SqliteStore::open(&path).unwrap().conn().pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        let err = SqliteStore::open(&path).err().unwrap().to_string();
+        assert!(err.contains("schema version 3") && err.contains("matching cordon release"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! Options: `{"approvers": ["alice", "bob"], "minApprovals": 1}`. An empty
 //! (or absent) `approvers` list accepts anyone. An approval from someone
-//! not on the list is refused and logged; the same person approving twice
+//! not on the list is refused, logged and answered (so `cordon approve`
+//! fails with the reason); the same person approving twice
 //! counts once. Who approved is kept in stage metadata (`approved-by`), so
 //! approvals survive an agent restart. Needs no grants.
 
@@ -53,14 +54,17 @@ impl StagePlugin for Approval {
         log::info(format!("waiting for {} approval(s) from {who}", o.min_approvals));
         loop {
             for command in commands::approvals() {
-                if !seen.insert(command.id) {
+                if !seen.insert(command.id.clone()) {
                     continue;
                 }
-                let name = command.commander;
+                let name = command.commander.clone();
                 if !o.approvers.is_empty() && !o.approvers.contains(&name) {
-                    log::warn(format!("approval by {name} refused: not one of the approvers ({who})"));
+                    let reason = format!("{name} is not one of the approvers ({who})");
+                    log::warn(format!("approval refused: {reason}"));
+                    commands::refuse(&command, &reason);
                     continue;
                 }
+                commands::accept(&command);
                 if approved.insert(name.clone()) {
                     log::info(format!("approved by {name} ({}/{})", approved.len(), o.min_approvals));
                     let list: Vec<&str> = approved.iter().map(String::as_str).collect();

@@ -56,6 +56,18 @@ pub mod commands {
     pub fn approvals() -> Vec<Command> {
         all().into_iter().filter(|c| c.kind == CommandKind::Approve).collect()
     }
+
+    /// Tells the sender that `command` took effect (`cordon approve`
+    /// waits for this). The first answer to a command counts.
+    pub fn accept(command: &Command) {
+        super::api::commands::answer(&command.id, Ok(()));
+    }
+
+    /// Tells the sender that `command` was refused and why; `cordon
+    /// approve` then fails with `reason`.
+    pub fn refuse(command: &Command, reason: &str) {
+        super::api::commands::answer(&command.id, Err(reason));
+    }
 }
 
 /// Objects kept per application across deployments.

@@ -3,16 +3,23 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Result;
 
 use cordon_pipeline::{control, open_store};
 use cordon_runtime::plugin::AgentConfig;
-use cordon_store::CommandKind;
+use cordon_store::{Answer, CommandKind};
+
+use crate::print::escape;
 
 use super::trigger::default_user;
 
-/// Approve a stage that waits for approval.
+/// Approve a stage that waits for approval, and wait for its answer.
+///
+/// Exits 0 when the stage accepted the approval, 1 when it refused it (an
+/// approver not on the list), and 0 with a warning when no answer came
+/// within `--wait` (no agent running, or a plugin that does not answer).
 #[derive(clap::Args)]
 pub struct Approve {
     deployment: String,
@@ -20,6 +27,9 @@ pub struct Approve {
     /// Who approves.
     #[arg(long = "as", default_value_t = default_user())]
     commander: String,
+    /// How long to wait for the stage's answer.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    wait: Duration,
 }
 
 /// Skip a stage (interrupting it if it runs).
@@ -41,7 +51,28 @@ pub struct Cancel {
 
 impl Approve {
     pub fn run(self, config: &Path) -> Result<ExitCode> {
-        send(config, &self.deployment, Some(&self.stage), CommandKind::Approve, &self.commander)
+        let store = open_store(&AgentConfig::load(config)?)?;
+        let sent = control::send(&store, &self.deployment, Some(&self.stage), CommandKind::Approve, &self.commander)?;
+        match control::await_answer(&store, &sent, self.wait)? {
+            Some(Answer::Accepted) => {
+                println!("{sent}: accepted");
+                Ok(ExitCode::SUCCESS)
+            }
+            Some(Answer::Refused(reason)) => {
+                eprintln!("error: {} refused the approval by {}: {}", sent.target, sent.commander, escape(&reason));
+                Ok(ExitCode::FAILURE)
+            }
+            None => {
+                println!("{sent}");
+                eprintln!(
+                    "warning: no answer from the stage within {}; see `cordon logs {} --stage {}` (is an agent running?)",
+                    humantime::format_duration(self.wait),
+                    sent.deployment,
+                    sent.stage
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+        }
     }
 }
 

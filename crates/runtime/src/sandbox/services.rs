@@ -24,6 +24,9 @@ use super::output::StageLog;
 pub const MAX_METADATA_KEY: usize = 256;
 pub const MAX_METADATA_VALUE: usize = 64 * 1024;
 pub const MAX_BLOB: usize = 16 * 1024 * 1024;
+/// Longest reason a plugin may give for refusing a command; longer ones are
+/// cut, so an answer cannot make the store hold more.
+pub const MAX_REFUSAL: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MetaScope {
@@ -64,6 +67,10 @@ pub trait StageServices: Send + Sync {
     fn metadata_put(&self, scope: MetaScope, key: &str, value: &str, quota: Quota) -> anyhow::Result<bool>;
     fn metadata_entries(&self, scope: MetaScope) -> anyhow::Result<Vec<(String, String)>>;
     fn commands(&self) -> anyhow::Result<Vec<StageCommand>>;
+    /// Records the stage's answer to its command `id` (`Err` = refused,
+    /// with the reason) unless it already has one; an id that is not one
+    /// of this stage's commands changes nothing.
+    fn answer_command(&self, id: &str, verdict: Result<(), String>) -> anyhow::Result<()>;
     fn blob_get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
     fn blob_put(&self, key: &str, value: &[u8], quota: Quota) -> anyhow::Result<bool>;
     fn blob_delete(&self, key: &str) -> anyhow::Result<()>;
@@ -90,7 +97,6 @@ impl Quota {
 pub struct MemoryServices {
     metadata: Mutex<BTreeMap<(MetaScope, String), String>>,
     blobs: Mutex<HashMap<String, Vec<u8>>>,
-    commands: Mutex<Vec<StageCommand>>,
 }
 
 impl StageServices for MemoryServices {
@@ -110,8 +116,12 @@ impl StageServices for MemoryServices {
         let map = self.metadata.lock().unwrap();
         Ok(map.iter().filter(|((s, _), _)| *s == scope).map(|((_, k), v)| (k.clone(), v.clone())).collect())
     }
+    /// Nobody can address commands to a one-off run.
     fn commands(&self) -> anyhow::Result<Vec<StageCommand>> {
-        Ok(self.commands.lock().unwrap().clone())
+        Ok(Vec::new())
+    }
+    fn answer_command(&self, _id: &str, _verdict: Result<(), String>) -> anyhow::Result<()> {
+        Ok(())
     }
     fn blob_get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         Ok(self.blobs.lock().unwrap().get(key).cloned())
@@ -228,6 +238,19 @@ impl commands::Host for Services {
                 created_at: c.created_at,
             })
             .collect())
+    }
+
+    fn answer(&mut self, id: String, verdict: Result<(), String>) -> wasmtime::Result<()> {
+        let verdict = verdict.map_err(|reason| {
+            let mut reason = self.log.mask(&reason);
+            if reason.len() > MAX_REFUSAL {
+                let cut = (0..=MAX_REFUSAL - 3).rev().find(|&i| reason.is_char_boundary(i)).unwrap_or(0);
+                reason.truncate(cut);
+                reason.push('…');
+            }
+            reason
+        });
+        self.inner.answer_command(&id, verdict).map_err(|e| host_fault("commands", e))
     }
 }
 

@@ -59,6 +59,7 @@ fn run(request: StageRequest) -> StageResult {
         log::write(log::Level::Info, "waiting for an approval");
         loop {
             if let Some(c) = commands::received().into_iter().find(|c| c.kind == commands::CommandKind::Approve) {
+                commands::answer(&c.id, Ok(()));
                 return finish(StageStatus::Success, format!("approved by {}", c.commander));
             }
             std::thread::sleep(Duration::from_millis(50));
