@@ -12,9 +12,11 @@ CORDON := target/debug/cordon
 .PHONY: demo demo-tools test lint bench guests toolchain host clean
 
 # Debian packages the build and the tests need: protoc (the etcd client's
-# gRPC code is generated at build time) and etcd (the migration tests and
-# benchmark start their own servers on loopback ports).
-APT_PACKAGES := protobuf-compiler:protoc etcd-server:etcd
+# gRPC code is generated at build time), etcd (the migration tests and
+# benchmark start their own servers on loopback ports), and for the OCI
+# tests and benchmark a registry (CNCF distribution), skopeo as an
+# independent client and htpasswd for a registry that needs a login.
+APT_PACKAGES := protobuf-compiler:protoc etcd-server:etcd docker-registry:docker-registry skopeo:skopeo apache2-utils:htpasswd
 
 toolchain:
 	@rustup target list --installed | grep -qx '$(GUEST_TARGET)' || rustup target add $(GUEST_TARGET)

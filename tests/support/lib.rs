@@ -463,3 +463,78 @@ impl Drop for EtcdServer {
         let _ = self.child.wait();
     }
 }
+
+/// Debian's `docker-registry` (CNCF distribution) on a loopback port with
+/// its own storage, optionally behind htpasswd basic auth; stopped when
+/// dropped. `make test` installs it.
+pub struct RegistryServer {
+    child: Option<std::process::Child>,
+    /// `127.0.0.1:PORT`.
+    pub host: String,
+    dir: tempfile::TempDir,
+}
+
+impl RegistryServer {
+    pub fn start() -> RegistryServer {
+        Self::start_with(None)
+    }
+
+    /// A registry that only lets `user` with `password` in.
+    pub fn with_login(user: &str, password: &str) -> RegistryServer {
+        Self::start_with(Some((user, password)))
+    }
+
+    fn start_with(login: Option<(&str, &str)>) -> RegistryServer {
+        let dir = tempfile::tempdir().unwrap();
+        let host = format!("127.0.0.1:{}", free_port());
+        let mut config = format!(
+            "version: 0.1\nlog: {{ level: error }}\nstorage:\n  filesystem: {{ rootdirectory: {} }}\nhttp:\n  addr: {host}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = login {
+            let out = std::process::Command::new("htpasswd").args(["-Bbn", user, password]).output().expect("htpasswd (apache2-utils) is not installed: run `make test`");
+            std::fs::write(dir.path().join("htpasswd"), out.stdout).unwrap();
+            config.push_str(&format!("auth:\n  htpasswd: {{ realm: cordon-tests, path: {} }}\n", dir.path().join("htpasswd").display()));
+        }
+        std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("registry.log")).unwrap())
+            .spawn()
+            .expect("docker-registry is not installed: run `make test` (it installs Debian's docker-registry)");
+        let server = RegistryServer { child: Some(child), host, dir };
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(&server.host).is_err() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "docker-registry did not start on {}", server.host);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// `oci://HOST/REPOSITORY_AND_TAG`.
+    pub fn reference(&self, path: &str) -> String {
+        format!("oci://{}/{path}", self.host)
+    }
+
+    /// The file the registry keeps blob `digest` (`sha256:…`) in.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir.path().join("data/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+    }
+
+    /// Stops the registry (its storage stays until drop).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RegistryServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

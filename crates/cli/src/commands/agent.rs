@@ -7,7 +7,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use cordon_pipeline::{Host, agent};
-use cordon_runtime::plugin::AgentConfig;
 use cordon_store::lock::AgentLock;
 
 /// Run queued deployments and resume unfinished ones, until interrupted.
@@ -16,7 +15,7 @@ pub struct Agent {}
 
 impl Agent {
     pub async fn run(self, config_path: &Path) -> Result<ExitCode> {
-        let config = AgentConfig::load(config_path)?;
+        let config = super::load_with_plugins(config_path).await?;
         let lock = AgentLock::try_acquire(&config.state_dir)?
             .with_context(|| format!("another agent already runs on {}", config.state_dir.display()))?;
         let host = Arc::new(Host::open(&config).await?);

@@ -54,7 +54,7 @@ impl DebugCommand {
 
 /// Runs the paused stage once with everything it would get, and says so.
 async fn run_paused(config_path: &Path, id: &str) -> Result<ExitCode> {
-    let config = AgentConfig::load(config_path)?;
+    let config = super::load_with_plugins(config_path).await?;
     let host = Host::open(&config).await?;
     let stage = control::paused_stage(host.store.as_ref(), id)?;
     let record = control::deployment(host.store.as_ref(), id)?;

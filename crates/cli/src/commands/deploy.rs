@@ -8,7 +8,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use cordon_pipeline::{self as pipeline, Host, agent};
-use cordon_runtime::plugin::AgentConfig;
 use cordon_store::lock::AgentLock;
 
 use super::trigger::TriggerArgs;
@@ -27,7 +26,7 @@ pub struct Deploy {
 
 impl Deploy {
     pub async fn run(self, config_path: &Path) -> Result<ExitCode> {
-        let config = AgentConfig::load(config_path)?;
+        let config = super::load_with_plugins(config_path).await?;
         let host = Arc::new(Host::open(&config).await?);
         let record = pipeline::trigger(&host, &self.app_dir, self.trigger.info())?;
         let id = record.id.clone();

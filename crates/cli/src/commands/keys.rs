@@ -39,6 +39,7 @@ impl PluginIo {
         check_json("--with", &self.with)?;
         let config = AgentConfig::load(config_path)?;
         let plugin_config = config.plugin(&self.plugin)?;
+        cordon_registry::fetch_plugin(&config, plugin_config).await?;
         if plugin_config.world != world {
             bail!(
                 "plugin `{}` is declared with world `{}` in {}; this command needs a `{world}` plugin",

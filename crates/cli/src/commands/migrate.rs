@@ -55,7 +55,7 @@ fn exit(status: Status) -> ExitCode {
 }
 
 async fn start(config_path: &Path, spec: &Path) -> Result<ExitCode> {
-    let config = AgentConfig::load(config_path)?;
+    let config = super::load_with_plugins(config_path).await?;
     let ledger = Arc::new(Ledger::open(&config.state_dir)?);
     let id = run::create(&config, &ledger, spec)?;
     println!("migration {id} started (cordon migrate resume {id} continues it after an interruption)");
@@ -63,7 +63,7 @@ async fn start(config_path: &Path, spec: &Path) -> Result<ExitCode> {
 }
 
 async fn resume(config_path: &Path, id: &str) -> Result<ExitCode> {
-    let config = AgentConfig::load(config_path)?;
+    let config = super::load_with_plugins(config_path).await?;
     let ledger = Arc::new(Ledger::open(&config.state_dir)?);
     println!("resuming migration {id}");
     drive(&config, ledger, id).await

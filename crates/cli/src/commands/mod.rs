@@ -15,3 +15,15 @@ pub mod status;
 pub mod transfer;
 pub mod trigger;
 pub mod upload;
+
+use std::path::Path;
+
+use cordon_runtime::plugin::AgentConfig;
+
+/// The agent config at `path`, with every plugin from a registry fetched
+/// into its cache: what commands that load all plugins start from.
+pub async fn load_with_plugins(path: &Path) -> anyhow::Result<AgentConfig> {
+    let config = AgentConfig::load(path)?;
+    cordon_registry::fetch_all(&config).await?;
+    Ok(config)
+}

@@ -11,7 +11,6 @@ use anyhow::Result;
 use cordon_pipeline::config::AppConfig;
 use cordon_pipeline::plan::PlanInput;
 use cordon_pipeline::{self as pipeline, Host};
-use cordon_runtime::plugin::AgentConfig;
 use cordon_runtime::sandbox::NullSink;
 use cordon_store::{DeploymentRecord, now_ms};
 
@@ -29,7 +28,7 @@ pub struct Plan {
 
 impl Plan {
     pub async fn run(self, config_path: &Path) -> Result<ExitCode> {
-        let config = AgentConfig::load(config_path)?;
+        let config = super::load_with_plugins(config_path).await?;
         let host = Host::open(&config).await?;
         let app = AppConfig::load(&self.app_dir)?;
         let trigger = self.trigger.info();

@@ -1,17 +1,21 @@
-//! `cordon plugin new|inspect|keygen|sign|verify`: writing, looking at and
-//! signing plugin components.
+//! `cordon plugin new|inspect|keygen|sign|verify|push|pin`: writing,
+//! looking at, signing and publishing plugin components, and pinning them
+//! in the agent config.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use sha2::{Digest, Sha256};
 
 use cordon_contract::{self as contract, World};
 use cordon_runtime::engine::{Engine, EngineOptions};
+use cordon_registry::Publish;
+use cordon_runtime::plugin::artifact::OciReference;
+use cordon_runtime::plugin::config::is_loopback;
 use cordon_runtime::plugin::{AgentConfig, Manifest, Plugin, PluginConfig, StageInfo, signature};
 
 use crate::print::escape;
@@ -53,6 +57,34 @@ pub enum PluginCommand {
         #[arg(long = "public-key")]
         public_keys: Vec<PathBuf>,
     },
+    /// Publish a component to an OCI registry as a Wasm artifact; prints its digest.
+    Push {
+        file: PathBuf,
+        /// Where: oci://REGISTRY/REPOSITORY:TAG.
+        reference: String,
+        /// Sign the pushed digest with this private key (cosign's signature layout).
+        #[arg(long)]
+        sign: Option<PathBuf>,
+        /// Where the plugin's source lives (org.opencontainers.image.source).
+        #[arg(long)]
+        source: Option<String>,
+        /// Who wrote it (org.opencontainers.image.authors).
+        #[arg(long)]
+        authors: Option<String>,
+        /// What it does (org.opencontainers.image.description).
+        #[arg(long)]
+        description: Option<String>,
+        /// Use plain HTTP for a registry that is not on loopback.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Pin plugin NAME in the agent config: resolve REF (a tag) once to its
+    /// digest, or without REF, re-pin the sha256 of its rebuilt local file.
+    Pin {
+        name: String,
+        /// oci://REGISTRY/REPOSITORY:TAG (or @sha256:DIGEST).
+        reference: Option<String>,
+    },
 }
 
 impl PluginCommand {
@@ -75,6 +107,20 @@ impl PluginCommand {
                 println!("signed {} -> {}", file.display(), sig.display());
             }
             PluginCommand::Verify { file, public_keys } => verify(config, &file, &public_keys)?,
+            PluginCommand::Push { file, reference, sign, source, authors, description, insecure } => {
+                let reference = OciReference::parse(&reference).map_err(anyhow::Error::msg)?;
+                let annotations = [("source", source), ("authors", authors), ("description", description)]
+                    .into_iter()
+                    .filter_map(|(key, value)| Some((format!("org.opencontainers.image.{key}"), value?)))
+                    .collect();
+                let publish = Publish { component: &file, reference: &reference, plain_http: insecure || is_loopback(&reference.registry), sign: sign.as_deref(), annotations };
+                let pushed = cordon_registry::push(publish).await?;
+                let sha = hex::encode(Sha256::digest(std::fs::read(&file)?));
+                println!("pushed {} to {reference}{}", file.display(), if sign.is_some() { ", signed" } else { "" });
+                println!("digest: {}", pushed.digest);
+                println!("pin it in the agent config:\n    source: {pushed}\n    sha256: {sha}");
+            }
+            PluginCommand::Pin { name, reference } => pin(config, &name, reference.as_deref()).await?,
         }
         Ok(ExitCode::SUCCESS)
     }
@@ -137,6 +183,7 @@ async fn list_stages(file: &Path, bytes: &[u8], world: World) -> Result<Vec<Stag
     let config = PluginConfig {
         name: "inspected".into(),
         path: file.to_path_buf(),
+        source: None,
         sha256: hex::encode(Sha256::digest(bytes)),
         world,
         grants: Default::default(),
@@ -166,4 +213,101 @@ fn verify(config_path: &Path, file: &Path, public_keys: &[PathBuf]) -> Result<()
     let signer = signature::check(file, &signature::signature_path(file), &sha, &keys)?;
     println!("{}: sha256 {sha}, signed by `{signer}`", file.display());
     Ok(())
+}
+
+/// Rewrites plugin `name`'s pin in the agent config: `source` (when it
+/// comes from a registry) and `sha256`. The file is edited in place, its
+/// comments and layout kept, checked as a config before it is replaced.
+async fn pin(config_path: &Path, name: &str, reference: Option<&str>) -> Result<()> {
+    let config = AgentConfig::load(config_path)?;
+    let plugin = config.plugin(name)?;
+    let (source, sha) = match (reference, &plugin.source) {
+        (Some(text), _) => {
+            let reference = OciReference::parse(text).map_err(anyhow::Error::msg)?;
+            let plain_http = config.plain_http(&reference.registry);
+            let source = cordon_registry::resolve(&reference, plain_http).await?;
+            let cached = cordon_registry::fetch(&source, &config.artifact_dir(), plain_http).await?;
+            (Some(source), hex::encode(Sha256::digest(std::fs::read(cached.component())?)))
+        }
+        (None, Some(source)) => bail!(
+            "plugin `{name}` comes from {source}; name what to pin, e.g. `cordon plugin pin {name} oci://{}/{}:TAG`",
+            source.registry,
+            source.repository
+        ),
+        (None, None) => {
+            let bytes = std::fs::read(&plugin.path).with_context(|| format!("cannot read {}; build the plugin first", plugin.path.display()))?;
+            (None, hex::encode(Sha256::digest(bytes)))
+        }
+    };
+    let file = &config.source;
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let edited = edit_pin(&text, name, &plugin.sha256, &sha, source.as_ref().map(ToString::to_string).as_deref())
+        .map_err(|e| anyhow::anyhow!("{}: {e}; edit the entry of plugin `{name}` by hand", file.display()))?;
+    AgentConfig::parse(&edited, file).context("the pinned config would not load; nothing was changed")?;
+    cordon_runtime::files::write_atomic(file, edited.as_bytes())?;
+    match &source {
+        Some(source) => println!("pinned `{name}` to {source} (component sha256 {sha}) in {}", file.display()),
+        None => println!("pinned `{name}` to sha256 {sha} of {} in {}", plugin.path.display(), file.display()),
+    }
+    Ok(())
+}
+
+/// The config `text` with plugin `name`'s `sha256` (now `old_sha`) set to
+/// `new_sha` and, given `source`, its `path:` or `source:` replaced by
+/// `source: SOURCE`. Works on block and flow style entries.
+fn edit_pin(text: &str, name: &str, old_sha: &str, new_sha: &str, source: Option<&str>) -> Result<String, String> {
+    let key = |k: &str| regex::Regex::new(&format!(r"(?m)(?:^|[\s{{,]){k}:[ \t]*")).expect("a valid pattern");
+    let entry = regex::Regex::new(&format!(r#"(?m)(?:^|[\s{{,])name:[ \t]*["']?{}["']?[ \t]*(?:$|[,}}#])"#, regex::escape(name))).expect("a valid pattern");
+    let start = entry.find(text).ok_or(format!("cannot find the entry `name: {name}`"))?.end();
+    let end = key("name").find_at(text, start).map_or(text.len(), |m| m.start());
+    let in_entry = |k: &str| key(k).find_at(text, start).filter(|m| m.end() <= end);
+    // A value runs to the end of its quotes, or to `,`, `}`, a comment or the line's end.
+    let value_end = |from: usize| {
+        let rest = &text[from..end];
+        let len = match rest.chars().next() {
+            Some(q @ ('"' | '\'')) => rest[1..].find(q).map_or(rest.len(), |i| i + 2),
+            _ => rest.find([',', '}', '\n', '#']).unwrap_or(rest.len()),
+        };
+        from + rest[..len].trim_end().len()
+    };
+    let sha_at = in_entry("sha256").ok_or("cannot find its `sha256:`")?.end();
+    let sha_span = sha_at..value_end(sha_at);
+    if !text[sha_span.clone()].trim_matches(['"', '\'']).eq_ignore_ascii_case(old_sha) {
+        return Err("its `sha256:` does not hold the pin the config loaded".to_string());
+    }
+    let mut edits = vec![(sha_span, new_sha.to_string())];
+    if let Some(source) = source {
+        let m = in_entry("path").or_else(|| in_entry("source")).ok_or("cannot find its `path:` or `source:`")?;
+        let key_start = m.start() + m.as_str().find(|c: char| c.is_ascii_alphabetic()).unwrap_or(0);
+        edits.push((key_start..value_end(m.end()), format!("source: {source}")));
+    }
+    edits.sort_by_key(|(span, _)| std::cmp::Reverse(span.start));
+    let mut out = text.to_string();
+    for (span, replacement) in edits {
+        out.replace_range(span, &replacement);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const NEW: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+    #[test]
+    fn pins_are_edited_in_place_in_block_and_flow_entries() {
+        let block = format!("# agent\nplugins:\n  - name: web\n    path: web.wasm   # local\n    sha256: {OLD}\n    world: executor\n  - name: other\n    path: o.wasm\n    sha256: {OLD}\n");
+        let out = edit_pin(&block, "web", OLD, NEW, Some("oci://r/web@sha256:ab")).unwrap();
+        assert_eq!(out, format!("# agent\nplugins:\n  - name: web\n    source: oci://r/web@sha256:ab   # local\n    sha256: {NEW}\n    world: executor\n  - name: other\n    path: o.wasm\n    sha256: {OLD}\n"));
+        let flow = format!("plugins:\n  - {{ name: a, path: \"a b.wasm\", sha256: {OLD}, world: executor }}\n  - {{ name: web, source: oci://r/web@sha256:00, sha256: \"{OLD}\", world: executor }}\n");
+        let out = edit_pin(&flow, "web", OLD, NEW, Some("oci://r/web@sha256:ff")).unwrap();
+        assert!(out.contains(&format!("{{ name: web, source: oci://r/web@sha256:ff, sha256: {NEW}, world: executor }}")), "{out}");
+        assert!(out.contains(&format!("name: a, path: \"a b.wasm\", sha256: {OLD}")), "{out}");
+        let local = edit_pin(&flow, "a", OLD, NEW, None).unwrap();
+        assert!(local.contains(&format!("name: a, path: \"a b.wasm\", sha256: {NEW}")), "{local}");
+        assert!(edit_pin(&flow, "nope", OLD, NEW, None).unwrap_err().contains("name: nope"));
+        assert!(edit_pin(&flow, "a", NEW, NEW, None).unwrap_err().contains("does not hold"));
+    }
 }

@@ -41,6 +41,7 @@ impl StageCommand {
         let StageCommand::Run { plugin: plugin_name, stage, with, source, running } = self;
         let config = AgentConfig::load(config_path)?;
         let plugin_config = config.plugin(&plugin_name)?;
+        cordon_registry::fetch_plugin(&config, plugin_config).await?;
         if let Err(e) = serde_json::from_str::<serde_json::Value>(&with) {
             bail!("--with {with:?} is not valid JSON ({e}); pass stage options like --with '{{\"duration\": 2}}'");
         }

@@ -17,6 +17,11 @@
 //!     limits: { memory: 128MiB, timeout: 10m, log-bytes: 4MiB, result-bytes: 1MiB }
 //! ```
 //!
+//! A plugin from a registry names `source: oci://REGISTRY/REPO@sha256:…`
+//! (the manifest digest, see [`super::artifact`]) instead of `path:`; its
+//! `sha256` still pins the component. `insecure-registries` lists the
+//! registries (`host[:port]`) reached over plain HTTP besides loopback ones.
+//!
 //! Parsing is strict: unknown fields, a malformed pin, a duplicate plugin
 //! name or a grant that cannot be honoured is one error naming the file,
 //! the plugin and the fix, before anything is loaded.
@@ -30,6 +35,7 @@ use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
 
 use cordon_contract::World;
+use super::artifact::{Cached, OciSource};
 use crate::sandbox::{Grants, Limits};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +52,10 @@ pub struct AgentConfig {
     /// Require a trusted signature on every plugin.
     #[serde(default)]
     pub require_signatures: bool,
+    /// Registries (`host[:port]`) reached over plain HTTP; loopback ones
+    /// always are, every other one only over HTTPS.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
     /// The file this config was read from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -55,7 +65,13 @@ pub struct AgentConfig {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PluginConfig {
     pub name: String,
+    /// The component file; for a plugin from a registry, its file in the
+    /// cache (derived, not written in the config).
+    #[serde(default)]
     pub path: PathBuf,
+    /// The artifact in a registry, pinned by manifest digest.
+    #[serde(default)]
+    pub source: Option<OciSource>,
     /// Hex sha256 of the component file.
     pub sha256: String,
     pub world: World,
@@ -85,9 +101,21 @@ pub enum SignatureMode {
 /// The signature check of one plugin.
 #[derive(Debug, Clone, Default)]
 pub struct Trust {
-    /// The signature file to check; `None` when none is required or present.
-    pub signature: Option<PathBuf>,
+    /// A signature must be present (one that is present must always verify).
+    pub required: bool,
+    /// The detached signature file of a local component (a registry's
+    /// signature is in the artifact's cache directory).
+    pub signature_file: PathBuf,
     pub keys: Arc<BTreeMap<String, VerifyingKey>>,
+}
+
+/// Whether a `host[:port]` names this machine.
+pub fn is_loopback(registry: &str) -> bool {
+    let host = match registry.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => registry.rsplit_once(':').map_or(registry, |(h, _)| h),
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn valid_name(name: &str) -> bool {
@@ -120,13 +148,22 @@ impl AgentConfig {
             config.state_dir = base.join(&config.state_dir);
         }
         let mut names: Vec<&str> = Vec::new();
+        let artifacts = config.artifact_dir();
         for plugin in &mut config.plugins {
             let name = plugin.name.clone();
             if !valid_name(&name) {
                 bail!("{file}: plugin name {name:?} must be 1-64 characters of a-z, 0-9, '-' or '_'");
             }
-            if plugin.path.is_relative() {
-                plugin.path = base.join(&plugin.path);
+            match &plugin.source {
+                Some(_) if !plugin.path.as_os_str().is_empty() => {
+                    bail!("{file}: plugin `{name}` has both `path` and `source`; keep `source` for a plugin from a registry, or `path` for a local file")
+                }
+                Some(source) => plugin.path = Cached::new(source.cache_dir(&artifacts)).component(),
+                None if plugin.path.as_os_str().is_empty() => {
+                    bail!("{file}: plugin `{name}` needs `path:` (a component file) or `source:` (oci://REGISTRY/REPO@sha256:DIGEST)")
+                }
+                None if plugin.path.is_relative() => plugin.path = base.join(&plugin.path),
+                None => {}
             }
             plugin.sha256 = plugin.sha256.trim().to_ascii_lowercase();
             if plugin.sha256.len() != 64 || !plugin.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -156,7 +193,7 @@ impl AgentConfig {
                 Some(SignatureMode::Optional) => false,
                 None => config.require_signatures,
             };
-            let sig = match &plugin.signature_file {
+            let signature_file = match &plugin.signature_file {
                 Some(p) if p.is_relative() => base.join(p),
                 Some(p) => p.clone(),
                 None => super::signature::signature_path(&plugin.path),
@@ -164,8 +201,7 @@ impl AgentConfig {
             if required && keys.is_empty() {
                 bail!("{file}: plugin `{}` requires a signature, but `trusted-keys` is empty; add the publisher's public key", plugin.name);
             }
-            let present = sig.exists();
-            plugin.trust = Trust { signature: (required || present).then_some(sig), keys: keys.clone() };
+            plugin.trust = Trust { required, signature_file, keys: keys.clone() };
         }
         for plugin in &config.plugins {
             if names.contains(&plugin.name.as_str()) {
@@ -190,6 +226,17 @@ impl AgentConfig {
     /// Directory of the compiled-component cache.
     pub fn cache_dir(&self) -> PathBuf {
         self.state_dir.join("cache").join("components")
+    }
+
+    /// Directory of the artifacts fetched from registries.
+    pub fn artifact_dir(&self) -> PathBuf {
+        self.state_dir.join("cache").join("oci")
+    }
+
+    /// Whether `registry` (`host[:port]`) is reached over plain HTTP:
+    /// loopback, or listed in `insecure-registries`.
+    pub fn plain_http(&self, registry: &str) -> bool {
+        is_loopback(registry) || self.insecure_registries.iter().any(|r| r == registry)
     }
 
     /// The engine this config's plugins run on: pooled, compiling into the
@@ -218,6 +265,15 @@ mod tests {
     }
 
     #[test]
+    fn registry_plugins_live_in_the_cache_and_loopback_is_plain_http() {
+        let c = parse(&format!("state-dir: state\ninsecure-registries: [lab:5000]\nplugins:\n  - {{name: a, source: oci://r.example/a@sha256:{PIN}, sha256: {PIN}, world: executor}}\n")).unwrap();
+        assert_eq!(c.plugins[0].path, Path::new("/etc/cordon/state/cache/oci/sha256").join(PIN).join("component.wasm"));
+        for (registry, plain) in [("127.0.0.1:5000", true), ("localhost", true), ("[::1]:5000", true), ("lab:5000", true), ("r.example", false), ("10.0.0.1:5000", false)] {
+            assert_eq!(c.plain_http(registry), plain, "{registry}");
+        }
+    }
+
+    #[test]
     fn names_file_plugin_and_fix() {
         let cases = [
             ("state-dir: s\nplugins:\n  - {name: a, path: a.wasm, sha256: abc, world: executor}\n".to_string(), "sha256sum"),
@@ -228,6 +284,9 @@ mod tests {
             (format!("state-dir: s\nplugins:\n  - {{name: a, path: a.wasm, sha256: {PIN}, world: executor, grants: {{mounts: [{{host: /nonexistent-dir, guest: /x, access: read-only}}]}}}}\n"), "not an existing directory"),
             (format!("state-dir: s\nplugins:\n  - {{name: a, path: a.wasm, sha256: {PIN}, world: executor, grants: {{mounts: [{{host: /tmp, guest: /source, access: read-write}}]}}}}\n"), "reserves"),
             (format!("state-dir: s\nplugins:\n  - {{name: a, path: a.wasm, sha256: {PIN}, world: executor, limits: {{memory: 1KiB}}}}\n"), "limits.memory"),
+            (format!("state-dir: s\nplugins:\n  - {{name: a, sha256: {PIN}, world: executor}}\n"), "needs `path:`"),
+            (format!("state-dir: s\nplugins:\n  - {{name: a, path: a.wasm, source: oci://r/a@sha256:{PIN}, sha256: {PIN}, world: executor}}\n"), "both `path` and `source`"),
+            (format!("state-dir: s\nplugins:\n  - {{name: a, source: oci://r/a:1.0, sha256: {PIN}, world: executor}}\n"), "cordon plugin pin"),
         ];
         for (yaml, expected) in cases {
             let err = format!("{:#}", parse(&yaml).unwrap_err());

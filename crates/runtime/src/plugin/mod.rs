@@ -4,14 +4,18 @@
 //!
 //! Loading order, each step refusing with an error that names the plugin,
 //! the file and the fix: read the file → compare its sha256 with the pin
-//! (a tampered file is refused before it is compiled) → check its signature
-//! where one is required or present → check its shape (memories, tables,
+//! (a tampered file is refused before it is compiled) → for a plugin from a
+//! registry, check the cached manifest against the pinned digest and its
+//! layer against the file ([`artifact`]) → check its signature (a detached
+//! `.sig` file, or the registry's cosign signature) where one is required
+//! or present → check its shape (memories, tables,
 //! core instances) against the maxima → check it is a
 //! component of the declared world and contract version, and that the
 //! grants give what its manifest requests → compile (or take
 //! from the cache) → pre-link against the host imports → for stage
 //! plugins, ask which stages it defines.
 
+pub mod artifact;
 pub mod config;
 pub mod manifest;
 pub mod signature;
@@ -150,8 +154,9 @@ impl Plugin {
     async fn load_with(engine: &Engine, config: &PluginConfig, check_grants: bool) -> Result<Plugin> {
         let name = &config.name;
         let file = config.path.display();
-        let bytes = std::fs::read(&config.path).with_context(|| {
-            format!("plugin `{name}`: cannot read {file}; build the component or fix `path` in the agent config")
+        let bytes = std::fs::read(&config.path).with_context(|| match &config.source {
+            Some(source) => format!("plugin `{name}`: {source} is not in the cache ({file}); it is fetched when the agent (or any command that loads plugins) starts with the registry reachable"),
+            None => format!("plugin `{name}`: cannot read {file}; build the component or fix `path` in the agent config"),
         })?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
         if sha256 != config.sha256 {
@@ -164,9 +169,22 @@ impl Plugin {
         for (secret, source) in &config.grants.secrets {
             source.read().map_err(|e| anyhow::anyhow!("plugin `{name}`: secret {secret:?} cannot be read: {e}; fix its source or remove the grant"))?;
         }
-        if let Some(sig) = &config.trust.signature {
-            let signer = signature::check(&config.path, sig, &sha256, &config.trust.keys)
-                .with_context(|| format!("plugin `{name}`: refusing {file}"))?;
+        let trust = &config.trust;
+        let signer = match &config.source {
+            Some(source) => {
+                let cached = artifact::Cached::new(config.path.parent().map(PathBuf::from).unwrap_or_default());
+                cached.check(source, &sha256).with_context(|| format!("plugin `{name}`: refusing {source}"))?;
+                (trust.required || cached.is_signed())
+                    .then(|| cached.check_signature(source, &trust.keys))
+                    .transpose()
+                    .with_context(|| format!("plugin `{name}`: refusing {source}"))?
+            }
+            None => (trust.required || trust.signature_file.exists())
+                .then(|| signature::check(&config.path, &trust.signature_file, &sha256, &trust.keys))
+                .transpose()
+                .with_context(|| format!("plugin `{name}`: refusing {file}"))?,
+        };
+        if let Some(signer) = signer {
             tracing::info!("plugin `{name}`: {file} is signed by trusted key `{signer}`");
         }
         let summary = contract::summarize(&bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file} {e}"))?;

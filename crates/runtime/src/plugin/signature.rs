@@ -99,6 +99,13 @@ pub fn sign(file: &Path, key: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Signs `bytes` with the private key at `key` (a registry signature's
+/// payload); returns the signature and the key's public half.
+pub fn sign_bytes(bytes: &[u8], key: &Path) -> Result<(Signature, VerifyingKey)> {
+    let key = read_private(key)?;
+    Ok((key.sign(bytes), key.verifying_key()))
+}
+
 /// A parsed signature file.
 struct Detached {
     key: VerifyingKey,
