@@ -158,6 +158,8 @@ fn deploy_refuses_bad_app_configs_and_writes_nothing() {
         ("name: a\npipeline:\n  stages:\n    - { name: WAIT, needs: [nope] }\n", "needs `nope`, but no stage has that id or name"),
         ("name: a\npipline: {}\n", "unknown field `pipline`"),
         ("name: a\nplugins:\n  files: {}\n", "plugins.files: no plugin named `files`"),
+        // Refused as `plan` refuses it, not recorded as a failed deployment.
+        ("name: a\n", "nothing to deploy: there is no pipeline and no planner"),
     ];
     for (yaml, expected) in cases {
         std::fs::write(&file, yaml).unwrap();
@@ -217,4 +219,15 @@ fn keys_filter_and_items_apply_from_the_command_line() {
     let run = cordon(&["--config", &cfg, "keys", "filter", "--plugin", "registry-rewrite", items.to_str().unwrap()]);
     assert_eq!(run.status.code(), Some(2));
     assert!(text(&run).contains("declared with world `item-action`") && text(&run).contains("needs a `key-filter` plugin"), "{}", text(&run));
+}
+
+#[test]
+fn shell_completions_cover_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = cordon(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out));
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains("approve") && script.contains("migrate") && script.contains("completions"), "{shell}: {script}");
+    }
+    assert_eq!(cordon(&["completions", "tcsh"]).status.code(), Some(2), "an unknown shell is refused");
 }

@@ -372,6 +372,24 @@ async fn approve_and_skip_from_a_second_process() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already ended"));
 }
 
+#[tokio::test]
+async fn logs_follow_exits_with_the_outcome_and_status_has_a_header() {
+    let world = World::new();
+    let host = world.host().await;
+    let app = world.app("lf", "name: lf\npipeline:\n  stages:\n    - { name: STEP, with: { status: failure } }\n");
+    let d = deploy(&host, &world.dir.path().join("state"), &app, message("")).await;
+    assert_eq!(d.status, DeploymentStatus::Failure, "{d:?}");
+    assert_eq!(cordon(&world, &["logs", &d.id, "--follow"]).status.code(), Some(1), "following a failed deployment");
+    assert_eq!(cordon(&world, &["logs", &d.id]).status.code(), Some(0), "printing the log worked");
+    let out = cordon(&world, &["status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("DEPLOYMENT") && stdout.contains(&d.id), "{stdout}");
+    // `-m` is `--message`.
+    let out = cordon(&world, &["deploy", app.to_str().unwrap(), "--detach", "-m", "fix: typo"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let queued = host.store.deployments(Some("lf"), 1).unwrap().remove(0);
+    assert!(queued.trigger.contains("fix: typo"), "{}", queued.trigger);
+}
 
 #[tokio::test]
 async fn sigkill_during_a_stage_then_resume_without_duplicates() {

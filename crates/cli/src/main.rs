@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use commands::*;
 
@@ -46,7 +46,7 @@ enum Command {
     Status(status::Status),
     /// A deployment's stage logs.
     Logs(logs::Logs),
-    /// Approve a stage that waits for approval.
+    /// Approve a stage that waits for approval, and wait for its answer.
     Approve(control::Approve),
     /// Skip a stage (interrupting it if it runs).
     Skip(control::Skip),
@@ -71,6 +71,8 @@ enum Command {
     Migrate(migrate::MigrateCommand),
     /// Upload a local directory into the source of a paused deployment.
     Upload(upload::Upload),
+    /// Print a shell completion script.
+    Completions(completions::Completions),
 }
 
 fn main() -> ExitCode {
@@ -122,5 +124,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Transfer(c) => c.run(config),
         Command::Migrate(c) => c.run(config).await,
         Command::Upload(c) => c.run(config),
+        Command::Completions(c) => c.run(Cli::command()),
     }
 }

@@ -127,8 +127,15 @@ pub fn check_app(app: &AppConfig, plugins: &Plugins) -> Result<()> {
             bail!("{file}: plugins.{name}: no plugin named `{name}` in the agent config");
         }
     }
+    if app.stages().is_empty() && app_planners(app, plugins).is_empty() {
+        bail!("{file}: {NOTHING_TO_DEPLOY}");
+    }
     Ok(())
 }
+
+/// Why an application with neither a pipeline nor a planner is refused.
+const NOTHING_TO_DEPLOY: &str =
+    "nothing to deploy: there is no pipeline and no planner plugin serves the application; add `pipeline.stages` or name a planner under `plugins`";
 
 /// The planners that serve an application: those named under `plugins:`,
 /// else those that plan one of its configured stages.
@@ -164,7 +171,7 @@ async fn choose_strategy(input: &PlanInput<'_>, planners: &[&Arc<Plugin>]) -> Re
     let quick = |why: String| -> Result<(Strategy, String)> {
         if planners.is_empty() {
             if app.stages().is_empty() {
-                bail!("{}: nothing to deploy: there is no pipeline and no planner plugin serves the application; add `pipeline.stages` or name a planner under `plugins`", app.file.display());
+                bail!("{}: {NOTHING_TO_DEPLOY}", app.file.display());
             }
             return Ok((Strategy::PipelineSync, format!("{why}, but quick sync needs a planner and none serves this application: running the pipeline")));
         }

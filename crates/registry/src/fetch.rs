@@ -23,6 +23,10 @@ use cordon_runtime::plugin::artifact::{
 
 use crate::{Registry, not_found};
 
+/// The most signatures of one artifact that are fetched and tried; a
+/// registry cannot make the agent hold more.
+const MAX_SIGNATURES: usize = 16;
+
 /// The manifest digest `reference` names now (a tag is resolved once; a
 /// digest is returned as it is).
 pub async fn resolve(reference: &OciReference, plain_http: bool) -> Result<OciSource> {
@@ -160,7 +164,7 @@ async fn pull_signatures(registry: &Registry, source: &OciSource) -> Result<Vec<
     }
     let doc: Layers = serde_json::from_slice(&manifest).with_context(|| format!("{what}: its manifest is not an OCI image manifest"))?;
     let mut signatures = Vec::new();
-    for layer in doc.layers.iter().filter(|l| l.media_type == SIMPLE_SIGNING_MEDIA_TYPE) {
+    for layer in doc.layers.iter().filter(|l| l.media_type == SIMPLE_SIGNING_MEDIA_TYPE).take(MAX_SIGNATURES) {
         let Some(signature) = layer.annotations.get(COSIGN_SIGNATURE_ANNOTATION) else { continue };
         if layer.size > MAX_DOCUMENT_BYTES {
             bail!("{what}: a signature payload of {} bytes is more than any signature needs", layer.size);

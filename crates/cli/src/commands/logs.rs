@@ -10,6 +10,7 @@ use cordon_pipeline::{control, open_store};
 use cordon_runtime::plugin::AgentConfig;
 use cordon_store::StateStore;
 
+use crate::follow;
 use crate::print::escape;
 
 /// A deployment's stage logs.
@@ -19,7 +20,8 @@ pub struct Logs {
     /// Only this stage (its id or name).
     #[arg(long)]
     stage: Option<String>,
-    /// Keep printing new lines until the deployment ends.
+    /// Keep printing new lines until the deployment ends; then exit 0 if
+    /// it succeeded, 1 if not.
     #[arg(long, short)]
     follow: bool,
 }
@@ -35,15 +37,18 @@ impl Logs {
         };
         let mut after = 0;
         loop {
-            let finished = store.deployment(id)?.is_some_and(|d| d.status.is_final());
+            let ended = store.deployment(id)?.map(|d| d.status).filter(|s| s.is_final());
             let lines = store.logs(id, stage_id.as_deref(), after, 10_000)?;
             for l in &lines {
                 after = l.seq;
                 let stage = if l.stage.is_empty() { "plan" } else { &l.stage };
                 println!("{stage} | {}: {}", l.source, escape(&l.text));
             }
-            if !self.follow || (finished && lines.is_empty()) {
+            if !self.follow {
                 return Ok(ExitCode::SUCCESS);
+            }
+            if let Some(status) = ended.filter(|_| lines.is_empty()) {
+                return Ok(ExitCode::from(follow::exit_code(status)));
             }
             if lines.is_empty() {
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -34,6 +34,7 @@ impl Status {
         let mut out = std::io::stdout().lock();
         match self.deployment.as_deref() {
             None => {
+                writeln!(out, "{:<24} {:<14} {:<12} {:>8}  REASON", "DEPLOYMENT", "APPLICATION", "STATUS", "CREATED")?;
                 for d in store.deployments(None, 20)? {
                     writeln!(out, "{:<24} {:<14} {:<12} {:>8}  {}", d.id, d.application, d.status.as_str(), ago(d.created_at), escape(&d.reason))?;
                 }

@@ -9,7 +9,7 @@ pub struct TriggerArgs {
     #[arg(long, value_enum)]
     sync: Option<SyncArg>,
     /// Commit message (skip rules and commit matchers read it).
-    #[arg(long, default_value = "")]
+    #[arg(long, short = 'm', default_value = "")]
     message: String,
     /// Commit hash, for the record.
     #[arg(long, default_value = "")]
