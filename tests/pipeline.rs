@@ -514,3 +514,53 @@ async fn concurrent_deploys_of_one_application_each_get_their_own_snapshot() {
     assert!(left.is_empty(), "staging left behind: {left:?}");
     assert_eq!(std::fs::read_dir(&snapshots).unwrap().count(), PROCESSES * EACH);
 }
+
+/// Waits up to `within` for a line of `lines` that contains `wanted`.
+fn expect_line(lines: &std::sync::mpsc::Receiver<String>, wanted: &str, within: Duration, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + within;
+    while !seen.iter().any(|l| l.contains(wanted)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no line with {wanted:?} within {within:?}; saw:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+#[test]
+fn a_follower_says_when_the_agent_is_gone() {
+    let world = World::new();
+    let app = world.app("gone", "name: gone\npipeline:\n  stages:\n    - { id: soak, name: STEP, with: { sleep_ms: 60000 } }\n");
+    let mut agent = start_agent(&world);
+    let started = Instant::now();
+    let reported = || cordon_pipeline::open_store(&world.agent_config()).is_ok_and(|s| !cordon_store::StateStore::agents(&s).unwrap().is_empty());
+    while !reported() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the agent never reported");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut follower = Command::new(cordon_bin())
+        .arg("--config")
+        .arg(&world.config)
+        .args(["deploy", app.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    expect_line(&lines, "stage soak running", Duration::from_secs(30), &mut seen);
+    assert!(seen.iter().any(|l| l.contains("an agent is running")), "{seen:?}");
+    assert!(!seen.iter().any(|l| l.contains("warning")), "a live agent is not reported as gone: {seen:?}");
+    agent.0.kill().unwrap();
+    agent.0.wait().unwrap();
+    expect_line(&lines, "warning: no agent has reported for", Duration::from_secs(20), &mut seen);
+    let _agent = start_agent(&world);
+    expect_line(&lines, "an agent is reporting again", Duration::from_secs(20), &mut seen);
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+}

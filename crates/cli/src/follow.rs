@@ -12,9 +12,13 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use cordon_store::{DeploymentRecord, DeploymentStatus, StageRecord, StageStatus, StateStore, now_ms};
 
+use cordon_pipeline::agent;
+
 use crate::print::escape;
 
 const TICK: Duration = Duration::from_millis(150);
+/// How often a follower looks at the agents' heartbeats.
+const LOOK: Duration = Duration::from_secs(1);
 
 fn elapsed(stage: &StageRecord) -> String {
     match (stage.started_at, stage.finished_at) {
@@ -51,6 +55,10 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
     let mut last_lines: HashMap<String, String> = HashMap::new();
     let mut after = 0i64;
     let mut last_status = None;
+    // Whether the last look at the agents' heartbeats found none alive;
+    // the first look waits until a runner started with us had time to beat.
+    let mut next_look = std::time::Instant::now() + 2 * agent::HEARTBEAT;
+    let mut stale = false;
     // Above the live view on a terminal, a plain line otherwise.
     let say = |line: String| -> Result<()> {
         if tty {
@@ -67,6 +75,16 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
                 say(format!("deployment {id}: {}", deployment.status))?;
             }
             last_status = Some(deployment.status);
+        }
+        if !deployment.status.is_final() && std::time::Instant::now() >= next_look {
+            next_look = std::time::Instant::now() + LOOK;
+            let now_stale = agent::stale_agent(store)?;
+            match (&now_stale, stale) {
+                (Some(why), false) => say(format!("warning: {why}"))?,
+                (None, true) => say("an agent is reporting again".to_string())?,
+                _ => {}
+            }
+            stale = now_stale.is_some();
         }
         let stages = store.stages(id)?;
         let logs = store.logs(id, None, after, 10_000)?;

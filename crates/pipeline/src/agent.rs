@@ -4,7 +4,10 @@
 //! `agent.lock`); commands from other processes reach it through the state
 //! store. Deployments of different applications run at once; a deployment
 //! waits while an earlier one of the same application is unfinished. On
-//! start it removes the staging directories killed commands left.
+//! start it removes the staging directories killed commands left. While it
+//! serves it records a heartbeat every [`HEARTBEAT`], so that followers
+//! can say when no agent is alive instead of showing a stage "running"
+//! for ever.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -20,6 +23,70 @@ use cordon_store::DeploymentStatus;
 
 /// How often the agent looks for new deployments.
 const POLL: Duration = Duration::from_millis(200);
+/// How often a serving agent records a heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A heartbeat older than this means its agent stopped (or hangs).
+pub const STALE: Duration = Duration::from_secs(10);
+
+/// `None` while some agent reported within [`STALE`]; otherwise what a
+/// follower should say (the newest heartbeat, if there is one).
+pub fn stale_agent(store: &dyn cordon_store::StateStore) -> Result<Option<Stale>> {
+    let newest = store.agents()?.into_iter().next();
+    let now = now_ms();
+    Ok(match newest {
+        Some(beat) if now.saturating_sub(beat.beat_at) < STALE.as_millis() as u64 => None,
+        last => Some(Stale { silent_for: last.as_ref().map(|b| Duration::from_millis(now.saturating_sub(b.beat_at))), last }),
+    })
+}
+
+/// No agent has reported lately.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stale {
+    /// The newest heartbeat, if any agent ever wrote one.
+    pub last: Option<cordon_store::AgentBeat>,
+    pub silent_for: Option<Duration>,
+}
+
+impl std::fmt::Display for Stale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.last, self.silent_for) {
+            (Some(beat), Some(silent)) => write!(
+                f,
+                "no agent has reported for {}s (the last was pid {} on {}); nothing runs until an agent does: start `cordon agent`",
+                silent.as_secs(),
+                beat.pid,
+                beat.host
+            ),
+            _ => write!(f, "no agent has ever reported on this state; nothing runs until one does: start `cordon agent`"),
+        }
+    }
+}
+
+/// This process's heartbeat, renewed by [`Beat::renew`] at most every
+/// [`HEARTBEAT`].
+struct Beat {
+    record: cordon_store::AgentBeat,
+    last: Option<std::time::Instant>,
+}
+
+impl Beat {
+    fn new() -> Self {
+        let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        let pid = std::process::id();
+        let now = now_ms();
+        Self { record: cordon_store::AgentBeat { id: format!("{host}/{pid}"), host, pid, started_at: now, beat_at: now }, last: None }
+    }
+
+    fn renew(&mut self, store: &dyn cordon_store::StateStore) -> Result<()> {
+        if self.last.is_some_and(|t| t.elapsed() < HEARTBEAT) {
+            return Ok(());
+        }
+        self.record.beat_at = now_ms();
+        store.heartbeat(&self.record)?;
+        self.last = Some(std::time::Instant::now());
+        Ok(())
+    }
+}
 
 /// Which deployments an agent loop serves.
 #[derive(Debug, Clone, Default)]
@@ -42,7 +109,9 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
     // Task → (application, deployment), and applications with one running.
     let mut tasks: HashMap<tokio::task::Id, (String, String)> = HashMap::new();
     let mut active: HashSet<String> = HashSet::new();
+    let mut beat = Beat::new();
     loop {
+        beat.renew(host.store.as_ref())?;
         if let Some(until) = &scope.until {
             let done = host.store.deployment(until)?.is_none_or(|d| d.status.is_final());
             if done && running.is_empty() {

@@ -135,6 +135,19 @@ text_enum!(StageStatus {
     Exited => "exited",
 });
 
+/// An agent's latest sign of life: it writes one every few seconds while
+/// it serves deployments, so a follower can tell a dead agent from a slow
+/// stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentBeat {
+    /// `HOST/PID`.
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    pub started_at: u64,
+    pub beat_at: u64,
+}
+
 /// A deployment as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeploymentRecord {
@@ -347,6 +360,12 @@ pub trait StateStore: Send + Sync {
     /// unless the command already has one; another stage's command, or an
     /// unknown id, changes nothing.
     fn answer_command(&self, deployment: &str, stage: &str, id: &str, answer: &Answer) -> Result<()>;
+
+    // Agents.
+    /// Records `beat` as its agent's latest heartbeat.
+    fn heartbeat(&self, beat: &AgentBeat) -> Result<()>;
+    /// Every agent's latest heartbeat, newest first.
+    fn agents(&self) -> Result<Vec<AgentBeat>>;
 }
 
 #[cfg(test)]

@@ -23,6 +23,14 @@ const MIGRATIONS: &[&str] = &[
     // 2: stages answer commands (approvals accepted or refused).
     "ALTER TABLE commands ADD COLUMN verdict TEXT;
      ALTER TABLE commands ADD COLUMN reason TEXT NOT NULL DEFAULT '';",
+    // 3: agents' heartbeats.
+    "CREATE TABLE agents (
+         id TEXT PRIMARY KEY,
+         host TEXT NOT NULL,
+         pid INTEGER NOT NULL,
+         started_at INTEGER NOT NULL,
+         beat_at INTEGER NOT NULL
+     );",
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -525,6 +533,22 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
+    fn heartbeat(&self, b: &AgentBeat) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO agents (id, host, pid, started_at, beat_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (id) DO UPDATE SET beat_at = excluded.beat_at",
+            params![b.id, b.host, b.pid, b.started_at, b.beat_at],
+        )?;
+        Ok(())
+    }
+
+    fn agents(&self) -> Result<Vec<AgentBeat>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT id, host, pid, started_at, beat_at FROM agents ORDER BY beat_at DESC")?;
+        let rows = stmt.query_map([], |r| Ok(AgentBeat { id: r.get(0)?, host: r.get(1)?, pid: r.get(2)?, started_at: r.get(3)?, beat_at: r.get(4)? }))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn answer_command(&self, deployment: &str, stage: &str, id: &str, answer: &Answer) -> Result<()> {
         let (verdict, reason) = match answer {
             Answer::Accepted => ("accepted", ""),
@@ -634,7 +658,7 @@ mod tests {
         drop(store);
         SqliteStore::open(&path).unwrap().conn().pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         let err = SqliteStore::open(&path).err().unwrap().to_string();
-        assert!(err.contains("schema version 3") && err.contains("matching cordon release"), "{err}");
+        assert!(err.contains(&format!("schema version {}", SCHEMA_VERSION + 1)) && err.contains("matching cordon release"), "{err}");
     }
 
     #[test]
