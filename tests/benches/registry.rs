@@ -36,7 +36,7 @@ fn main() {
     let file = guest("http_check");
     let reference = OciReference::parse(&registry.reference("bench/http-check:1")).unwrap();
     let publish = Publish { component: &file, reference: &reference, plain_http: true, sign: None, annotations: Default::default() };
-    let source = runtime.block_on(push(publish)).unwrap();
+    let source = runtime.block_on(push(publish)).unwrap().source;
     let sha = local_read(&file);
     let dir = tempfile::tempdir().unwrap();
 

@@ -31,33 +31,36 @@ pub const STALE: Duration = Duration::from_secs(10);
 /// `None` while some agent reported within [`STALE`]; otherwise what a
 /// follower should say (the newest heartbeat, if there is one).
 pub fn stale_agent(store: &dyn cordon_store::StateStore) -> Result<Option<Stale>> {
-    let newest = store.agents()?.into_iter().next();
     let now = now_ms();
-    Ok(match newest {
-        Some(beat) if now.saturating_sub(beat.beat_at) < STALE.as_millis() as u64 => None,
-        last => Some(Stale { silent_for: last.as_ref().map(|b| Duration::from_millis(now.saturating_sub(b.beat_at))), last }),
+    let last = store.agents()?.into_iter().next().map(|beat| {
+        let silent = Duration::from_millis(now.saturating_sub(beat.beat_at));
+        (beat, silent)
+    });
+    Ok(match last {
+        Some((_, silent)) if silent < STALE => None,
+        last => Some(Stale { last }),
     })
 }
 
 /// No agent has reported lately.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stale {
-    /// The newest heartbeat, if any agent ever wrote one.
-    pub last: Option<cordon_store::AgentBeat>,
-    pub silent_for: Option<Duration>,
+    /// The newest heartbeat and how long ago it was, if any agent ever
+    /// wrote one.
+    pub last: Option<(cordon_store::AgentBeat, Duration)>,
 }
 
 impl std::fmt::Display for Stale {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (&self.last, self.silent_for) {
-            (Some(beat), Some(silent)) => write!(
+        match &self.last {
+            Some((beat, silent)) => write!(
                 f,
                 "no agent has reported for {}s (the last was pid {} on {}); nothing runs until an agent does: start `cordon agent`",
                 silent.as_secs(),
                 beat.pid,
                 beat.host
             ),
-            _ => write!(f, "no agent has ever reported on this state; nothing runs until one does: start `cordon agent`"),
+            None => write!(f, "no agent has ever reported on this state; nothing runs until one does: start `cordon agent`"),
         }
     }
 }

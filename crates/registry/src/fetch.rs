@@ -36,11 +36,9 @@ pub async fn resolve(reference: &OciReference, plain_http: bool) -> Result<OciSo
     let registry = Registry::connect(&reference.registry, plain_http)?;
     let tag = reference.tag.as_deref().unwrap_or("latest");
     let what = format!("cannot resolve {reference}");
-    let (bytes, _) = registry
-        .client
-        .pull_manifest_raw(&registry.by_tag(&reference.repository, tag), &registry.auth, &[MANIFEST_MEDIA_TYPE])
-        .await
-        .map_err(|e| if not_found(&e) { anyhow::anyhow!("{what}: the registry has no tag `{tag}` in {}", reference.repository) } else { registry.explain(&what, e) })?;
+    let bytes = pull_document(&registry, &registry.by_tag(&reference.repository, tag), &what)
+        .await?
+        .with_context(|| format!("{what}: the registry has no tag `{tag}` in {}", reference.repository))?;
     ArtifactManifest::parse(&bytes).map_err(|e| anyhow::anyhow!("{reference}: {e}"))?;
     Ok(reference.pinned(&digest_of(&bytes)))
 }
@@ -64,7 +62,7 @@ pub async fn fetch_plugin(config: &AgentConfig, plugin: &PluginConfig) -> Result
     let context = || format!("plugin `{}`", plugin.name);
     let cached = fetch(source, &config.artifact_dir(), plain_http).await.with_context(context)?;
     let trust = &plugin.trust;
-    if (trust.required || cached.is_signed()) && cached.check_signature(source, &trust.keys).is_err() {
+    if cached.signer(source, trust.required, &trust.keys).is_err() {
         let refreshed = async {
             let registry = Registry::connect(&source.registry, plain_http)?;
             let signatures = pull_signatures(&registry, source).await?;

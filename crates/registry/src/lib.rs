@@ -27,7 +27,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
 pub use fetch::{fetch, fetch_all, fetch_plugin, resolve};
-pub use push::{Publish, push};
+pub use push::{Publish, Pushed, push};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(60);

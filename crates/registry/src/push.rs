@@ -56,8 +56,16 @@ fn target_world(summary: &contract::Summary) -> Result<contract::World> {
         .with_context(|| format!("it is not a plugin of contract {}@{} (it matches no world)", contract::PACKAGE, contract::VERSION))
 }
 
-/// Pushes the component; returns the pinned reference of its manifest.
-pub async fn push(publish: Publish<'_>) -> Result<OciSource> {
+/// What a push made: the two pins an agent config needs.
+pub struct Pushed {
+    /// The manifest, pinned by digest.
+    pub source: OciSource,
+    /// The component's sha256 (hex).
+    pub sha256: String,
+}
+
+/// Pushes the component.
+pub async fn push(publish: Publish<'_>) -> Result<Pushed> {
     let file = publish.component.display();
     let bytes = std::fs::read(publish.component).with_context(|| format!("cannot read {file}"))?;
     let summary = contract::summarize(&bytes).map_err(|e| anyhow::anyhow!("{file} {e}"))?;
@@ -116,7 +124,7 @@ pub async fn push(publish: Publish<'_>) -> Result<OciSource> {
     if let Some(key) = publish.sign {
         sign(&registry, &source, key).await?;
     }
-    Ok(source)
+    Ok(Pushed { source, sha256: layer.trim_start_matches("sha256:").to_string() })
 }
 
 async fn put_blobs(registry: &Registry, target: &Reference, what: &str, blobs: impl IntoIterator<Item = Vec<u8>>) -> Result<()> {

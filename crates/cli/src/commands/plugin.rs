@@ -115,10 +115,9 @@ impl PluginCommand {
                     .collect();
                 let publish = Publish { component: &file, reference: &reference, plain_http: insecure || is_loopback(&reference.registry), sign: sign.as_deref(), annotations };
                 let pushed = cordon_registry::push(publish).await?;
-                let sha = hex::encode(Sha256::digest(std::fs::read(&file)?));
                 println!("pushed {} to {reference}{}", file.display(), if sign.is_some() { ", signed" } else { "" });
-                println!("digest: {}", pushed.digest);
-                println!("pin it in the agent config:\n    source: {pushed}\n    sha256: {sha}");
+                println!("digest: {}", pushed.source.digest);
+                println!("pin it in the agent config:\n    source: {}\n    sha256: {}", pushed.source, pushed.sha256);
             }
             PluginCommand::Pin { name, reference } => pin(config, &name, reference.as_deref()).await?,
         }

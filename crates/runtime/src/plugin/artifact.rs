@@ -273,9 +273,14 @@ impl Cached {
         self.dir.join("signatures.json")
     }
 
-    /// Whether the registry had a signature for it.
-    pub fn is_signed(&self) -> bool {
-        self.signatures().exists()
+    /// The trusted key that signed `source`: checked when a signature is
+    /// `required` or the registry had one (a present signature must always
+    /// verify); `None` for an unsigned artifact that need not be signed.
+    pub fn signer(&self, source: &OciSource, required: bool, trusted: &BTreeMap<String, VerifyingKey>) -> Result<Option<String>> {
+        if !required && !self.signatures().exists() {
+            return Ok(None);
+        }
+        self.check_signature(source, trusted).map(Some)
     }
 
     /// Checks the chain from the pinned manifest digest to the component
@@ -297,7 +302,7 @@ impl Cached {
     /// Checks the cached cosign signatures of `source` against `trusted`:
     /// one must name its manifest digest and verify with a trusted key,
     /// whose name is returned.
-    pub fn check_signature(&self, source: &OciSource, trusted: &BTreeMap<String, VerifyingKey>) -> Result<String> {
+    fn check_signature(&self, source: &OciSource, trusted: &BTreeMap<String, VerifyingKey>) -> Result<String> {
         let text = std::fs::read(self.signatures()).with_context(|| {
             format!("{source} has no signature in its registry; sign it (`cordon plugin push FILE REF --sign KEY`) or set `signature: optional` for this plugin")
         })?;

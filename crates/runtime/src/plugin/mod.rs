@@ -174,10 +174,7 @@ impl Plugin {
             Some(source) => {
                 let cached = artifact::Cached::new(config.path.parent().map(PathBuf::from).unwrap_or_default());
                 cached.check(source, &sha256).with_context(|| format!("plugin `{name}`: refusing {source}"))?;
-                (trust.required || cached.is_signed())
-                    .then(|| cached.check_signature(source, &trust.keys))
-                    .transpose()
-                    .with_context(|| format!("plugin `{name}`: refusing {source}"))?
+                cached.signer(source, trust.required, &trust.keys).with_context(|| format!("plugin `{name}`: refusing {source}"))?
             }
             None => (trust.required || trust.signature_file.exists())
                 .then(|| signature::check(&config.path, &trust.signature_file, &sha256, &trust.keys))
