@@ -61,14 +61,19 @@ pub struct Sent {
     /// The stage's id; empty for deployment commands.
     pub stage: String,
     pub kind: CommandKind,
-    /// `deployment ID` or `stage STAGE of ID`.
-    pub target: String,
     pub commander: String,
+}
+
+impl Sent {
+    /// `deployment ID` or `stage STAGE of ID`.
+    pub fn target(&self) -> String {
+        if self.stage.is_empty() { format!("deployment {}", self.deployment) } else { format!("stage {} of {}", self.stage, self.deployment) }
+    }
 }
 
 impl fmt::Display for Sent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} sent to {} as {}", self.kind, self.target, self.commander)
+        write!(f, "{} sent to {} as {}", self.kind, self.target(), self.commander)
     }
 }
 
@@ -104,15 +109,14 @@ pub fn send(store: &dyn StateStore, id: &str, stage: Option<&str>, kind: Command
     let record = CommandRecord {
         id: format!("{id}/{kind}/{}-{}", now_ms(), std::process::id()),
         deployment: id.to_string(),
-        stage: stage_id.clone(),
+        stage: stage_id,
         kind,
         commander: commander.to_string(),
         created_at: now_ms() / 1000,
         answer: None,
     };
     store.add_command(&record)?;
-    let target = if stage_id.is_empty() { format!("deployment {id}") } else { format!("stage {stage_id} of {id}") };
-    Ok(Sent { id: record.id, deployment: id.to_string(), stage: stage_id, kind, target, commander: commander.to_string() })
+    Ok(Sent { id: record.id, deployment: record.deployment, stage: record.stage, kind, commander: record.commander })
 }
 
 /// Waits up to `within` for the stage's answer to `sent` (an approval's

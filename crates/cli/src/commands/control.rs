@@ -59,7 +59,7 @@ impl Approve {
                 Ok(ExitCode::SUCCESS)
             }
             Some(Answer::Refused(reason)) => {
-                eprintln!("error: {} refused the approval by {}: {}", sent.target, sent.commander, escape(&reason));
+                eprintln!("error: {} refused the approval by {}: {}", sent.target(), sent.commander, escape(&reason));
                 Ok(ExitCode::FAILURE)
             }
             None => {
