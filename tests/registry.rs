@@ -124,8 +124,13 @@ fn pushed_components_are_pinned_by_digest_pulled_verified_and_run_offline() {
     std::fs::copy(guest("wait"), operator.dir.path().join("wait.wasm")).unwrap();
     succeeded(&operator.cordon(&["plugin", "pin", "wait"], &[]));
 
-    // `plugin pin` resolves the tag once and rewrites the entry in place.
+    // `plugin pin` resolves the tag once and rewrites the entry in place,
+    // keeping the file's permissions (an agent running as another user
+    // still reads it).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&operator.config, std::fs::Permissions::from_mode(0o640)).unwrap();
     let stdout = succeeded(&operator.pin(&tag));
+    assert_eq!(std::fs::metadata(&operator.config).unwrap().permissions().mode() & 0o777, 0o640);
     assert!(stdout.contains(&digest), "{stdout}");
     let yaml = std::fs::read_to_string(&operator.config).unwrap();
     let pinned = format!("source: {}@{digest}   # a local build, for now", registry.reference("team/wait"));
