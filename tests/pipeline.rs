@@ -334,7 +334,7 @@ async fn approve_and_skip_from_a_second_process() {
     let state = world.dir.path().join("state");
     let app = world.app(
         "ap",
-        "name: ap\npipeline:\n  stages:\n    - { id: gate, name: STEP, with: { wait_for: approve } }\n    - { id: soak, name: STEP, with: { sleep_ms: 30000 } }\n    - { name: STEP }\n",
+        "name: ap\npipeline:\n  stages:\n    - { id: gate, name: STEP, with: { wait_for: approve, refuse_first: true, secret: token } }\n    - { id: soak, name: STEP, with: { sleep_ms: 30000 } }\n    - { name: STEP }\n",
     );
     let d = cordon_pipeline::trigger(&host, &app, message("")).unwrap();
     let serving = tokio::spawn({
@@ -349,6 +349,11 @@ async fn approve_and_skip_from_a_second_process() {
     let out = cordon(&world, &["approve", &d.id, "gate", "--as", ""]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--as is empty"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A refusal fails the command with the plugin's reason, secrets masked.
+    let out = cordon(&world, &["approve", &d.id, "gate", "--as", "alice"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refused the approval by alice: not yet (secret ***)") && !stderr.contains(TOKEN_VALUE), "{stderr}");
     let out = cordon(&world, &["approve", &d.id, "gate", "--as", "alice"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).ends_with("as alice: accepted\n"), "{out:?}");

@@ -6,7 +6,9 @@
 //! to this file per execution, to count runs), `wait_for` (`approve`: wait
 //! until an approve command arrives, and name who sent it), `secret` (log
 //! the value of this granted secret, which the host must mask), `log`,
-//! `read` (a file to read last: its content becomes the message).
+//! `read` (a file to read last: its content becomes the message),
+//! `refuse_first` (refuse the first approval, with the value of `secret`
+//! in the reason, which the host must mask too).
 use std::io::Write;
 use std::time::Duration;
 
@@ -28,6 +30,7 @@ struct Options {
     log: Option<String>,
     /// A file to read after sleeping; its content becomes the message.
     read: Option<String>,
+    refuse_first: bool,
 }
 
 fn run(request: StageRequest) -> StageResult {
@@ -57,8 +60,15 @@ fn run(request: StageRequest) -> StageResult {
     }
     if options.wait_for.as_deref() == Some("approve") {
         log::write(log::Level::Info, "waiting for an approval");
+        let mut approvals = 0;
         loop {
-            if let Some(c) = commands::received().into_iter().find(|c| c.kind == commands::CommandKind::Approve) {
+            for c in commands::received().into_iter().filter(|c| c.kind == commands::CommandKind::Approve).skip(approvals) {
+                approvals += 1;
+                if options.refuse_first && approvals == 1 {
+                    let secret = options.secret.as_deref().map(|name| secrets::get(name).unwrap_or_default()).unwrap_or_default();
+                    commands::answer(&c.id, Err(&format!("not yet (secret {secret})")));
+                    continue;
+                }
                 commands::answer(&c.id, Ok(()));
                 return finish(StageStatus::Success, format!("approved by {}", c.commander));
             }
