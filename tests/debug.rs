@@ -144,7 +144,7 @@ async fn an_unreadable_pause_record_fails_closed() {
     let host = world.host().await;
     let (d, serving) = start(&world, &host, "fc", &two("fc", "success"), Breakpoints { break_after: vec!["one".into()], ..Default::default() }).await;
     until("the breakpoint", || status_of(&host, &d, "one") == StageStatus::Paused).await;
-    host.store.metadata_put(&d, "#cordon", "pause:one", "{not json").unwrap();
+    host.store.metadata_put(&host.store.lease(&d).unwrap().unwrap().0, "#cordon", "pause:one", "{not json").unwrap();
     send(&host, &d, CommandKind::DebugContinue);
     serving.await.unwrap();
     let record = finished(&host, &d);

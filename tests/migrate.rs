@@ -386,8 +386,9 @@ async fn transfer_carries_history_maps_taken_ids_and_adds_nothing_twice() {
     let state = source.agent_config().state_dir;
     let d1 = deploy(&host, &state, &app, trigger()).await;
     let d2 = deploy(&host, &state, &app, trigger()).await;
-    assert!(host.store.blob_put_within("st", "step", "k", b"blob value", cordon_store::Quota { entries: 1, bytes: 1024 }).unwrap());
-    host.store.metadata_put(&d1.id, "", "note", "kept").unwrap();
+    let fence = host.store.lease(&d1.id).unwrap().unwrap().0;
+    assert!(host.store.blob_put_within(&fence, "st", "step", "k", b"blob value", cordon_store::Quota { entries: 1, bytes: 1024 }).unwrap());
+    host.store.metadata_put(&fence, "", "note", "kept").unwrap();
     let logs = host.store.logs(&d1.id, None, 0, 1000).unwrap();
     drop(host);
 

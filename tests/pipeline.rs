@@ -538,7 +538,7 @@ fn a_follower_says_when_the_agent_is_gone() {
     let app = world.app("gone", "name: gone\npipeline:\n  stages:\n    - { id: soak, name: STEP, with: { sleep_ms: 60000 } }\n");
     let mut agent = start_agent(&world);
     let started = Instant::now();
-    let reported = || cordon_pipeline::open_store(&world.agent_config()).is_ok_and(|s| !cordon_store::StateStore::agents(&s).unwrap().is_empty());
+    let reported = || cordon_pipeline::open_store(&world.agent_config()).is_ok_and(|s| !s.agents().unwrap().is_empty());
     while !reported() {
         assert!(started.elapsed() < Duration::from_secs(30), "the agent never reported");
         std::thread::sleep(Duration::from_millis(50));

@@ -342,6 +342,10 @@ pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
                 let p = remap(text(d, col));
                 row.insert(col.into(), Value::String(p));
             }
+            // Leases belong to the agents of the origin, not to this state.
+            for col in ["lease_owner", "lease_epoch", "lease_until"] {
+                row.remove(col);
+            }
             let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM deployments", [], |r| r.get(0))?;
             row.insert("seq".into(), Value::from(seq));
             let unfinished = !ended(d);

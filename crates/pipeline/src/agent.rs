@@ -9,7 +9,7 @@
 //! can say when no agent is alive instead of showing a stage "running"
 //! for ever.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,9 +17,8 @@ use anyhow::Result;
 use cordon_store::lock::{AgentLock, sweep_state_dir};
 use tokio::task::JoinSet;
 
-use cordon_store::now_ms;
+use cordon_store::{DeploymentStatus, Fence, Fenced, now_ms};
 use crate::{Host, run};
-use cordon_store::DeploymentStatus;
 
 /// How often the agent looks for new deployments.
 const POLL: Duration = Duration::from_millis(200);
@@ -102,35 +101,65 @@ pub struct ServeScope {
     pub until_idle: bool,
 }
 
+/// A deployment this agent runs: its lease and its task.
+struct Held {
+    fence: Fence,
+    task: tokio::task::AbortHandle,
+}
+
+/// How often leases are renewed: well inside the lease, so one late
+/// renewal does not lose it.
+fn renew_every(lease: Duration) -> Duration {
+    HEARTBEAT.min(lease / 3)
+}
+
 /// Runs deployments until `scope` says to stop (or forever).
+///
+/// The agent claims each deployment it runs with a lease (see
+/// [`cordon_store::StateStore::claim`]) and renews its leases as often as
+/// it beats. A deployment whose lease another agent took over (this agent
+/// was frozen or cut off past it) is stopped at once: its task is
+/// aborted, and every write it still attempts is refused. On the embedded
+/// database the agent holding the state directory's lock is the only one,
+/// so it ends leases a killed predecessor left and resumes at once.
 pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Result<()> {
     let swept = sweep_state_dir(&host.state_dir)?;
     if swept > 0 {
         tracing::info!("removed {swept} staging director(ies) left by killed commands");
     }
+    if !host.shared {
+        host.store.expire_leases()?;
+    }
     let mut running: JoinSet<Result<DeploymentStatus>> = JoinSet::new();
-    // Task → (application, deployment), and applications with one running.
-    let mut tasks: HashMap<tokio::task::Id, (String, String)> = HashMap::new();
-    let mut active: HashSet<String> = HashSet::new();
+    let mut held: HashMap<tokio::task::Id, Held> = HashMap::new();
     let mut beat = Beat::new();
+    let mut renewed = std::time::Instant::now();
     loop {
         beat.renew(host.store.as_ref())?;
+        if renewed.elapsed() >= renew_every(host.lease) {
+            renewed = std::time::Instant::now();
+            let fences: Vec<Fence> = held.values().map(|h| h.fence.clone()).collect();
+            for lost in host.store.renew(&beat.record.id, &fences, host.lease)? {
+                tracing::warn!("deployment {}: another agent took it over (this agent's lease ran out); stopping its stages here", lost.deployment);
+                held.values().filter(|h| h.fence == lost).for_each(|h| h.task.abort());
+            }
+        }
         if let Some(until) = &scope.until {
             let done = host.store.deployment(until)?.is_none_or(|d| d.status.is_final());
             if done && running.is_empty() {
                 return Ok(());
             }
         }
-        let unfinished = host.store.unfinished_deployments()?;
-        if scope.until_idle && unfinished.is_empty() && running.is_empty() {
+        if scope.until_idle && running.is_empty() && host.store.unfinished_deployments()?.is_empty() {
             return Ok(());
         }
-        for d in unfinished {
-            if scope.application.as_ref().is_some_and(|a| *a != d.application) || !active.insert(d.application.clone()) {
+        for d in host.store.claimable()? {
+            if scope.application.as_ref().is_some_and(|a| *a != d.application) {
                 continue;
             }
-            let task = running.spawn(run::run_deployment(host.clone(), d.id.clone()));
-            tasks.insert(task.id(), (d.application, d.id));
+            let Some(fence) = host.store.claim(&d.id, &beat.record.id, host.lease)? else { continue };
+            let task = running.spawn(run::run_deployment(host.clone(), fence.clone()));
+            held.insert(task.id(), Held { fence, task });
         }
         // Wake when a deployment ends (its application may have the next
         // one queued) or to look for newly queued ones.
@@ -141,16 +170,28 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
         let Some(joined) = finished else { continue };
         let (task, result) = match joined {
             Ok((task, result)) => (task, result),
-            Err(e) => (e.id(), Err(anyhow::anyhow!("the deployment task panicked: {e}"))),
+            Err(e) => (e.id(), if e.is_cancelled() { Err(Fenced(held[&e.id()].fence.clone()).into()) } else { Err(anyhow::anyhow!("the deployment task panicked: {e}")) }),
         };
-        let (app, id) = tasks.remove(&task).expect("every task is recorded");
-        active.remove(&app);
-        match result {
-            Ok(status) => tracing::info!("deployment {id} finished: {status}"),
+        let Held { fence, .. } = held.remove(&task).expect("every task is recorded");
+        let id = &fence.deployment;
+        let failed = match result {
+            Ok(status) => {
+                tracing::info!("deployment {id} finished: {status}");
+                Ok(())
+            }
+            Err(e) if cordon_store::is_fenced(&e) => Err(e),
             Err(e) => {
                 tracing::error!("deployment {id} stopped: {e:#}");
-                host.store.set_deployment_status(&id, DeploymentStatus::Failure, &format!("agent error: {e:#}"), now_ms())?;
+                host.store.set_deployment_status(&fence, DeploymentStatus::Failure, &format!("agent error: {e:#}"), now_ms())
             }
+        };
+        match failed {
+            Err(e) if cordon_store::is_fenced(&e) => {
+                tracing::warn!("deployment {id}: stopped here; the agent that took it over continues it");
+                continue;
+            }
+            other => other?,
         }
+        host.store.release(&fence)?;
     }
 }

@@ -202,7 +202,8 @@ mod tests {
         let err = resume(&store, "app-1", false, "alice").unwrap_err().to_string();
         assert!(err.contains("no paused stage"), "{err}");
 
-        store.set_deployment_status("app-1", DeploymentStatus::Success, "", now_ms()).unwrap();
+        let fence = store.claim("app-1", "agent", Duration::from_secs(5)).unwrap().unwrap();
+        store.set_deployment_status(&fence, DeploymentStatus::Success, "", now_ms()).unwrap();
         let err = send(&store, "app-1", None, CommandKind::Cancel, "alice").unwrap_err().to_string();
         assert!(err.contains("already ended"), "{err}");
     }

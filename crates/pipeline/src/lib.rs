@@ -17,6 +17,7 @@ pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 
@@ -24,7 +25,7 @@ use cordon_runtime::engine::Engine;
 use cordon_runtime::plugin::{AgentConfig, Plugins};
 use cordon_runtime::runner::{Deployment, Trigger};
 use cordon_store::lock::sweep_state_dir;
-use cordon_store::{DeploymentRecord, SqliteStore, StateStore, database_path, now_ms};
+use cordon_store::{DeploymentRecord, PostgresStore, SqliteStore, StateStore, database_path, now_ms};
 use config::AppConfig;
 use plan::TriggerInfo;
 
@@ -35,16 +36,69 @@ pub struct Host {
     pub plugins: Arc<Plugins>,
     pub store: Arc<dyn StateStore>,
     pub state_dir: PathBuf,
+    /// Many agents may share the store (PostgreSQL); otherwise the agent
+    /// holding the state directory's lock is the only one.
+    pub shared: bool,
+    /// How long a claim on a deployment lasts without renewal.
+    pub lease: Duration,
+}
+
+/// The environment variable naming a shared PostgreSQL state database; it
+/// wins over the agent config's `state.postgres.url`.
+pub const DATABASE_URL_ENV: &str = "CORDON_DATABASE_URL";
+
+/// How long a claim lasts when the config does not say.
+const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+
+/// Opens the shared PostgreSQL database `config` (or the environment) names, if any.
+fn open_postgres(config: &AgentConfig) -> Result<Option<PostgresStore>> {
+    let file = config.source.display();
+    let postgres = config.state.postgres.as_ref();
+    let (url, source) = match std::env::var(DATABASE_URL_ENV) {
+        Ok(url) if !url.is_empty() => (url, format!("${DATABASE_URL_ENV}")),
+        _ => match postgres.and_then(|p| p.url.clone()) {
+            Some(url) => (url, format!("{file}: state.postgres.url")),
+            None if postgres.is_some() => {
+                anyhow::bail!("{file}: state.postgres needs `url: postgres://USER@HOST:PORT/DATABASE` (or set ${DATABASE_URL_ENV})")
+            }
+            None => return Ok(None),
+        },
+    };
+    let password = match postgres.and_then(|p| p.password_file.as_ref()) {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{file}: cannot read state.postgres.password-file {}", path.display()))?;
+            Some(text.trim_end_matches(['\n', '\r']).to_string())
+        }
+        None => None,
+    };
+    PostgresStore::open(&url, password.as_deref(), &source).map(Some)
+}
+
+/// Opens the state store `config` names: the shared PostgreSQL database,
+/// or the embedded SQLite one in the state directory. Without `create`, a
+/// missing SQLite database is an error (commands that only read or send
+/// commands have nothing to act on).
+fn open_state(config: &AgentConfig, create: bool) -> Result<Arc<dyn StateStore>> {
+    Ok(open_state_shared(config, create)?.0)
+}
+
+/// [`open_state`], and whether the store is shared by many agents.
+fn open_state_shared(config: &AgentConfig, create: bool) -> Result<(Arc<dyn StateStore>, bool)> {
+    if let Some(store) = open_postgres(config)? {
+        return Ok((Arc::new(store), true));
+    }
+    let db = database_path(&config.state_dir);
+    if !create && !db.exists() {
+        anyhow::bail!("no state at {}: nothing was deployed with {} yet", db.display(), config.source.display());
+    }
+    Ok((Arc::new(SqliteStore::open(&db)?), false))
 }
 
 /// Opens the state store named by the agent config, without loading
 /// plugins (for commands that only read or record commands).
-pub fn open_store(config: &AgentConfig) -> Result<SqliteStore> {
-    let db = database_path(&config.state_dir);
-    if !db.exists() {
-        anyhow::bail!("no state at {}: nothing was deployed with {} yet", db.display(), config.source.display());
-    }
-    SqliteStore::open(&db)
+pub fn open_store(config: &AgentConfig) -> Result<Arc<dyn StateStore>> {
+    open_state(config, false)
 }
 
 impl Host {
@@ -57,8 +111,9 @@ impl Host {
     /// Like [`Host::open`], on an existing engine (tests share one).
     pub async fn open_with(engine: Arc<Engine>, config: &AgentConfig) -> Result<Host> {
         let plugins = Arc::new(Plugins::load(&engine, config).await?);
-        let store: Arc<dyn StateStore> = Arc::new(SqliteStore::open(&database_path(&config.state_dir))?);
-        Ok(Host { engine, plugins, store, state_dir: config.state_dir.clone() })
+        let (store, shared) = open_state_shared(config, true)?;
+        let lease = config.state.postgres.as_ref().map_or(DEFAULT_LEASE, |p| p.lease);
+        Ok(Host { engine, plugins, store, state_dir: config.state_dir.clone(), shared, lease })
     }
 
     pub fn snapshot_dir(&self, deployment: &str) -> PathBuf {

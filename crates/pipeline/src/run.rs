@@ -35,7 +35,7 @@ use super::{Host, deployment_info};
 use cordon_runtime::runner::{self, Deployment, Outcome, Stage, StageCall, Status};
 use cordon_runtime::sandbox::RunDirs;
 use crate::debug::{self, Breakpoints, Pause};
-use cordon_store::{CommandKind, DeploymentRecord, DeploymentStatus, StageRecord, StageStatus};
+use cordon_store::{CommandKind, DeploymentRecord, DeploymentStatus, Fence, StageRecord, StageStatus};
 
 /// How often commands are read while stages run.
 const COMMAND_POLL: Duration = Duration::from_millis(100);
@@ -59,8 +59,11 @@ fn status_of(outcome: Status) -> StageStatus {
     }
 }
 
-/// Plans (if needed) and runs the deployment `id` to its end.
-pub async fn run_deployment(host: Arc<Host>, id: String) -> Result<DeploymentStatus> {
+/// Plans (if needed) and runs the deployment `fence` leases to its end;
+/// every write carries the lease, so the run stops (with [`cordon_store::Fenced`])
+/// once another agent has taken the deployment over.
+pub async fn run_deployment(host: Arc<Host>, fence: Fence) -> Result<DeploymentStatus> {
+    let id = fence.deployment.clone();
     let record = host.store.deployment(&id)?.with_context(|| format!("no deployment `{id}`"))?;
     if record.status.is_final() {
         return Ok(record.status);
@@ -68,33 +71,34 @@ pub async fn run_deployment(host: Arc<Host>, id: String) -> Result<DeploymentSta
     let trigger: TriggerInfo = serde_json::from_str(&record.trigger).context("the stored trigger is not readable")?;
     let app = match AppConfig::load(&PathBuf::from(&record.target_snapshot)) {
         Ok(app) => app,
-        Err(e) => return fail(&host, &id, &format!("the application config in the snapshot is invalid: {e:#}")),
+        Err(e) => return fail(&host, &fence, &format!("the application config in the snapshot is invalid: {e:#}")),
     };
     let record = if record.plan.is_empty() {
-        match plan_deployment(&host, &record, &app, &trigger).await {
+        match plan_deployment(&host, &fence, &record, &app, &trigger).await {
             Ok(record) => record,
-            Err(e) => return fail(&host, &id, &format!("planning failed: {e:#}")),
+            Err(e) if cordon_store::is_fenced(&e) => return Err(e),
+            Err(e) => return fail(&host, &fence, &format!("planning failed: {e:#}")),
         }
     } else {
-        let reset = host.store.reset_running_stages(&id)?;
+        let reset = host.store.reset_running_stages(&fence)?;
         if reset > 0 {
             tracing::info!("{id}: resuming; {reset} interrupted stage(s) will run again");
         }
         record
     };
     let summary: PlanSummary = serde_json::from_str(&record.plan).context("the stored plan is not readable")?;
-    let mut run = Run::new(host.clone(), record, app, trigger, summary)?;
+    let mut run = Run::new(host.clone(), fence, record, app, trigger, summary)?;
     let status = run.drive().await?;
     let _ = std::fs::remove_dir_all(host.scratch_dir(&id));
     Ok(status)
 }
 
-fn fail(host: &Host, id: &str, reason: &str) -> Result<DeploymentStatus> {
-    host.store.set_deployment_status(id, DeploymentStatus::Failure, reason, now_ms())?;
+fn fail(host: &Host, fence: &Fence, reason: &str) -> Result<DeploymentStatus> {
+    host.store.set_deployment_status(fence, DeploymentStatus::Failure, reason, now_ms())?;
     Ok(DeploymentStatus::Failure)
 }
 
-async fn plan_deployment(host: &Arc<Host>, record: &DeploymentRecord, app: &AppConfig, trigger: &TriggerInfo) -> Result<DeploymentRecord> {
+async fn plan_deployment(host: &Arc<Host>, fence: &Fence, record: &DeploymentRecord, app: &AppConfig, trigger: &TriggerInfo) -> Result<DeploymentRecord> {
     let running = host
         .store
         .application(&record.application)?
@@ -115,14 +119,14 @@ async fn plan_deployment(host: &Arc<Host>, record: &DeploymentRecord, app: &AppC
         running: running.clone(),
         scratch,
         changed,
-        sink: Arc::new(StoreLog { store: host.store.clone(), deployment: record.id.clone(), stage: String::new() }),
+        sink: Arc::new(StoreLog { store: host.store.clone(), fence: fence.clone(), stage: String::new() }),
     };
     let mut planned = plan::plan(&input).await?;
     for stage in &mut planned.stages {
         stage.deployment = record.id.clone();
     }
     let running = running.map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-    host.store.save_plan(&record.id, &serde_json::to_string(&planned.summary)?, &running, &planned.stages, now_ms())?;
+    host.store.save_plan(fence, &serde_json::to_string(&planned.summary)?, &running, &planned.stages, now_ms())?;
     host.store.deployment(&record.id)?.context("the deployment vanished")
 }
 
@@ -130,6 +134,7 @@ async fn plan_deployment(host: &Arc<Host>, record: &DeploymentRecord, app: &AppC
 /// fresh scratch directory named `scratch`, store-backed services.
 pub fn stage_call(
     host: &Host,
+    fence: &Fence,
     record: &DeploymentRecord,
     app: &AppConfig,
     info: &Deployment,
@@ -157,7 +162,7 @@ pub fn stage_call(
         dirs: RunDirs { target: Some(PathBuf::from(&record.target_snapshot)), running, scratch: Some(scratch) },
         services: Arc::new(StoreServices {
             store: host.store.clone(),
-            deployment: record.id.clone(),
+            fence: fence.clone(),
             stage: stage.id.clone(),
             application: app.name.clone(),
             plugin: stage.plugin.clone(),
@@ -170,6 +175,8 @@ pub fn stage_call(
 /// One deployment being driven: its stages in memory, mirrored to the store.
 struct Run {
     host: Arc<Host>,
+    /// The lease every write carries.
+    fence: Fence,
     record: DeploymentRecord,
     app: AppConfig,
     trigger: TriggerInfo,
@@ -193,7 +200,7 @@ struct Run {
 }
 
 impl Run {
-    fn new(host: Arc<Host>, record: DeploymentRecord, app: AppConfig, trigger: TriggerInfo, summary: PlanSummary) -> Result<Self> {
+    fn new(host: Arc<Host>, fence: Fence, record: DeploymentRecord, app: AppConfig, trigger: TriggerInfo, summary: PlanSummary) -> Result<Self> {
         let stages = host.store.stages(&record.id)?;
         let position = stages.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect();
         let info = deployment_info(&record, &app, &trigger);
@@ -202,6 +209,7 @@ impl Run {
         let source = SourceLock::of(Path::new(&record.target_snapshot));
         Ok(Self {
             host,
+            fence,
             record,
             app,
             trigger,
@@ -226,7 +234,6 @@ impl Run {
     }
 
     async fn drive(&mut self) -> Result<DeploymentStatus> {
-        let id = self.id().to_string();
         let store = self.host.store.clone();
         let forward = if self.record.status == DeploymentStatus::RollingBack {
             // Resumed mid-rollback: the reason was stored when it began.
@@ -244,7 +251,7 @@ impl Run {
                 let final_status = if cancelled { DeploymentStatus::Cancelled } else { DeploymentStatus::Failure };
                 let has_rollback = self.stages.iter().any(|s| s.rollback && !s.status.is_final());
                 if self.summary.auto_rollback && has_rollback {
-                    store.set_deployment_status(&id, DeploymentStatus::RollingBack, &reason, now_ms())?;
+                    store.set_deployment_status(&self.fence, DeploymentStatus::RollingBack, &reason, now_ms())?;
                     // The cancel that stopped the pipeline does not stop its
                     // rollback; only a cancel issued from now on does.
                     self.last_poll = None;
@@ -261,9 +268,9 @@ impl Run {
             }
         };
         if status == DeploymentStatus::Success {
-            store.complete_success(&id, &reason, now_ms())?;
+            store.complete_success(&self.fence, &reason, now_ms())?;
         } else {
-            store.set_deployment_status(&id, status, &reason, now_ms())?;
+            store.set_deployment_status(&self.fence, status, &reason, now_ms())?;
         }
         Ok(status)
     }
@@ -306,7 +313,7 @@ impl Run {
     /// Moves a stage between statuses, in the store and in memory.
     fn transition(&mut self, stage: &str, from: &[StageStatus], to: StageStatus, message: &str) -> Result<bool> {
         let at = now_ms();
-        let moved = self.host.store.transition_stage(self.id(), stage, from, to, message, at)?;
+        let moved = self.host.store.transition_stage(&self.fence, stage, from, to, message, at)?;
         if moved {
             let s = &mut self.stages[self.position[stage]];
             s.status = to;
@@ -320,7 +327,7 @@ impl Run {
 
     /// Holds a stage at a breakpoint.
     fn pause(&mut self, stage: &str, from: StageStatus, pause: Pause) -> Result<()> {
-        pause.save(self.host.store.as_ref(), self.id(), stage)?;
+        pause.save(self.host.store.as_ref(), &self.fence, stage)?;
         let how = match &pause {
             Pause::Before => "before it runs".to_string(),
             Pause::After { status, .. } => format!("after it ran ({status})"),
@@ -328,7 +335,7 @@ impl Run {
         };
         let message = format!("paused {how}: cordon debug continue|fail-continue|run {}", self.id());
         self.transition(stage, &[from], StageStatus::Paused, &message)?;
-        self.host.store.set_deployment_status(self.id(), DeploymentStatus::Running, &format!("stage {stage} is paused"), now_ms())?;
+        self.host.store.set_deployment_status(&self.fence, DeploymentStatus::Running, &format!("stage {stage} is paused"), now_ms())?;
         Ok(())
     }
 
@@ -342,11 +349,11 @@ impl Run {
             let before = matches!(pause, Ok(Pause::Before));
             let (status, message) = Pause::resume(pause, fail, &who);
             if before && status == StageStatus::NotStarted {
-                debug::mark_passed(self.host.store.as_ref(), self.id(), &stage)?;
+                debug::mark_passed(self.host.store.as_ref(), &self.fence, &stage)?;
             }
             self.transition(&stage, &[StageStatus::Paused], status, &message)?;
         }
-        self.host.store.set_deployment_status(self.id(), DeploymentStatus::Running, "", now_ms())?;
+        self.host.store.set_deployment_status(&self.fence, DeploymentStatus::Running, "", now_ms())?;
         Ok(())
     }
 
@@ -357,7 +364,7 @@ impl Run {
             (true, None) => self.paused_since = Some(std::time::Instant::now()),
             (false, Some(since)) => {
                 self.paused_ms += since.elapsed().as_millis() as u64;
-                debug::set_paused_ms(self.host.store.as_ref(), self.id(), self.paused_ms)?;
+                debug::set_paused_ms(self.host.store.as_ref(), &self.fence, self.paused_ms)?;
                 self.paused_since = None;
             }
             _ => {}
@@ -366,8 +373,8 @@ impl Run {
     }
 
     fn call(&self, stage: &StageRecord) -> Result<StageCall> {
-        let sink = Arc::new(StoreLog { store: self.host.store.clone(), deployment: self.record.id.clone(), stage: stage.id.clone() });
-        stage_call(&self.host, &self.record, &self.app, &self.info, stage, &stage.id, sink)
+        let sink = Arc::new(StoreLog { store: self.host.store.clone(), fence: self.fence.clone(), stage: stage.id.clone() });
+        stage_call(&self.host, &self.fence, &self.record, &self.app, &self.info, stage, &stage.id, sink)
     }
 
     /// Why a ready stage is skipped without running, if it is.
@@ -478,13 +485,13 @@ impl Run {
                     let plugin = match plugin {
                         Ok(p) => p,
                         Err(e) => {
-                            self.host.store.start_stage(self.id(), &stage.id, now_ms())?;
+                            self.host.store.start_stage(&self.fence, &stage.id, now_ms())?;
                             self.record(&stage.id, StageStatus::Failure, &format!("{e:#}"), true)?;
                             continue;
                         }
                     };
                     let call = self.call(&stage)?;
-                    self.host.store.start_stage(self.id(), &stage.id, now_ms())?;
+                    self.host.store.start_stage(&self.fence, &stage.id, now_ms())?;
                     self.stages[i].status = StageStatus::Running;
                     let engine = self.host.engine.clone();
                     let stage_id = stage.id.clone();

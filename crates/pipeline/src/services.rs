@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use cordon_runtime::sandbox::output::{LogSink, Source};
 use cordon_runtime::sandbox::services::{CommandKind, MetaScope, Quota, StageCommand, StageServices};
-use cordon_store::{self as store, LogRecord, StateStore, now_ms};
+use cordon_store::{self as store, Fence, LogRecord, StateStore, now_ms};
 
 /// Writes log lines of one stage (or, with an empty stage, of planning)
 /// into the store as they arrive, so `cordon logs --follow` streams them.
 pub struct StoreLog {
     pub store: Arc<dyn StateStore>,
-    pub deployment: String,
+    /// The lease the lines are written under.
+    pub fence: Fence,
     pub stage: String,
 }
 
@@ -20,7 +21,7 @@ impl StoreLog {
     fn record(&self, source: Source, text: &str) -> LogRecord {
         LogRecord {
             seq: 0,
-            deployment: self.deployment.clone(),
+            deployment: self.fence.deployment.clone(),
             stage: self.stage.clone(),
             at_ms: now_ms(),
             source: source.to_string(),
@@ -29,8 +30,8 @@ impl StoreLog {
     }
 
     fn store(&self, records: &[LogRecord]) {
-        if let Err(e) = self.store.append_logs(records) {
-            tracing::error!("cannot store {} log line(s) of {}/{}: {e:#}", records.len(), self.deployment, self.stage);
+        if let Err(e) = self.store.append_logs(&self.fence, records) {
+            tracing::error!("cannot store {} log line(s) of {}/{}: {e:#}", records.len(), self.fence.deployment, self.stage);
         }
     }
 }
@@ -55,7 +56,8 @@ fn store_quota(quota: Quota) -> store::Quota {
 /// Metadata, blobs and commands of one stage run.
 pub struct StoreServices {
     pub store: Arc<dyn StateStore>,
-    pub deployment: String,
+    /// The lease the stage's writes carry.
+    pub fence: Fence,
     pub stage: String,
     pub application: String,
     pub plugin: String,
@@ -72,18 +74,18 @@ impl StoreServices {
 
 impl StageServices for StoreServices {
     fn metadata_get(&self, scope: MetaScope, key: &str) -> anyhow::Result<Option<String>> {
-        self.store.metadata_get(&self.deployment, self.scope(scope), key)
+        self.store.metadata_get(&self.fence.deployment, self.scope(scope), key)
     }
     fn metadata_put(&self, scope: MetaScope, key: &str, value: &str, quota: Quota) -> anyhow::Result<bool> {
-        self.store.metadata_put_within(&self.deployment, self.scope(scope), key, value, store_quota(quota))
+        self.store.metadata_put_within(&self.fence, self.scope(scope), key, value, store_quota(quota))
     }
     fn metadata_entries(&self, scope: MetaScope) -> anyhow::Result<Vec<(String, String)>> {
-        self.store.metadata_entries(&self.deployment, self.scope(scope))
+        self.store.metadata_entries(&self.fence.deployment, self.scope(scope))
     }
     fn commands(&self) -> anyhow::Result<Vec<StageCommand>> {
         Ok(self
             .store
-            .commands(&self.deployment, Some(&self.stage))?
+            .commands(&self.fence.deployment, Some(&self.stage))?
             .into_iter()
             .filter_map(|c| {
                 let kind = match c.kind {
@@ -97,15 +99,15 @@ impl StageServices for StoreServices {
     }
     fn answer_command(&self, id: &str, verdict: Result<(), String>) -> anyhow::Result<()> {
         let answer = verdict.map_or_else(store::Answer::Refused, |()| store::Answer::Accepted);
-        self.store.answer_command(&self.deployment, &self.stage, id, &answer)
+        self.store.answer_command(&self.fence, &self.stage, id, &answer)
     }
     fn blob_get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         self.store.blob_get(&self.application, &self.plugin, key)
     }
     fn blob_put(&self, key: &str, value: &[u8], quota: Quota) -> anyhow::Result<bool> {
-        self.store.blob_put_within(&self.application, &self.plugin, key, value, store_quota(quota))
+        self.store.blob_put_within(&self.fence, &self.application, &self.plugin, key, value, store_quota(quota))
     }
     fn blob_delete(&self, key: &str) -> anyhow::Result<()> {
-        self.store.blob_delete(&self.application, &self.plugin, key)
+        self.store.blob_delete(&self.fence, &self.application, &self.plugin, key)
     }
 }

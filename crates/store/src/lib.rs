@@ -1,9 +1,16 @@
 //! Durable state: applications, deployments, stages, logs, metadata, blobs
 //! and commands.
 //!
-//! Everything a restart needs is here, behind the [`StateStore`] trait so a
-//! server database can back many agents later; [`sqlite::SqliteStore`] is the
-//! embedded default (one file under the state directory, no setup).
+//! Everything a restart needs is here, behind the [`StateStore`] trait:
+//! [`sqlite::SqliteStore`] is the embedded default (one file under the
+//! state directory, no setup, one agent); [`postgres::PostgresStore`] lets
+//! many agents share one PostgreSQL database. Both pass one conformance
+//! suite (`conformance.rs`).
+//!
+//! Agents coordinate through leases: an agent claims a deployment
+//! ([`StateStore::claim`]), renews the lease while it runs it, and every
+//! write it makes for the deployment carries the lease's [`Fence`]. A write
+//! with a fence another agent has since replaced is refused ([`Fenced`]).
 //!
 //! Two rules make resume after a crash safe:
 //! - a stage result is recorded only by the transition `running → final`
@@ -14,7 +21,12 @@
 //!   succeeded are never re-run. Plugins keep progress in metadata.
 
 pub mod lock;
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod conformance;
+#[cfg(any(test, feature = "test-cluster"))]
+pub mod test_cluster;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -24,6 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// The state database inside a state directory.
@@ -249,6 +262,25 @@ pub enum Answer {
     Refused(String),
 }
 
+impl Answer {
+    /// As stored: the verdict column and the reason column.
+    fn columns(&self) -> (&'static str, &str) {
+        match self {
+            Answer::Accepted => ("accepted", ""),
+            Answer::Refused(reason) => ("refused", reason.as_str()),
+        }
+    }
+
+    /// From the stored columns (`None`: not answered).
+    fn from_columns(verdict: Option<&str>, reason: String) -> Option<Answer> {
+        match verdict {
+            None => None,
+            Some("accepted") => Some(Answer::Accepted),
+            Some(_) => Some(Answer::Refused(reason)),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CommandKind {
@@ -297,8 +329,50 @@ pub struct ApplicationRecord {
     pub running_snapshot: Option<String>,
 }
 
-/// Durable state behind one agent (or, later, many).
+/// Free text (log lines, reasons, messages) as stored: NUL, which
+/// PostgreSQL text cannot hold, becomes U+FFFD in every backend alike.
+fn text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') { s.replace('\0', "\u{FFFD}").into() } else { s.into() }
+}
+
+/// Keys and values that must come back exactly (metadata, blob keys):
+/// refused, in every backend alike, when they hold a NUL.
+fn exact<'a>(what: &str, s: &'a str) -> Result<&'a str> {
+    anyhow::ensure!(!s.contains('\0'), "a {what} may not contain a NUL character (\\0); the state store cannot hold it");
+    Ok(s)
+}
+
+/// The right to write one deployment's progress: the lease an agent
+/// claimed on it, named by the lease's epoch. Every write an agent makes for
+/// a deployment carries it; once another agent has claimed the deployment
+/// (a higher epoch), such a write is refused with [`Fenced`], so an agent
+/// that was frozen or cut off past its lease cannot overwrite its
+/// successor's work.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    pub deployment: String,
+    pub epoch: i64,
+}
+
+/// A write carried a lease another agent has since taken over.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("deployment {}: this agent's lease (epoch {}) was taken over by another agent; it stops its stages there", .0.deployment, .0.epoch)]
+pub struct Fenced(pub Fence);
+
+/// Whether `error` (or what it wraps) is a refused write of a stale lease.
+pub fn is_fenced(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| e.is::<Fenced>())
+}
+
+/// Durable state behind one agent or many.
+///
+/// Reads take plain ids. Writes of a deployment's progress take the
+/// [`Fence`] of the lease the writing agent holds; people's writes
+/// (deployments queued, commands sent) take none.
 pub trait StateStore: Send + Sync {
+    /// Where the state is, for messages (never a credential).
+    fn describe(&self) -> String;
+
     // Applications.
     fn upsert_application(&self, name: &str, dir: &str) -> Result<()>;
     fn application(&self, name: &str) -> Result<Option<ApplicationRecord>>;
@@ -313,53 +387,80 @@ pub trait StateStore: Send + Sync {
     fn unfinished_deployments(&self) -> Result<Vec<DeploymentRecord>>;
     /// Stores the plan, its stages and the running source it was planned
     /// against, and marks the deployment running, in one transaction.
-    fn save_plan(&self, id: &str, plan: &str, running_snapshot: &str, stages: &[StageRecord], at: u64) -> Result<()>;
-    fn set_deployment_status(&self, id: &str, status: DeploymentStatus, reason: &str, at: u64) -> Result<()>;
+    fn save_plan(&self, fence: &Fence, plan: &str, running_snapshot: &str, stages: &[StageRecord], at: u64) -> Result<()>;
+    fn set_deployment_status(&self, fence: &Fence, status: DeploymentStatus, reason: &str, at: u64) -> Result<()>;
     /// Marks the deployment successful and its target snapshot the
     /// application's running source, in one transaction.
-    fn complete_success(&self, id: &str, reason: &str, at: u64) -> Result<()>;
+    fn complete_success(&self, fence: &Fence, reason: &str, at: u64) -> Result<()>;
+
+    // Leases.
+    /// Unfinished deployments an agent may claim now, oldest first: the
+    /// oldest unfinished one of each application (so an application's
+    /// deployments run in order, whoever runs them) whose lease is free or
+    /// expired.
+    fn claimable(&self) -> Result<Vec<DeploymentRecord>>;
+    /// Claims `deployment` for `agent` for `ttl` if it is still claimable
+    /// (skipping it, not waiting, when another agent is claiming it right
+    /// now); the new lease's epoch is one more than any before.
+    fn claim(&self, deployment: &str, agent: &str, ttl: std::time::Duration) -> Result<Option<Fence>>;
+    /// Extends `agent`'s leases by `ttl`; returns those it no longer holds.
+    fn renew(&self, agent: &str, fences: &[Fence], ttl: std::time::Duration) -> Result<Vec<Fence>>;
+    /// Ends a lease (its deployment finished or its agent stops), so
+    /// another agent need not wait for it to expire.
+    fn release(&self, fence: &Fence) -> Result<()>;
+    /// Ends every lease at once: only for an agent that knows it is the
+    /// only one (the embedded database's agent holds the state directory's
+    /// lock), so a restart resumes at once instead of after the lease.
+    fn expire_leases(&self) -> Result<usize>;
+    /// The current lease of `deployment` (epoch 0 before any claim) and
+    /// the agent that holds or last held it.
+    fn lease(&self, deployment: &str) -> Result<Option<(Fence, Option<String>)>>;
 
     // Stages.
     fn stages(&self, deployment: &str) -> Result<Vec<StageRecord>>;
     /// `not-started → running`; counts an attempt.
-    fn start_stage(&self, deployment: &str, stage: &str, at: u64) -> Result<()>;
+    fn start_stage(&self, fence: &Fence, stage: &str, at: u64) -> Result<()>;
     /// Moves a stage from one of `from` to `to`, recording `message` (and,
     /// for a final status, the finish time); false (and nothing written) if
     /// the stage was in none of `from`, so no transition happens twice.
-    fn transition_stage(&self, deployment: &str, stage: &str, from: &[StageStatus], to: StageStatus, message: &str, at: u64) -> Result<bool>;
+    fn transition_stage(&self, fence: &Fence, stage: &str, from: &[StageStatus], to: StageStatus, message: &str, at: u64) -> Result<bool>;
     /// `running → not-started` for every stage of the deployment; returns how many.
-    fn reset_running_stages(&self, deployment: &str) -> Result<usize>;
+    fn reset_running_stages(&self, fence: &Fence) -> Result<usize>;
 
     // Logs.
-    fn append_logs(&self, lines: &[LogRecord]) -> Result<()>;
-    /// Lines after `after_seq`, optionally of one stage, oldest first.
+    /// Appends lines of the fenced deployment (their `deployment` is ignored).
+    fn append_logs(&self, fence: &Fence, lines: &[LogRecord]) -> Result<()>;
+    /// Lines after `after_seq`, optionally of one stage, oldest first; a
+    /// line is never committed after one with a higher `seq` of the same
+    /// deployment, so a follower that asks for lines after the last it saw
+    /// misses none.
     fn logs(&self, deployment: &str, stage: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<LogRecord>>;
 
     // Metadata: `stage` is empty for deployment scope.
     fn metadata_get(&self, deployment: &str, stage: &str, key: &str) -> Result<Option<String>>;
     /// A host write (pause state and the like): no quota.
-    fn metadata_put(&self, deployment: &str, stage: &str, key: &str, value: &str) -> Result<()>;
+    fn metadata_put(&self, fence: &Fence, stage: &str, key: &str, value: &str) -> Result<()>;
     /// A plugin's write: checked against `quota` for the scope (other
     /// entries plus this one) and stored in one transaction; false, and
     /// nothing written, when it would pass the quota.
-    fn metadata_put_within(&self, deployment: &str, stage: &str, key: &str, value: &str, quota: Quota) -> Result<bool>;
+    fn metadata_put_within(&self, fence: &Fence, stage: &str, key: &str, value: &str, quota: Quota) -> Result<bool>;
     fn metadata_entries(&self, deployment: &str, stage: &str) -> Result<Vec<(String, String)>>;
 
-    // Blobs, per application and plugin.
+    // Blobs, per application and plugin, written by a deployment's stages.
     fn blob_get(&self, application: &str, plugin: &str, key: &str) -> Result<Option<Vec<u8>>>;
     /// Like [`StateStore::metadata_put_within`], for the blobs of one
     /// application and plugin.
-    fn blob_put_within(&self, application: &str, plugin: &str, key: &str, value: &[u8], quota: Quota) -> Result<bool>;
-    fn blob_delete(&self, application: &str, plugin: &str, key: &str) -> Result<()>;
+    fn blob_put_within(&self, fence: &Fence, application: &str, plugin: &str, key: &str, value: &[u8], quota: Quota) -> Result<bool>;
+    fn blob_delete(&self, fence: &Fence, application: &str, plugin: &str, key: &str) -> Result<()>;
 
     // Commands.
     fn add_command(&self, command: &CommandRecord) -> Result<()>;
     /// Commands of the deployment (`stage` = None) or of one stage.
     fn commands(&self, deployment: &str, stage: Option<&str>) -> Result<Vec<CommandRecord>>;
-    /// Records the answer of `stage` of `deployment` to its command `id`,
-    /// unless the command already has one; another stage's command, or an
-    /// unknown id, changes nothing.
-    fn answer_command(&self, deployment: &str, stage: &str, id: &str, answer: &Answer) -> Result<()>;
+    /// Records the answer of `stage` of the fenced deployment to its
+    /// command `id`, unless the command already has one; another stage's
+    /// command, or an unknown id, changes nothing.
+    fn answer_command(&self, fence: &Fence, stage: &str, id: &str, answer: &Answer) -> Result<()>;
 
     // Agents.
     /// Records `beat` as its agent's latest heartbeat.

@@ -31,6 +31,10 @@ const MIGRATIONS: &[&str] = &[
          started_at INTEGER NOT NULL,
          beat_at INTEGER NOT NULL
      );",
+    // 4: leases (who runs a deployment, until when, and its fencing epoch).
+    "ALTER TABLE deployments ADD COLUMN lease_owner TEXT;
+     ALTER TABLE deployments ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE deployments ADD COLUMN lease_until INTEGER;",
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -164,13 +168,36 @@ impl SqliteStore {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Runs `write` in one IMMEDIATE transaction after checking that
+    /// `fence` is still the deployment's lease: the check and the write
+    /// cannot be separated by another agent's claim.
+    fn fenced<T>(&self, fence: &Fence, write: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let epoch: Option<i64> =
+            tx.query_row("SELECT lease_epoch FROM deployments WHERE id = ?1", [&fence.deployment], |r| r.get(0)).optional()?;
+        match epoch {
+            None => anyhow::bail!("no deployment `{}`", fence.deployment),
+            Some(epoch) if epoch != fence.epoch => return Err(Fenced(fence.clone()).into()),
+            Some(_) => {}
+        }
+        let out = write(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
 }
 
+/// Unfinished deployments that are the oldest unfinished of their application.
+const HEAD_OF_APPLICATION: &str = "d.status IN ('queued', 'running', 'rolling-back')
+     AND NOT EXISTS (SELECT 1 FROM deployments e WHERE e.application = d.application
+                     AND e.status IN ('queued', 'running', 'rolling-back') AND e.seq < d.seq)";
+
 /// Upserts `(scope…, value)` with `upsert` if what `usage` counts of the
-/// scope's other entries leaves room for `added` bytes under `quota`; one
-/// IMMEDIATE transaction, so concurrent writers cannot both pass.
+/// scope's other entries leaves room for `added` bytes under `quota`; in
+/// the caller's IMMEDIATE transaction, so concurrent writers cannot both pass.
 fn put_within(
-    conn: &mut Connection,
+    tx: &rusqlite::Transaction<'_>,
     usage: &str,
     upsert: &str,
     scope: [&str; 3],
@@ -178,13 +205,11 @@ fn put_within(
     quota: Quota,
     added: u64,
 ) -> Result<bool> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let (entries, bytes): (i64, i64) = tx.query_row(usage, params![scope[0], scope[1], scope[2]], |r| Ok((r.get(0)?, r.get(1)?)))?;
     if !quota.admits(entries as u64, bytes as u64, added) {
         return Ok(false);
     }
     tx.execute(upsert, params![scope[0], scope[1], scope[2], value])?;
-    tx.commit()?;
     Ok(true)
 }
 
@@ -252,17 +277,17 @@ fn command_row(r: &Row<'_>) -> rusqlite::Result<(CommandRecord, String)> {
             kind: CommandKind::Approve,
             commander: r.get(4)?,
             created_at: r.get(5)?,
-            answer: match r.get::<_, Option<String>>(6)?.as_deref() {
-                None => None,
-                Some("accepted") => Some(Answer::Accepted),
-                Some(_) => Some(Answer::Refused(r.get(7)?)),
-            },
+            answer: Answer::from_columns(r.get::<_, Option<String>>(6)?.as_deref(), r.get(7)?),
         },
         r.get(3)?,
     ))
 }
 
 impl StateStore for SqliteStore {
+    fn describe(&self) -> String {
+        self.conn().path().map_or_else(|| "the embedded state database".to_string(), |p| p.to_string())
+    }
+
     fn upsert_application(&self, name: &str, dir: &str) -> Result<()> {
         self.conn().execute(
             "INSERT INTO applications (name, dir) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET dir = excluded.dir",
@@ -327,9 +352,9 @@ impl StateStore for SqliteStore {
         rows.map(|r| finish_deployment(r?)).collect()
     }
 
-    fn save_plan(&self, id: &str, plan: &str, running_snapshot: &str, stages: &[StageRecord], at: u64) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
+    fn save_plan(&self, fence: &Fence, plan: &str, running_snapshot: &str, stages: &[StageRecord], at: u64) -> Result<()> {
+        let id = fence.deployment.as_str();
+        self.fenced(fence, |tx| {
         tx.execute("DELETE FROM stages WHERE deployment = ?1", [id])?;
         {
             let mut insert = tx.prepare(
@@ -347,27 +372,30 @@ impl StateStore for SqliteStore {
             "UPDATE deployments SET plan = ?2, running_snapshot = ?4, status = 'running', reason = '', started_at = COALESCE(started_at, ?3) WHERE id = ?1",
             params![id, plan, at, running_snapshot],
         )?;
-        tx.commit()?;
         Ok(())
+        })
     }
 
-    fn set_deployment_status(&self, id: &str, status: DeploymentStatus, reason: &str, at: u64) -> Result<()> {
+    fn set_deployment_status(&self, fence: &Fence, status: DeploymentStatus, reason: &str, at: u64) -> Result<()> {
         let finished = status.is_final().then_some(at);
-        self.conn().execute(
+        let id = fence.deployment.as_str();
+        self.fenced(fence, |tx| {
+        tx.execute(
             "UPDATE deployments SET status = ?2, reason = ?3, finished_at = COALESCE(?4, finished_at),
              started_at = CASE WHEN ?2 IN ('running', 'rolling-back') THEN COALESCE(started_at, ?5) ELSE started_at END
              WHERE id = ?1",
-            params![id, status.as_str(), reason, finished, at],
+            params![id, status.as_str(), text(reason), finished, at],
         )?;
         Ok(())
+        })
     }
 
-    fn complete_success(&self, id: &str, reason: &str, at: u64) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
+    fn complete_success(&self, fence: &Fence, reason: &str, at: u64) -> Result<()> {
+        let id = fence.deployment.as_str();
+        self.fenced(fence, |tx| {
         tx.execute(
             "UPDATE deployments SET status = 'success', reason = ?2, finished_at = ?3 WHERE id = ?1",
-            params![id, reason, at],
+            params![id, text(reason), at],
         )?;
         tx.execute(
             "UPDATE applications SET last_success = ?1,
@@ -375,8 +403,71 @@ impl StateStore for SqliteStore {
              WHERE name = (SELECT application FROM deployments WHERE id = ?1)",
             [id],
         )?;
-        tx.commit()?;
         Ok(())
+        })
+    }
+
+    fn claimable(&self) -> Result<Vec<DeploymentRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments d WHERE {HEAD_OF_APPLICATION}
+             AND (lease_until IS NULL OR lease_until < ?1) ORDER BY seq"
+        ))?;
+        let rows = stmt.query_map([now_ms() as i64], deployment_row)?;
+        rows.map(|r| finish_deployment(r?)).collect()
+    }
+
+    fn claim(&self, deployment: &str, agent: &str, ttl: Duration) -> Result<Option<Fence>> {
+        let now = now_ms() as i64;
+        let epoch = self
+            .conn()
+            .query_row(
+                &format!(
+                    "UPDATE deployments SET lease_owner = ?2, lease_epoch = lease_epoch + 1, lease_until = ?3 + ?4
+                     WHERE id = ?1 AND (lease_until IS NULL OR lease_until < ?3)
+                     AND id IN (SELECT id FROM deployments d WHERE {HEAD_OF_APPLICATION})
+                     RETURNING lease_epoch"
+                ),
+                params![deployment, agent, now, ttl.as_millis() as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(epoch.map(|epoch| Fence { deployment: deployment.to_string(), epoch }))
+    }
+
+    fn renew(&self, agent: &str, fences: &[Fence], ttl: Duration) -> Result<Vec<Fence>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut lost = Vec::new();
+        for fence in fences {
+            let n = tx.execute(
+                "UPDATE deployments SET lease_until = ?4 WHERE id = ?1 AND lease_epoch = ?2 AND lease_owner = ?3",
+                params![fence.deployment, fence.epoch, agent, (now_ms() + ttl.as_millis() as u64) as i64],
+            )?;
+            if n == 0 {
+                lost.push(fence.clone());
+            }
+        }
+        tx.commit()?;
+        Ok(lost)
+    }
+
+    fn release(&self, fence: &Fence) -> Result<()> {
+        self.conn().execute("UPDATE deployments SET lease_until = NULL WHERE id = ?1 AND lease_epoch = ?2", params![fence.deployment, fence.epoch])?;
+        Ok(())
+    }
+
+    fn expire_leases(&self) -> Result<usize> {
+        Ok(self.conn().execute("UPDATE deployments SET lease_until = NULL WHERE lease_until IS NOT NULL", [])?)
+    }
+
+    fn lease(&self, deployment: &str) -> Result<Option<(Fence, Option<String>)>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT lease_epoch, lease_owner FROM deployments WHERE id = ?1", [deployment], |r| {
+                Ok((Fence { deployment: deployment.to_string(), epoch: r.get(0)? }, r.get(1)?))
+            })
+            .optional()?)
     }
 
     fn stages(&self, deployment: &str) -> Result<Vec<StageRecord>> {
@@ -395,49 +486,47 @@ impl StateStore for SqliteStore {
         .collect()
     }
 
-    fn start_stage(&self, deployment: &str, stage: &str, at: u64) -> Result<()> {
-        let n = self.conn().execute(
+    fn start_stage(&self, fence: &Fence, stage: &str, at: u64) -> Result<()> {
+        let deployment = fence.deployment.as_str();
+        let n = self.fenced(fence, |tx| Ok(tx.execute(
             "UPDATE stages SET status = 'running', started_at = ?3, attempts = attempts + 1
              WHERE deployment = ?1 AND id = ?2 AND status = 'not-started'",
             params![deployment, stage, at],
-        )?;
+        )?))?;
         anyhow::ensure!(n == 1, "stage {stage} of {deployment} was not waiting to start");
         Ok(())
     }
 
-    fn transition_stage(&self, deployment: &str, stage: &str, from: &[StageStatus], to: StageStatus, message: &str, at: u64) -> Result<bool> {
+    fn transition_stage(&self, fence: &Fence, stage: &str, from: &[StageStatus], to: StageStatus, message: &str, at: u64) -> Result<bool> {
         let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
         let finished = to.is_final().then_some(at);
-        let n = self.conn().execute(
+        let deployment = fence.deployment.as_str();
+        let n = self.fenced(fence, |tx| Ok(tx.execute(
             "UPDATE stages SET status = ?3, message = ?4, finished_at = ?5
              WHERE deployment = ?1 AND id = ?2 AND status IN (SELECT value FROM json_each(?6))",
-            params![deployment, stage, to.as_str(), message, finished, serde_json::to_string(&from)?],
-        )?;
+            params![deployment, stage, to.as_str(), text(message), finished, serde_json::to_string(&from)?],
+        )?))?;
         Ok(n == 1)
     }
 
-    fn reset_running_stages(&self, deployment: &str) -> Result<usize> {
-        Ok(self.conn().execute(
-            "UPDATE stages SET status = 'not-started' WHERE deployment = ?1 AND status = 'running'",
-            [deployment],
-        )?)
+    fn reset_running_stages(&self, fence: &Fence) -> Result<usize> {
+        self.fenced(fence, |tx| {
+            Ok(tx.execute("UPDATE stages SET status = 'not-started' WHERE deployment = ?1 AND status = 'running'", [&fence.deployment])?)
+        })
     }
 
-    fn append_logs(&self, lines: &[LogRecord]) -> Result<()> {
+    fn append_logs(&self, fence: &Fence, lines: &[LogRecord]) -> Result<()> {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
+        self.fenced(fence, |tx| {
             let mut insert =
                 tx.prepare_cached("INSERT INTO logs (deployment, stage, at_ms, source, text) VALUES (?1, ?2, ?3, ?4, ?5)")?;
             for l in lines {
-                insert.execute(params![l.deployment, l.stage, l.at_ms as i64, l.source, l.text])?;
+                insert.execute(params![fence.deployment, l.stage, l.at_ms as i64, l.source, text(&l.text)])?;
             }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     fn logs(&self, deployment: &str, stage: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<LogRecord>> {
@@ -463,17 +552,18 @@ impl StateStore for SqliteStore {
             .optional()?)
     }
 
-    fn metadata_put(&self, deployment: &str, stage: &str, key: &str, value: &str) -> Result<()> {
-        self.conn().execute(
-            METADATA_UPSERT,
-            params![deployment, stage, key, value],
-        )?;
-        Ok(())
+    fn metadata_put(&self, fence: &Fence, stage: &str, key: &str, value: &str) -> Result<()> {
+        self.fenced(fence, |tx| {
+            tx.execute(METADATA_UPSERT, params![fence.deployment, stage, exact("metadata key", key)?, exact("metadata value", value)?])?;
+            Ok(())
+        })
     }
 
-    fn metadata_put_within(&self, deployment: &str, stage: &str, key: &str, value: &str, quota: Quota) -> Result<bool> {
-        put_within(
-            &mut self.conn(),
+    fn metadata_put_within(&self, fence: &Fence, stage: &str, key: &str, value: &str, quota: Quota) -> Result<bool> {
+        let deployment = fence.deployment.as_str();
+        let (key, value) = (exact("metadata key", key)?, exact("metadata value", value)?);
+        self.fenced(fence, |tx| put_within(
+            tx,
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(key AS BLOB)) + LENGTH(CAST(value AS BLOB))), 0) FROM metadata
              WHERE deployment = ?1 AND stage = ?2 AND key <> ?3",
             METADATA_UPSERT,
@@ -481,7 +571,7 @@ impl StateStore for SqliteStore {
             &value,
             quota,
             (key.len() + value.len()) as u64,
-        )
+        ))
     }
 
     fn metadata_entries(&self, deployment: &str, stage: &str) -> Result<Vec<(String, String)>> {
@@ -502,9 +592,10 @@ impl StateStore for SqliteStore {
             .optional()?)
     }
 
-    fn blob_put_within(&self, application: &str, plugin: &str, key: &str, value: &[u8], quota: Quota) -> Result<bool> {
-        put_within(
-            &mut self.conn(),
+    fn blob_put_within(&self, fence: &Fence, application: &str, plugin: &str, key: &str, value: &[u8], quota: Quota) -> Result<bool> {
+        let key = exact("blob key", key)?;
+        self.fenced(fence, |tx| put_within(
+            tx,
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(key AS BLOB)) + LENGTH(value)), 0) FROM blobs
              WHERE application = ?1 AND plugin = ?2 AND key <> ?3",
             "INSERT INTO blobs (application, plugin, key, value) VALUES (?1, ?2, ?3, ?4)
@@ -513,15 +604,14 @@ impl StateStore for SqliteStore {
             &value,
             quota,
             (key.len() + value.len()) as u64,
-        )
+        ))
     }
 
-    fn blob_delete(&self, application: &str, plugin: &str, key: &str) -> Result<()> {
-        self.conn().execute(
-            "DELETE FROM blobs WHERE application = ?1 AND plugin = ?2 AND key = ?3",
-            params![application, plugin, key],
-        )?;
-        Ok(())
+    fn blob_delete(&self, fence: &Fence, application: &str, plugin: &str, key: &str) -> Result<()> {
+        self.fenced(fence, |tx| {
+            tx.execute("DELETE FROM blobs WHERE application = ?1 AND plugin = ?2 AND key = ?3", params![application, plugin, key])?;
+            Ok(())
+        })
     }
 
     fn add_command(&self, c: &CommandRecord) -> Result<()> {
@@ -549,16 +639,15 @@ impl StateStore for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    fn answer_command(&self, deployment: &str, stage: &str, id: &str, answer: &Answer) -> Result<()> {
-        let (verdict, reason) = match answer {
-            Answer::Accepted => ("accepted", ""),
-            Answer::Refused(reason) => ("refused", reason.as_str()),
-        };
-        self.conn().execute(
-            "UPDATE commands SET verdict = ?4, reason = ?5 WHERE id = ?3 AND deployment = ?1 AND stage = ?2 AND verdict IS NULL",
-            params![deployment, stage, id, verdict, reason],
-        )?;
-        Ok(())
+    fn answer_command(&self, fence: &Fence, stage: &str, id: &str, answer: &Answer) -> Result<()> {
+        let (verdict, reason) = answer.columns();
+        self.fenced(fence, |tx| {
+            tx.execute(
+                "UPDATE commands SET verdict = ?4, reason = ?5 WHERE id = ?3 AND deployment = ?1 AND stage = ?2 AND verdict IS NULL",
+                params![fence.deployment, stage, id, verdict, text(reason)],
+            )?;
+            Ok(())
+        })
     }
 
     fn commands(&self, deployment: &str, stage: Option<&str>) -> Result<Vec<CommandRecord>> {
@@ -581,132 +670,26 @@ impl StateStore for SqliteStore {
 mod tests {
     use super::*;
 
-    fn stage(id: &str, ordinal: u32) -> StageRecord {
-        StageRecord {
-            deployment: "d1".into(),
-            id: id.into(),
-            ordinal,
-            name: "WAIT".into(),
-            desc: String::new(),
-            index: ordinal,
-            rollback: false,
-            options: "{}".into(),
-            needs: vec![],
-            plugin: "wait".into(),
-            timeout_ms: 1000,
-            status: StageStatus::NotStarted,
-            message: String::new(),
-            started_at: None,
-            finished_at: None,
-            attempts: 0,
-        }
-    }
-
-    /// A scope's quota counts its other entries plus the new one, so a
-    /// key can be rewritten in place at the limit; a refused write leaves
-    /// nothing behind.
+    /// A database made by the first schema is brought forward on open with
+    /// its rows intact; a newer one is refused by name.
     #[test]
-    fn plugin_writes_stay_within_their_quota() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
-        let quota = Quota { entries: 2, bytes: 20 };
-        assert!(store.metadata_put_within("d1", "s", "a", "12345678", quota).unwrap());
-        assert!(store.metadata_put_within("d1", "s", "b", "1234567", quota).unwrap());
-        assert!(!store.metadata_put_within("d1", "s", "c", "1", quota).unwrap(), "a third entry");
-        assert!(store.metadata_put_within("d1", "s", "a", "123456789", quota).unwrap(), "rewriting within the bytes");
-        assert!(!store.metadata_put_within("d1", "s", "a", "123456789012", quota).unwrap(), "passing the bytes");
-        assert_eq!(store.metadata_get("d1", "s", "c").unwrap(), None);
-        assert_eq!(store.metadata_get("d1", "s", "a").unwrap().as_deref(), Some("123456789"));
-        assert!(store.metadata_put_within("d1", "other", "c", "1", quota).unwrap(), "another scope has its own quota");
-        assert!(store.blob_put_within("app", "p", "k", &[0u8; 19], quota).unwrap());
-        assert!(!store.blob_put_within("app", "p", "j", &[0u8; 1], quota).unwrap());
-        assert!(store.blob_put_within("app", "q", "j", &[0u8; 1], quota).unwrap());
-    }
-
-    /// A stage answers only its own commands, once; a database made by the
-    /// previous schema is brought forward on open with its commands intact.
-    #[test]
-    fn stages_answer_their_own_commands_once_and_old_databases_upgrade() {
+    fn old_databases_upgrade_and_newer_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let old = Connection::open(&path).unwrap();
         old.execute_batch(SCHEMA).unwrap();
         old.pragma_update(None, "user_version", 1).unwrap();
         old.execute("INSERT INTO commands VALUES ('c0', 'd1', 's1', 'approve', 'alice', 1, 1)", []).unwrap();
+        old.execute("INSERT INTO deployments VALUES ('d1', 'app', 'running', '', '{}', '{}', '/s', '', 1, 2, NULL, 1)", []).unwrap();
         drop(old);
 
         let store = SqliteStore::open(&path).unwrap();
-        let command = |id: &str| CommandRecord {
-            id: id.into(),
-            deployment: "d1".into(),
-            stage: "s1".into(),
-            kind: CommandKind::Approve,
-            commander: "mallory".into(),
-            created_at: 2,
-            answer: None,
-        };
-        store.add_command(&command("c1")).unwrap();
-        store.answer_command("d1", "s2", "c1", &Answer::Accepted).unwrap();
-        store.answer_command("d1", "s1", "c1", &Answer::Refused("not an approver".into())).unwrap();
-        store.answer_command("d1", "s1", "c1", &Answer::Accepted).unwrap();
-        store.answer_command("d1", "s1", "c0", &Answer::Accepted).unwrap();
-        let answers: Vec<_> = store.commands("d1", Some("s1")).unwrap().into_iter().map(|c| (c.id, c.answer)).collect();
-        assert_eq!(
-            answers,
-            [("c0".to_string(), Some(Answer::Accepted)), ("c1".to_string(), Some(Answer::Refused("not an approver".into())))]
-        );
+        let fence = store.claim("d1", "agent", Duration::from_secs(5)).unwrap().expect("an old deployment is claimable");
+        store.answer_command(&fence, "s1", "c0", &Answer::Accepted).unwrap();
+        assert_eq!(store.commands("d1", None).unwrap()[0].answer, Some(Answer::Accepted));
         drop(store);
         SqliteStore::open(&path).unwrap().conn().pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         let err = SqliteStore::open(&path).err().unwrap().to_string();
         assert!(err.contains(&format!("schema version {}", SCHEMA_VERSION + 1)) && err.contains("matching cordon release"), "{err}");
-    }
-
-    #[test]
-    fn many_processes_can_create_the_database_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.db");
-        let handles: Vec<_> = (0..8)
-            .map(|_| {
-                let path = path.clone();
-                std::thread::spawn(move || SqliteStore::open(&path).map(|s| s.applications().unwrap().len()))
-            })
-            .collect();
-        for h in handles {
-            assert_eq!(h.join().unwrap().unwrap(), 0);
-        }
-    }
-
-    #[test]
-    fn a_stage_result_is_recorded_once_and_resume_resets_running_stages() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
-        store.upsert_application("app", "/apps/app").unwrap();
-        let d = DeploymentRecord {
-            id: "d1".into(),
-            application: "app".into(),
-            status: DeploymentStatus::Queued,
-            reason: String::new(),
-            trigger: "{}".into(),
-            plan: String::new(),
-            target_snapshot: "/snap/d1".into(),
-            running_snapshot: String::new(),
-            created_at: 1,
-            started_at: None,
-            finished_at: None,
-        };
-        store.insert_deployment(&d).unwrap();
-        store.save_plan("d1", "{}", "", &[stage("s0", 0), stage("s1", 1)], 2).unwrap();
-        store.start_stage("d1", "s0", 3).unwrap();
-        assert!(store.transition_stage("d1", "s0", &[StageStatus::Running], StageStatus::Success, "", 4).unwrap());
-        assert!(!store.transition_stage("d1", "s0", &[StageStatus::Running], StageStatus::Failure, "again", 5).unwrap(), "recorded twice");
-        store.start_stage("d1", "s1", 6).unwrap();
-        assert_eq!(store.reset_running_stages("d1").unwrap(), 1);
-        let stages = store.stages("d1").unwrap();
-        assert_eq!((stages[0].status, stages[1].status), (StageStatus::Success, StageStatus::NotStarted));
-        assert_eq!(stages[1].attempts, 1);
-        store.complete_success("d1", "", 7).unwrap();
-        let app = store.application("app").unwrap().unwrap();
-        assert_eq!(app.running_snapshot.as_deref(), Some("/snap/d1"));
-        assert!(store.unfinished_deployments().unwrap().is_empty());
     }
 }

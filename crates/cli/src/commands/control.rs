@@ -52,8 +52,8 @@ pub struct Cancel {
 impl Approve {
     pub fn run(self, config: &Path) -> Result<ExitCode> {
         let store = open_store(&AgentConfig::load(config)?)?;
-        let sent = control::send(&store, &self.deployment, Some(&self.stage), CommandKind::Approve, &self.commander)?;
-        match control::await_answer(&store, &sent, self.wait)? {
+        let sent = control::send(store.as_ref(), &self.deployment, Some(&self.stage), CommandKind::Approve, &self.commander)?;
+        match control::await_answer(store.as_ref(), &sent, self.wait)? {
             Some(Answer::Accepted) => {
                 println!("{sent}: accepted");
                 Ok(ExitCode::SUCCESS)
@@ -90,6 +90,6 @@ impl Cancel {
 
 fn send(config: &Path, id: &str, stage: Option<&str>, kind: CommandKind, commander: &str) -> Result<ExitCode> {
     let store = open_store(&AgentConfig::load(config)?)?;
-    println!("{}", control::send(&store, id, stage, kind, commander)?);
+    println!("{}", control::send(store.as_ref(), id, stage, kind, commander)?);
     Ok(ExitCode::SUCCESS)
 }

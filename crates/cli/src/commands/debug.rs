@@ -47,7 +47,7 @@ impl DebugCommand {
             DebugCommand::FailContinue { deployment, commander } => (deployment, true, commander),
         };
         let store = open_store(&AgentConfig::load(config)?)?;
-        println!("{}", control::resume(&store, &deployment, fail, &commander)?);
+        println!("{}", control::resume(store.as_ref(), &deployment, fail, &commander)?);
         Ok(ExitCode::SUCCESS)
     }
 }
@@ -67,7 +67,10 @@ async fn run_paused(config_path: &Path, id: &str) -> Result<ExitCode> {
     let trigger: TriggerInfo = serde_json::from_str(&record.trigger).context("the stored trigger is not readable")?;
     let plugin = host.plugins.get(&stage.plugin).with_context(|| format!("plugin `{}` is no longer in the agent config", stage.plugin))?.clone();
     let info = pipeline::deployment_info(&record, &app, &trigger);
-    let call = pipeline::run::stage_call(&host, &record, &app, &info, &stage, &format!("{}-debug", stage.id), Arc::new(PrintSink::Stdout))?;
+    // The run writes under the lease of the agent that holds the deployment
+    // paused: it acts for that agent, and stops writing if another takes over.
+    let (fence, _) = host.store.lease(id)?.with_context(|| format!("no deployment `{id}`"))?;
+    let call = pipeline::run::stage_call(&host, &fence, &record, &app, &info, &stage, &format!("{}-debug", stage.id), Arc::new(PrintSink::Stdout))?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "debug run of stage {} ({}) of deployment {id}; it stays paused", stage.id, stage.name)?;
     writeln!(out, "  plugin:   {} (world {}, {}, sha256 {})", plugin.name, plugin.world, plugin.path.display(), plugin.sha256)?;

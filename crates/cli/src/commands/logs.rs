@@ -8,7 +8,6 @@ use anyhow::Result;
 
 use cordon_pipeline::{control, open_store};
 use cordon_runtime::plugin::AgentConfig;
-use cordon_store::StateStore;
 
 use crate::follow;
 use crate::print::escape;
@@ -30,7 +29,7 @@ impl Logs {
     pub async fn run(self, config_path: &Path) -> Result<ExitCode> {
         let store = open_store(&AgentConfig::load(config_path)?)?;
         let id = self.deployment.as_str();
-        control::deployment(&store, id)?;
+        control::deployment(store.as_ref(), id)?;
         let stage_id = match &self.stage {
             Some(s) => Some(control::resolve_stage(&store.stages(id)?, id, s)?.id.clone()),
             None => None,

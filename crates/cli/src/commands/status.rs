@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use cordon_pipeline::{control, open_store};
 use cordon_runtime::plugin::AgentConfig;
-use cordon_store::{StateStore, now_ms};
+use cordon_store::now_ms;
 
 use crate::follow;
 use crate::print::escape;
@@ -40,7 +40,7 @@ impl Status {
                 }
             }
             Some(id) => {
-                let d = control::deployment(&store, id)?;
+                let d = control::deployment(store.as_ref(), id)?;
                 let reason = if d.reason.is_empty() { String::new() } else { format!(" ({})", escape(&d.reason)) };
                 writeln!(out, "deployment {} of {}: {}{reason}", d.id, d.application, d.status)?;
                 for s in store.stages(id)? {

@@ -53,7 +53,7 @@ impl Upload {
             }
             None => Source::Dir { dir: self.dir.as_deref().unwrap_or(Path::new(".")), ignore: &self.ignore },
         };
-        let (summary, stage) = upload::into_deployment(&store, id, source, &self.to, mode, &upload::Limits::default(), waiting)?;
+        let (summary, stage) = upload::into_deployment(store.as_ref(), id, source, &self.to, mode, &upload::Limits::default(), waiting)?;
         println!(
             "uploaded {} files ({} bytes) into {TARGET}/{} of deployment {id}, paused at {}",
             summary.files,
@@ -62,7 +62,7 @@ impl Upload {
             stage.id
         );
         if self.resume {
-            println!("{}", control::send(&store, id, None, CommandKind::DebugContinue, &self.commander)?);
+            println!("{}", control::send(store.as_ref(), id, None, CommandKind::DebugContinue, &self.commander)?);
         }
         Ok(ExitCode::SUCCESS)
     }

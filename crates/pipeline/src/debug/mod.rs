@@ -18,7 +18,7 @@ pub mod upload;
 
 use serde::{Deserialize, Serialize};
 
-use cordon_store::{StageRecord, StageStatus, StateStore};
+use cordon_store::{Fence, StageRecord, StageStatus, StateStore};
 
 /// Where a deployment pauses, from `cordon deploy --break-*` and the app
 /// config's `debug:` section. Stages are named by id or name.
@@ -79,8 +79,8 @@ fn pause_key(stage: &str) -> String {
 }
 
 impl Pause {
-    pub fn save(&self, store: &dyn StateStore, deployment: &str, stage: &str) -> anyhow::Result<()> {
-        store.metadata_put(deployment, HOST_SCOPE, &pause_key(stage), &serde_json::to_string(self)?)
+    pub fn save(&self, store: &dyn StateStore, fence: &Fence, stage: &str) -> anyhow::Result<()> {
+        store.metadata_put(fence, HOST_SCOPE, &pause_key(stage), &serde_json::to_string(self)?)
     }
 
     /// The stored pause, or an error saying why it cannot be trusted.
@@ -113,8 +113,8 @@ fn with(message: &str, note: &str) -> String {
 }
 
 /// Marks that a stage passed its before-breakpoint, so it runs next time.
-pub fn mark_passed(store: &dyn StateStore, deployment: &str, stage: &str) -> anyhow::Result<()> {
-    store.metadata_put(deployment, HOST_SCOPE, &format!("passed:{stage}"), "1")
+pub fn mark_passed(store: &dyn StateStore, fence: &Fence, stage: &str) -> anyhow::Result<()> {
+    store.metadata_put(fence, HOST_SCOPE, &format!("passed:{stage}"), "1")
 }
 
 pub fn passed(store: &dyn StateStore, deployment: &str, stage: &str) -> anyhow::Result<bool> {
@@ -127,8 +127,8 @@ pub fn paused_ms(store: &dyn StateStore, deployment: &str) -> anyhow::Result<u64
     Ok(store.metadata_get(deployment, HOST_SCOPE, "paused-ms")?.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
-pub fn set_paused_ms(store: &dyn StateStore, deployment: &str, total: u64) -> anyhow::Result<()> {
-    store.metadata_put(deployment, HOST_SCOPE, "paused-ms", &total.to_string())
+pub fn set_paused_ms(store: &dyn StateStore, fence: &Fence, total: u64) -> anyhow::Result<()> {
+    store.metadata_put(fence, HOST_SCOPE, "paused-ms", &total.to_string())
 }
 
 #[cfg(test)]

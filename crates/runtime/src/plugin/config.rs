@@ -17,6 +17,12 @@
 //!     limits: { memory: 128MiB, timeout: 10m, log-bytes: 4MiB, result-bytes: 1MiB }
 //! ```
 //!
+//! `state:` chooses where the state lives: by default the embedded SQLite
+//! database in `state-dir` (one agent); `state: { postgres: { url,
+//! password-file, lease } }` (or `$CORDON_DATABASE_URL`, which wins) a
+//! PostgreSQL database that many agents share. `state-dir` stays each
+//! agent's own (caches, scratch, local snapshots).
+//!
 //! A plugin from a registry names `source: oci://REGISTRY/REPO@sha256:…`
 //! (the manifest digest, see [`super::artifact`]) instead of `path:`; its
 //! `sha256` still pins the component. `insecure-registries` lists the
@@ -56,9 +62,40 @@ pub struct AgentConfig {
     /// always are, every other one only over HTTPS.
     #[serde(default)]
     pub insecure_registries: Vec<String>,
+    /// Where the state lives (default: SQLite in `state-dir`).
+    #[serde(default)]
+    pub state: StateConfig,
     /// The file this config was read from.
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// `state:` of the agent config.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StateConfig {
+    pub postgres: Option<PostgresConfig>,
+}
+
+/// A PostgreSQL database that many agents share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PostgresConfig {
+    /// `postgres://USER@HOST:PORT/DATABASE`; `$CORDON_DATABASE_URL` wins.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A file holding the password (relative to the config file), so the
+    /// config itself holds no secret.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// How long an agent's claim on a deployment lasts without renewal:
+    /// after it dies, another agent takes its deployments over this late.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: std::time::Duration,
+}
+
+fn default_lease() -> std::time::Duration {
+    std::time::Duration::from_secs(15)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +183,16 @@ impl AgentConfig {
         config.source = path.to_path_buf();
         if config.state_dir.is_relative() {
             config.state_dir = base.join(&config.state_dir);
+        }
+        if let Some(postgres) = &mut config.state.postgres {
+            if let Some(file) = &mut postgres.password_file
+                && file.is_relative()
+            {
+                *file = base.join(&*file);
+            }
+            if postgres.lease < std::time::Duration::from_secs(1) {
+                bail!("{file}: state.postgres.lease is {:?}; give at least 1s (default 15s)", postgres.lease);
+            }
         }
         let mut names: Vec<&str> = Vec::new();
         let artifacts = config.artifact_dir();

@@ -1,0 +1,938 @@
+//! The PostgreSQL state store: many agents, one database.
+//!
+//! Driver: `tokio-postgres` with `deadpool-postgres`'s pool — async and
+//! tokio-native like the rest of the host, plain SQL with no database
+//! needed at build time (sqlx's checked queries need one), and small.
+//!
+//! [`StateStore`] is synchronous (SQLite is), and its callers run on any
+//! thread: inside the agent's runtime, in a current-thread test runtime, or
+//! in no runtime at all. So the store drives its connections on a small
+//! runtime of its own and each call waits for its answer there; no caller
+//! ever has to be inside a tokio context, and none can starve it. Every
+//! call is bounded by [`CALL_TIMEOUT`], so a hung server fails the call
+//! with a message instead of hanging the agent.
+//!
+//! Times of leases come from the database's clock, so agents on machines
+//! whose clocks disagree still agree on when a lease ran out. Writes of a
+//! deployment's progress lock its row (shared) and check the fence in the
+//! same transaction; a claim locks it exclusively, so a claim and a write
+//! of the lease it replaces cannot interleave. Log appends lock the row
+//! exclusively: a deployment's log lines commit in `seq` order, so a
+//! follower that reads after the last `seq` it saw misses none.
+//!
+//! Credentials: the URL may hold a password, and `password-file` can
+//! supply one; neither is ever part of a message ([`PostgresStore::describe`]
+//! names user, host, port and database only).
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::{NoTls, Row};
+
+use super::*;
+
+/// Longest a store call may take before it fails naming the server.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections kept per store (one process).
+const POOL_SIZE: usize = 8;
+/// The advisory lock that serialises schema changes of agents starting at once.
+const MIGRATION_LOCK: i64 = 0x636f_7264_6f6e;
+/// The database's clock, in milliseconds since the Unix epoch.
+const DB_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+/// Schema changes in order; entry `i` takes version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE applications (
+    name TEXT PRIMARY KEY,
+    dir TEXT NOT NULL,
+    last_success TEXT,
+    running_snapshot TEXT
+);
+CREATE TABLE deployments (
+    id TEXT PRIMARY KEY,
+    application TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    target_snapshot TEXT NOT NULL,
+    running_snapshot TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    started_at BIGINT,
+    finished_at BIGINT,
+    seq BIGSERIAL NOT NULL,
+    lease_owner TEXT,
+    lease_epoch BIGINT NOT NULL DEFAULT 0,
+    lease_until BIGINT
+);
+CREATE INDEX deployments_app ON deployments (application, seq);
+CREATE INDEX deployments_unfinished ON deployments (seq) WHERE status IN ('queued', 'running', 'rolling-back');
+CREATE TABLE stages (
+    deployment TEXT NOT NULL,
+    id TEXT NOT NULL,
+    ordinal INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    "desc" TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    rollback BOOLEAN NOT NULL,
+    options TEXT NOT NULL,
+    needs TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    timeout_ms BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    message TEXT NOT NULL,
+    started_at BIGINT,
+    finished_at BIGINT,
+    attempts INTEGER NOT NULL,
+    PRIMARY KEY (deployment, id)
+);
+CREATE TABLE logs (
+    seq BIGSERIAL PRIMARY KEY,
+    deployment TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    source TEXT NOT NULL,
+    text TEXT NOT NULL
+);
+CREATE INDEX logs_deployment ON logs (deployment, stage, seq);
+CREATE TABLE metadata (
+    deployment TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (deployment, stage, key)
+);
+CREATE TABLE blobs (
+    application TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BYTEA NOT NULL,
+    PRIMARY KEY (application, plugin, key)
+);
+CREATE TABLE commands (
+    id TEXT PRIMARY KEY,
+    deployment TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    commander TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    seq BIGSERIAL NOT NULL,
+    verdict TEXT,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX commands_deployment ON commands (deployment, stage, seq);
+CREATE TABLE agents (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid BIGINT NOT NULL,
+    started_at BIGINT NOT NULL,
+    beat_at BIGINT NOT NULL
+);
+"#];
+
+const DEPLOYMENT_COLUMNS: &str = "id, application, status, reason, trigger, plan, target_snapshot, running_snapshot, created_at, started_at, finished_at";
+const STAGE_COLUMNS: &str =
+    r#"deployment, id, ordinal, name, "desc", idx, rollback, options, needs, plugin, timeout_ms, status, message, started_at, finished_at, attempts"#;
+/// Unfinished deployments that are the oldest unfinished of their application.
+const HEAD_OF_APPLICATION: &str = "d.status IN ('queued', 'running', 'rolling-back')
+     AND NOT EXISTS (SELECT 1 FROM deployments e WHERE e.application = d.application
+                     AND e.status IN ('queued', 'running', 'rolling-back') AND e.seq < d.seq)";
+const METADATA_UPSERT: &str = "INSERT INTO metadata (deployment, stage, key, value) VALUES ($1, $2, $3, $4)
+     ON CONFLICT (deployment, stage, key) DO UPDATE SET value = excluded.value";
+const BLOB_UPSERT: &str = "INSERT INTO blobs (application, plugin, key, value) VALUES ($1, $2, $3, $4)
+     ON CONFLICT (application, plugin, key) DO UPDATE SET value = excluded.value";
+
+/// The PostgreSQL-backed [`StateStore`].
+pub struct PostgresStore {
+    pool: Pool,
+    /// Runs the connections and every call; `None` only while dropping.
+    runtime: Option<tokio::runtime::Runtime>,
+    /// `postgres://user@host:port/database`, for messages.
+    describe: String,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which tokio forbids inside another
+        // runtime; the connections need no orderly goodbye.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// `postgres://user@host:port/database` of `config`: never the password.
+fn describe(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("postgres://{}@{host}:{port}/{}", config.get_user().unwrap_or(""), config.get_dbname().unwrap_or(""))
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (a `postgres://` URL or a
+    /// `key=value` string; `password`, when given, replaces the URL's) and
+    /// brings its schema up to date. `source` names where the URL came
+    /// from, for messages; the URL itself is never repeated.
+    pub fn open(url: &str, password: Option<&str>, source: &str) -> Result<Self> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+            anyhow!("{source}: not a PostgreSQL connection URL ({e}); write it as postgres://USER@HOST:PORT/DATABASE")
+        })?;
+        if let Some(password) = password {
+            config.password(password);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        config.application_name("cordon");
+        let describe = describe(&config);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cordon-postgres")
+            .enable_all()
+            .build()
+            .context("cannot start the PostgreSQL client's threads")?;
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = {
+            let _entered = runtime.enter();
+            Pool::builder(manager)
+                .max_size(POOL_SIZE)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .create_timeout(Some(Duration::from_secs(10)))
+                .wait_timeout(Some(CALL_TIMEOUT))
+                .build()
+                .context("cannot set up the PostgreSQL connection pool")?
+        };
+        let store = Self { pool, runtime: Some(runtime), describe };
+        let pool = store.pool.clone();
+        store
+            .run(async move { migrate(&pool).await })
+            .with_context(|| format!("cannot open the state database {} ({source})", store.describe))?;
+        Ok(store)
+    }
+
+    /// Runs `work` on the store's runtime and waits for it, at most
+    /// [`CALL_TIMEOUT`].
+    fn run<T: Send + 'static>(&self, work: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        let (send, receive) = std::sync::mpsc::sync_channel(1);
+        let describe = self.describe.clone();
+        self.runtime.as_ref().expect("the runtime lives as long as the store").spawn(async move {
+            let out = match tokio::time::timeout(CALL_TIMEOUT, work).await {
+                Ok(out) => out,
+                Err(_) => Err(anyhow!(
+                    "the state database {describe} did not answer within {}s; is PostgreSQL running and reachable?",
+                    CALL_TIMEOUT.as_secs()
+                )),
+            };
+            let _ = send.send(out);
+        });
+        receive.recv().map_err(|_| anyhow!("the PostgreSQL client of {} stopped", self.describe))?
+    }
+}
+
+/// A pooled connection, or an error naming the database.
+async fn client(pool: &Pool) -> Result<deadpool_postgres::Object> {
+    pool.get().await.map_err(|e| anyhow!("cannot connect to the state database: {e}"))
+}
+
+async fn migrate(pool: &Pool) -> Result<()> {
+    let mut client = client(pool).await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS cordon_schema (version INTEGER NOT NULL)").await?;
+    let version: i32 = match tx.query_opt("SELECT version FROM cordon_schema", &[]).await? {
+        Some(row) => row.get(0),
+        None => {
+            tx.execute("INSERT INTO cordon_schema (version) VALUES (0)", &[]).await?;
+            0
+        }
+    };
+    let known = MIGRATIONS.len() as i32;
+    if !(0..=known).contains(&version) {
+        anyhow::bail!("it has schema version {version}, this cordon understands up to {known}; use a matching cordon release");
+    }
+    for migration in &MIGRATIONS[version as usize..] {
+        tx.batch_execute(migration).await?;
+    }
+    tx.execute("UPDATE cordon_schema SET version = $1", &[&known]).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// How a fenced write locks its deployment's row.
+#[derive(Clone, Copy)]
+enum Lock {
+    /// Writes of other rows: many at once, none during a claim.
+    Share,
+    /// Writes of the deployment row itself, and log appends (in order).
+    Update,
+}
+
+/// Checks in `tx` that `fence` is still its deployment's lease, holding
+/// the row locked until `tx` ends.
+async fn check_fence(tx: &deadpool_postgres::Transaction<'_>, fence: &Fence, lock: Lock) -> Result<()> {
+    let mode = match lock {
+        Lock::Share => "SHARE",
+        Lock::Update => "UPDATE",
+    };
+    let row = tx.query_opt(&format!("SELECT lease_epoch FROM deployments WHERE id = $1 FOR {mode}"), &[&fence.deployment]).await?;
+    match row.map(|r| r.get::<_, i64>(0)) {
+        None => anyhow::bail!("no deployment `{}`", fence.deployment),
+        Some(epoch) if epoch != fence.epoch => Err(Fenced(fence.clone()).into()),
+        Some(_) => Ok(()),
+    }
+}
+
+fn opt_u64(v: Option<i64>) -> Option<u64> {
+    v.map(|v| v as u64)
+}
+
+fn opt_i64(v: Option<u64>) -> Option<i64> {
+    v.map(|v| v as i64)
+}
+
+fn deployment_row(r: &Row) -> Result<DeploymentRecord> {
+    Ok(DeploymentRecord {
+        id: r.get(0),
+        application: r.get(1),
+        status: r.get::<_, &str>(2).parse()?,
+        reason: r.get(3),
+        trigger: r.get(4),
+        plan: r.get(5),
+        target_snapshot: r.get(6),
+        running_snapshot: r.get(7),
+        created_at: r.get::<_, i64>(8) as u64,
+        started_at: opt_u64(r.get(9)),
+        finished_at: opt_u64(r.get(10)),
+    })
+}
+
+fn stage_row(r: &Row) -> Result<StageRecord> {
+    Ok(StageRecord {
+        deployment: r.get(0),
+        id: r.get(1),
+        ordinal: r.get::<_, i32>(2) as u32,
+        name: r.get(3),
+        desc: r.get(4),
+        index: r.get::<_, i32>(5) as u32,
+        rollback: r.get(6),
+        options: r.get(7),
+        needs: serde_json::from_str(r.get(8))?,
+        plugin: r.get(9),
+        timeout_ms: r.get::<_, i64>(10) as u64,
+        status: r.get::<_, &str>(11).parse()?,
+        message: r.get(12),
+        started_at: opt_u64(r.get(13)),
+        finished_at: opt_u64(r.get(14)),
+        attempts: r.get::<_, i32>(15) as u32,
+    })
+}
+
+fn application_row(r: &Row) -> ApplicationRecord {
+    ApplicationRecord { name: r.get(0), dir: r.get(1), last_success: r.get(2), running_snapshot: r.get(3) }
+}
+
+/// Upserts with `upsert` if what `usage` counts of the scope's other
+/// entries leaves room for `added` bytes under `quota`. The scope is
+/// locked first (a transaction-scoped advisory lock on its name), so two
+/// writers of one scope cannot both pass the check.
+#[allow(clippy::too_many_arguments)]
+async fn put_within(
+    tx: &deadpool_postgres::Transaction<'_>,
+    usage: &str,
+    upsert: &str,
+    scope: [&str; 3],
+    value: &(dyn tokio_postgres::types::ToSql + Sync),
+    quota: Quota,
+    added: u64,
+) -> Result<bool> {
+    let lock_key = format!("{}/{}", scope[0], scope[1]);
+    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&lock_key]).await?;
+    let row = tx.query_one(usage, &[&scope[0], &scope[1], &scope[2]]).await?;
+    let (entries, bytes): (i64, i64) = (row.get(0), row.get(1));
+    if !quota.admits(entries as u64, bytes as u64, added) {
+        return Ok(false);
+    }
+    tx.execute(upsert, &[&scope[0], &scope[1], &scope[2], value]).await?;
+    Ok(true)
+}
+
+impl StateStore for PostgresStore {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn upsert_application(&self, name: &str, dir: &str) -> Result<()> {
+        let (pool, name, dir) = (self.pool.clone(), name.to_string(), dir.to_string());
+        self.run(async move {
+            client(&pool)
+                .await?
+                .execute(
+                    "INSERT INTO applications (name, dir) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET dir = excluded.dir",
+                    &[&name, &dir],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn application(&self, name: &str) -> Result<Option<ApplicationRecord>> {
+        let (pool, name) = (self.pool.clone(), name.to_string());
+        self.run(async move {
+            let row = client(&pool)
+                .await?
+                .query_opt("SELECT name, dir, last_success, running_snapshot FROM applications WHERE name = $1", &[&name])
+                .await?;
+            Ok(row.as_ref().map(application_row))
+        })
+    }
+
+    fn applications(&self) -> Result<Vec<ApplicationRecord>> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let rows =
+                client(&pool).await?.query("SELECT name, dir, last_success, running_snapshot FROM applications ORDER BY name", &[]).await?;
+            Ok(rows.iter().map(application_row).collect())
+        })
+    }
+
+    fn insert_deployment(&self, d: &DeploymentRecord) -> Result<()> {
+        let (pool, d) = (self.pool.clone(), d.clone());
+        self.run(async move {
+            client(&pool)
+                .await?
+                .execute(
+                    "INSERT INTO deployments (id, application, status, reason, trigger, plan, target_snapshot, running_snapshot, created_at, started_at, finished_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    &[
+                        &d.id, &d.application, &d.status.as_str(), &d.reason, &d.trigger, &d.plan, &d.target_snapshot,
+                        &d.running_snapshot, &(d.created_at as i64), &opt_i64(d.started_at), &opt_i64(d.finished_at),
+                    ],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn deployment(&self, id: &str) -> Result<Option<DeploymentRecord>> {
+        let (pool, id) = (self.pool.clone(), id.to_string());
+        self.run(async move {
+            let row = client(&pool).await?.query_opt(&format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = $1"), &[&id]).await?;
+            row.as_ref().map(deployment_row).transpose()
+        })
+    }
+
+    fn deployments(&self, application: Option<&str>, limit: usize) -> Result<Vec<DeploymentRecord>> {
+        let (pool, application) = (self.pool.clone(), application.map(str::to_string));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(async move {
+            let rows = client(&pool)
+                .await?
+                .query(
+                    &format!(
+                        "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE ($1::text IS NULL OR application = $1) ORDER BY seq DESC LIMIT $2"
+                    ),
+                    &[&application, &limit],
+                )
+                .await?;
+            rows.iter().map(deployment_row).collect()
+        })
+    }
+
+    fn unfinished_deployments(&self) -> Result<Vec<DeploymentRecord>> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let rows = client(&pool)
+                .await?
+                .query(
+                    &format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE status IN ('queued', 'running', 'rolling-back') ORDER BY seq"),
+                    &[],
+                )
+                .await?;
+            rows.iter().map(deployment_row).collect()
+        })
+    }
+
+    fn save_plan(&self, fence: &Fence, plan: &str, running_snapshot: &str, stages: &[StageRecord], at: u64) -> Result<()> {
+        let (pool, fence, plan, running, stages) =
+            (self.pool.clone(), fence.clone(), plan.to_string(), running_snapshot.to_string(), stages.to_vec());
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&tx, &fence, Lock::Update).await?;
+            let id = &fence.deployment;
+            tx.execute("DELETE FROM stages WHERE deployment = $1", &[id]).await?;
+            let insert = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO stages ({STAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, '', NULL, NULL, 0)"
+                ))
+                .await?;
+            for s in &stages {
+                tx.execute(
+                    &insert,
+                    &[
+                        id, &s.id, &(s.ordinal as i32), &s.name, &s.desc, &(s.index as i32), &s.rollback, &s.options,
+                        &serde_json::to_string(&s.needs)?, &s.plugin, &(s.timeout_ms as i64), &s.status.as_str(),
+                    ],
+                )
+                .await?;
+            }
+            tx.execute(
+                "UPDATE deployments SET plan = $2, running_snapshot = $4, status = 'running', reason = '', started_at = COALESCE(started_at, $3) WHERE id = $1",
+                &[id, &plan, &(at as i64), &running],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn set_deployment_status(&self, fence: &Fence, status: DeploymentStatus, reason: &str, at: u64) -> Result<()> {
+        let (pool, fence, reason) = (self.pool.clone(), fence.clone(), text(reason).into_owned());
+        let finished = status.is_final().then_some(at as i64);
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&tx, &fence, Lock::Update).await?;
+            tx.execute(
+                "UPDATE deployments SET status = $2, reason = $3, finished_at = COALESCE($4, finished_at),
+                 started_at = CASE WHEN $2 IN ('running', 'rolling-back') THEN COALESCE(started_at, $5) ELSE started_at END
+                 WHERE id = $1",
+                &[&fence.deployment, &status.as_str(), &reason, &finished, &(at as i64)],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn complete_success(&self, fence: &Fence, reason: &str, at: u64) -> Result<()> {
+        let (pool, fence, reason) = (self.pool.clone(), fence.clone(), text(reason).into_owned());
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&tx, &fence, Lock::Update).await?;
+            tx.execute(
+                "UPDATE deployments SET status = 'success', reason = $2, finished_at = $3 WHERE id = $1",
+                &[&fence.deployment, &reason, &(at as i64)],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE applications SET last_success = $1,
+                 running_snapshot = (SELECT target_snapshot FROM deployments WHERE id = $1)
+                 WHERE name = (SELECT application FROM deployments WHERE id = $1)",
+                &[&fence.deployment],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn claimable(&self) -> Result<Vec<DeploymentRecord>> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let rows = client(&pool)
+                .await?
+                .query(
+                    &format!(
+                        "SELECT {DEPLOYMENT_COLUMNS} FROM deployments d WHERE {HEAD_OF_APPLICATION}
+                         AND (lease_until IS NULL OR lease_until < {DB_NOW}) ORDER BY seq"
+                    ),
+                    &[],
+                )
+                .await?;
+            rows.iter().map(deployment_row).collect()
+        })
+    }
+
+    fn claim(&self, deployment: &str, agent: &str, ttl: Duration) -> Result<Option<Fence>> {
+        let (pool, deployment, agent) = (self.pool.clone(), deployment.to_string(), agent.to_string());
+        let ttl = ttl.as_millis() as i64;
+        self.run(async move {
+            let row = client(&pool)
+                .await?
+                .query_opt(
+                    &format!(
+                        "UPDATE deployments SET lease_owner = $2, lease_epoch = lease_epoch + 1, lease_until = {DB_NOW} + $3
+                         WHERE id = (SELECT d.id FROM deployments d WHERE d.id = $1 AND {HEAD_OF_APPLICATION}
+                                     AND (d.lease_until IS NULL OR d.lease_until < {DB_NOW})
+                                     FOR UPDATE SKIP LOCKED)
+                         RETURNING lease_epoch"
+                    ),
+                    &[&deployment, &agent, &ttl],
+                )
+                .await?;
+            Ok(row.map(|r| Fence { deployment, epoch: r.get(0) }))
+        })
+    }
+
+    fn renew(&self, agent: &str, fences: &[Fence], ttl: Duration) -> Result<Vec<Fence>> {
+        if fences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (pool, agent, fences) = (self.pool.clone(), agent.to_string(), fences.to_vec());
+        let ttl = ttl.as_millis() as i64;
+        self.run(async move {
+            let ids: Vec<&str> = fences.iter().map(|f| f.deployment.as_str()).collect();
+            let epochs: Vec<i64> = fences.iter().map(|f| f.epoch).collect();
+            let rows = client(&pool)
+                .await?
+                .query(
+                    &format!(
+                        "UPDATE deployments SET lease_until = {DB_NOW} + $4
+                         WHERE (id, lease_epoch) IN (SELECT * FROM unnest($1::text[], $2::bigint[])) AND lease_owner = $3
+                         RETURNING id, lease_epoch"
+                    ),
+                    &[&ids, &epochs, &agent, &ttl],
+                )
+                .await?;
+            let held: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            Ok(fences.into_iter().filter(|f| !held.contains(&(f.deployment.clone(), f.epoch))).collect())
+        })
+    }
+
+    fn release(&self, fence: &Fence) -> Result<()> {
+        let (pool, fence) = (self.pool.clone(), fence.clone());
+        self.run(async move {
+            client(&pool)
+                .await?
+                .execute("UPDATE deployments SET lease_until = NULL WHERE id = $1 AND lease_epoch = $2", &[&fence.deployment, &fence.epoch])
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn expire_leases(&self) -> Result<usize> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            Ok(client(&pool).await?.execute("UPDATE deployments SET lease_until = NULL WHERE lease_until IS NOT NULL", &[]).await? as usize)
+        })
+    }
+
+    fn lease(&self, deployment: &str) -> Result<Option<(Fence, Option<String>)>> {
+        let (pool, deployment) = (self.pool.clone(), deployment.to_string());
+        self.run(async move {
+            let row = client(&pool).await?.query_opt("SELECT lease_epoch, lease_owner FROM deployments WHERE id = $1", &[&deployment]).await?;
+            Ok(row.map(|r| (Fence { deployment, epoch: r.get(0) }, r.get(1))))
+        })
+    }
+
+    fn stages(&self, deployment: &str) -> Result<Vec<StageRecord>> {
+        let (pool, deployment) = (self.pool.clone(), deployment.to_string());
+        self.run(async move {
+            let rows = client(&pool)
+                .await?
+                .query(&format!("SELECT {STAGE_COLUMNS} FROM stages WHERE deployment = $1 ORDER BY ordinal"), &[&deployment])
+                .await?;
+            rows.iter().map(stage_row).collect()
+        })
+    }
+
+    fn start_stage(&self, fence: &Fence, stage: &str, at: u64) -> Result<()> {
+        let (pool, fence, stage) = (self.pool.clone(), fence.clone(), stage.to_string());
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&tx, &fence, Lock::Share).await?;
+            let n = tx
+                .execute(
+                    "UPDATE stages SET status = 'running', started_at = $3, attempts = attempts + 1
+                     WHERE deployment = $1 AND id = $2 AND status = 'not-started'",
+                    &[&fence.deployment, &stage, &(at as i64)],
+                )
+                .await?;
+            tx.commit().await?;
+            anyhow::ensure!(n == 1, "stage {stage} of {} was not waiting to start", fence.deployment);
+            Ok(())
+        })
+    }
+
+    fn transition_stage(&self, fence: &Fence, stage: &str, from: &[StageStatus], to: StageStatus, message: &str, at: u64) -> Result<bool> {
+        let (pool, fence, stage, message) = (self.pool.clone(), fence.clone(), stage.to_string(), text(message).into_owned());
+        let from: Vec<&'static str> = from.iter().map(|s| s.as_str()).collect();
+        let finished = to.is_final().then_some(at as i64);
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&tx, &fence, Lock::Share).await?;
+            let n = tx
+                .execute(
+                    "UPDATE stages SET status = $3, message = $4, finished_at = $5
+                     WHERE deployment = $1 AND id = $2 AND status = ANY($6)",
+                    &[&fence.deployment, &stage, &to.as_str(), &message, &finished, &from],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn reset_running_stages(&self, fence: &Fence) -> Result<usize> {
+        let (pool, fence) = (self.pool.clone(), fence.clone());
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&tx, &fence, Lock::Share).await?;
+            let n = tx.execute("UPDATE stages SET status = 'not-started' WHERE deployment = $1 AND status = 'running'", &[&fence.deployment]).await?;
+            tx.commit().await?;
+            Ok(n as usize)
+        })
+    }
+
+    fn append_logs(&self, fence: &Fence, lines: &[LogRecord]) -> Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let (pool, fence, lines) = (self.pool.clone(), fence.clone(), lines.to_vec());
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&tx, &fence, Lock::Update).await?;
+            let stages: Vec<&str> = lines.iter().map(|l| l.stage.as_str()).collect();
+            let at: Vec<i64> = lines.iter().map(|l| l.at_ms as i64).collect();
+            let sources: Vec<&str> = lines.iter().map(|l| l.source.as_str()).collect();
+            let texts: Vec<std::borrow::Cow<'_, str>> = lines.iter().map(|l| text(&l.text)).collect();
+            tx.execute(
+                "INSERT INTO logs (deployment, stage, at_ms, source, text)
+                 SELECT $1, l.stage, l.at_ms, l.source, l.text
+                 FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[]) WITH ORDINALITY AS l(stage, at_ms, source, text, n)
+                 ORDER BY n",
+                &[&fence.deployment, &stages, &at, &sources, &texts],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn logs(&self, deployment: &str, stage: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<LogRecord>> {
+        let (pool, deployment, stage) = (self.pool.clone(), deployment.to_string(), stage.map(str::to_string));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(async move {
+            let rows = client(&pool)
+                .await?
+                .query(
+                    "SELECT seq, deployment, stage, at_ms, source, text FROM logs
+                     WHERE deployment = $1 AND ($2::text IS NULL OR stage = $2) AND seq > $3 ORDER BY seq LIMIT $4",
+                    &[&deployment, &stage, &after_seq, &limit],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| LogRecord {
+                    seq: r.get(0),
+                    deployment: r.get(1),
+                    stage: r.get(2),
+                    at_ms: r.get::<_, i64>(3) as u64,
+                    source: r.get(4),
+                    text: r.get(5),
+                })
+                .collect())
+        })
+    }
+
+    fn metadata_get(&self, deployment: &str, stage: &str, key: &str) -> Result<Option<String>> {
+        let (pool, deployment, stage, key) = (self.pool.clone(), deployment.to_string(), stage.to_string(), key.to_string());
+        self.run(async move {
+            let row = client(&pool)
+                .await?
+                .query_opt("SELECT value FROM metadata WHERE deployment = $1 AND stage = $2 AND key = $3", &[&deployment, &stage, &key])
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn metadata_put(&self, fence: &Fence, stage: &str, key: &str, value: &str) -> Result<()> {
+        let (key, value) = (exact("metadata key", key)?.to_string(), exact("metadata value", value)?.to_string());
+        let (pool, fence, stage) = (self.pool.clone(), fence.clone(), stage.to_string());
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&tx, &fence, Lock::Share).await?;
+            tx.execute(METADATA_UPSERT, &[&fence.deployment, &stage, &key, &value]).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn metadata_put_within(&self, fence: &Fence, stage: &str, key: &str, value: &str, quota: Quota) -> Result<bool> {
+        let (key, value) = (exact("metadata key", key)?.to_string(), exact("metadata value", value)?.to_string());
+        let (pool, fence, stage) = (self.pool.clone(), fence.clone(), stage.to_string());
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&tx, &fence, Lock::Share).await?;
+            let added = (key.len() + value.len()) as u64;
+            let stored = put_within(
+                &tx,
+                "SELECT COUNT(*), COALESCE(SUM(octet_length(key) + octet_length(value)), 0)::bigint FROM metadata
+                 WHERE deployment = $1 AND stage = $2 AND key <> $3",
+                METADATA_UPSERT,
+                [&fence.deployment, &stage, &key],
+                &value,
+                quota,
+                added,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(stored)
+        })
+    }
+
+    fn metadata_entries(&self, deployment: &str, stage: &str) -> Result<Vec<(String, String)>> {
+        let (pool, deployment, stage) = (self.pool.clone(), deployment.to_string(), stage.to_string());
+        self.run(async move {
+            let rows = client(&pool)
+                .await?
+                .query("SELECT key, value FROM metadata WHERE deployment = $1 AND stage = $2 ORDER BY key", &[&deployment, &stage])
+                .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    fn blob_get(&self, application: &str, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let (pool, application, plugin, key) = (self.pool.clone(), application.to_string(), plugin.to_string(), key.to_string());
+        self.run(async move {
+            let row = client(&pool)
+                .await?
+                .query_opt("SELECT value FROM blobs WHERE application = $1 AND plugin = $2 AND key = $3", &[&application, &plugin, &key])
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn blob_put_within(&self, fence: &Fence, application: &str, plugin: &str, key: &str, value: &[u8], quota: Quota) -> Result<bool> {
+        let (pool, fence) = (self.pool.clone(), fence.clone());
+        let (application, plugin, key, value) = (application.to_string(), plugin.to_string(), exact("blob key", key)?.to_string(), value.to_vec());
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&tx, &fence, Lock::Share).await?;
+            let added = (key.len() + value.len()) as u64;
+            let stored = put_within(
+                &tx,
+                "SELECT COUNT(*), COALESCE(SUM(octet_length(key) + octet_length(value)), 0)::bigint FROM blobs
+                 WHERE application = $1 AND plugin = $2 AND key <> $3",
+                BLOB_UPSERT,
+                [&application, &plugin, &key],
+                &value,
+                quota,
+                added,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(stored)
+        })
+    }
+
+    fn blob_delete(&self, fence: &Fence, application: &str, plugin: &str, key: &str) -> Result<()> {
+        let (pool, fence) = (self.pool.clone(), fence.clone());
+        let (application, plugin, key) = (application.to_string(), plugin.to_string(), key.to_string());
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&tx, &fence, Lock::Share).await?;
+            tx.execute("DELETE FROM blobs WHERE application = $1 AND plugin = $2 AND key = $3", &[&application, &plugin, &key]).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn add_command(&self, c: &CommandRecord) -> Result<()> {
+        let (pool, c) = (self.pool.clone(), c.clone());
+        self.run(async move {
+            client(&pool)
+                .await?
+                .execute(
+                    "INSERT INTO commands (id, deployment, stage, kind, commander, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&c.id, &c.deployment, &c.stage, &c.kind.as_str(), &c.commander, &(c.created_at as i64)],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn commands(&self, deployment: &str, stage: Option<&str>) -> Result<Vec<CommandRecord>> {
+        let (pool, deployment, stage) = (self.pool.clone(), deployment.to_string(), stage.map(str::to_string));
+        self.run(async move {
+            let rows = client(&pool)
+                .await?
+                .query(
+                    "SELECT id, deployment, stage, kind, commander, created_at, verdict, reason FROM commands
+                     WHERE deployment = $1 AND ($2::text IS NULL OR stage = $2) ORDER BY seq",
+                    &[&deployment, &stage],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(CommandRecord {
+                        id: r.get(0),
+                        deployment: r.get(1),
+                        stage: r.get(2),
+                        kind: r.get::<_, &str>(3).parse()?,
+                        commander: r.get(4),
+                        created_at: r.get::<_, i64>(5) as u64,
+                        answer: Answer::from_columns(r.get(6), r.get(7)),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn answer_command(&self, fence: &Fence, stage: &str, id: &str, answer: &Answer) -> Result<()> {
+        let (pool, fence, stage, id) = (self.pool.clone(), fence.clone(), stage.to_string(), id.to_string());
+        let (verdict, reason) = answer.columns();
+        let reason = text(reason).into_owned();
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&tx, &fence, Lock::Share).await?;
+            tx.execute(
+                "UPDATE commands SET verdict = $4, reason = $5 WHERE id = $3 AND deployment = $1 AND stage = $2 AND verdict IS NULL",
+                &[&fence.deployment, &stage, &id, &verdict, &reason],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn heartbeat(&self, b: &AgentBeat) -> Result<()> {
+        let (pool, b) = (self.pool.clone(), b.clone());
+        self.run(async move {
+            client(&pool)
+                .await?
+                .execute(
+                    "INSERT INTO agents (id, host, pid, started_at, beat_at) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (id) DO UPDATE SET beat_at = excluded.beat_at",
+                    &[&b.id, &b.host, &(b.pid as i64), &(b.started_at as i64), &(b.beat_at as i64)],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn agents(&self) -> Result<Vec<AgentBeat>> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let rows = client(&pool).await?.query("SELECT id, host, pid, started_at, beat_at FROM agents ORDER BY beat_at DESC", &[]).await?;
+            Ok(rows
+                .iter()
+                .map(|r| AgentBeat {
+                    id: r.get(0),
+                    host: r.get(1),
+                    pid: r.get::<_, i64>(2) as u32,
+                    started_at: r.get::<_, i64>(3) as u64,
+                    beat_at: r.get::<_, i64>(4) as u64,
+                })
+                .collect())
+        })
+    }
+}
