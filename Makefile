@@ -15,8 +15,10 @@ CORDON := target/debug/cordon
 # gRPC code is generated at build time), etcd (the migration tests and
 # benchmark start their own servers on loopback ports), and for the OCI
 # tests and benchmark a registry (CNCF distribution), skopeo as an
-# independent client and htpasswd for a registry that needs a login.
-APT_PACKAGES := protobuf-compiler:protoc etcd-server:etcd docker-registry:docker-registry skopeo:skopeo apache2-utils:htpasswd
+# independent client and htpasswd for a registry that needs a login, and
+# PostgreSQL 15 for the many-agent tests (each starts its own cluster).
+APT_PACKAGES := protobuf-compiler:protoc etcd-server:etcd docker-registry:docker-registry skopeo:skopeo apache2-utils:htpasswd \
+	postgresql-15:/usr/lib/postgresql/15/bin/initdb
 
 toolchain:
 	@rustup target list --installed | grep -qx '$(GUEST_TARGET)' || rustup target add $(GUEST_TARGET)
@@ -57,8 +59,14 @@ lint: toolchain
 
 # The SDK's own tests and doc examples run natively: wit-bindgen's bindings
 # compile on any target, so every example in the SDK docs is built.
+# The pipeline end-to-end tests run twice: on the embedded SQLite state
+# and on PostgreSQL (CORDON_TEST_STATE=postgres: each test world gets a
+# fresh database of a throwaway cluster).
+PIPELINE_TESTS := --test pipeline --test debug --test plugins --test cli
+
 test: guests host lint
 	$(CARGO) test --workspace
+	CORDON_TEST_STATE=postgres $(CARGO) test -p cordon-tests $(PIPELINE_TESTS)
 	cd guests && $(CARGO) test -p cordon-sdk -p cordon-sdk-deployment
 
 bench: guests host

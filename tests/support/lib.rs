@@ -209,6 +209,25 @@ pub fn cordon_bin() -> PathBuf {
     path
 }
 
+/// Set to `postgres` to run the pipeline tests on PostgreSQL: every
+/// [`World`] then gets a fresh database of this process's test cluster,
+/// with short leases (`make test` runs those tests both ways).
+pub const STATE_ENV: &str = "CORDON_TEST_STATE";
+
+/// Whether this run's worlds share state on PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var(STATE_ENV).as_deref() == Ok("postgres")
+}
+
+/// The `state:` entry of a world's agent config: none on SQLite.
+fn shared_state() -> String {
+    if on_postgres() {
+        format!("state: {{ postgres: {{ url: \"{}\", lease: 1s }} }}\n", cordon_store::test_cluster::Cluster::shared().database())
+    } else {
+        String::new()
+    }
+}
+
 /// A state directory with an agent config naming the pipeline test guests
 /// (`step`, `test-deploy`, `wait`, `spin`), a read-write `/marks` mount
 /// where stages count their runs, and a secret `token`.
@@ -252,7 +271,7 @@ impl World {
         std::fs::create_dir_all(&marks).unwrap();
         let secret = dir.path().join("token.txt");
         std::fs::write(&secret, format!("{TOKEN_VALUE}\n")).unwrap();
-        let mut yaml = format!("state-dir: {}\nplugins:\n", dir.path().join("state").display());
+        let mut yaml = format!("state-dir: {}\n{}plugins:\n", dir.path().join("state").display(), shared_state());
         for &(name, world) in base {
             let file = guest(name);
             yaml.push_str(&format!(
