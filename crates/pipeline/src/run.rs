@@ -32,7 +32,7 @@ use super::services::{StoreLog, StoreServices};
 use cordon_store::now_ms;
 use super::snapshot::{self, SourceLock};
 use super::{Host, deployment_info};
-use cordon_runtime::runner::{self, Deployment, Outcome, Stage, StageCall, Status};
+use cordon_runtime::runner::{self, Outcome, Stage, StageCall, Status};
 use cordon_runtime::sandbox::RunDirs;
 use crate::debug::{self, Breakpoints, Pause};
 use cordon_store::{CommandKind, DeploymentRecord, DeploymentStatus, Fence, StageRecord, StageStatus};
@@ -137,11 +137,11 @@ pub fn stage_call(
     fence: &Fence,
     record: &DeploymentRecord,
     app: &AppConfig,
-    info: &Deployment,
     stage: &StageRecord,
     scratch: &str,
     sink: Arc<dyn cordon_runtime::sandbox::LogSink>,
 ) -> Result<StageCall> {
+    let trigger: TriggerInfo = serde_json::from_str(&record.trigger).context("the stored trigger is not readable")?;
     let scratch = host.scratch_dir(&record.id).join(scratch);
     if scratch.exists() {
         std::fs::remove_dir_all(&scratch)?;
@@ -149,7 +149,7 @@ pub fn stage_call(
     std::fs::create_dir_all(&scratch)?;
     let running = (!record.running_snapshot.is_empty()).then(|| PathBuf::from(&record.running_snapshot));
     Ok(StageCall {
-        deployment: info.clone(),
+        deployment: deployment_info(record, app, &trigger),
         stage: Stage {
             id: stage.id.clone(),
             name: stage.name.clone(),
@@ -181,7 +181,6 @@ struct Run {
     app: AppConfig,
     trigger: TriggerInfo,
     summary: PlanSummary,
-    info: Deployment,
     stages: Vec<StageRecord>,
     position: HashMap<String, usize>,
     seen_commands: HashSet<String>,
@@ -203,7 +202,6 @@ impl Run {
     fn new(host: Arc<Host>, fence: Fence, record: DeploymentRecord, app: AppConfig, trigger: TriggerInfo, summary: PlanSummary) -> Result<Self> {
         let stages = host.store.stages(&record.id)?;
         let position = stages.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect();
-        let info = deployment_info(&record, &app, &trigger);
         let breakpoints = app.debug.clone().unwrap_or_default().merged(&trigger.breakpoints);
         let paused_ms = debug::paused_ms(host.store.as_ref(), &record.id)?;
         let source = SourceLock::of(Path::new(&record.target_snapshot));
@@ -214,7 +212,6 @@ impl Run {
             app,
             trigger,
             summary,
-            info,
             stages,
             position,
             seen_commands: HashSet::new(),
@@ -374,7 +371,7 @@ impl Run {
 
     fn call(&self, stage: &StageRecord) -> Result<StageCall> {
         let sink = Arc::new(StoreLog { store: self.host.store.clone(), fence: self.fence.clone(), stage: stage.id.clone() });
-        stage_call(&self.host, &self.fence, &self.record, &self.app, &self.info, stage, &stage.id, sink)
+        stage_call(&self.host, &self.fence, &self.record, &self.app, stage, &stage.id, sink)
     }
 
     /// Why a ready stage is skipped without running, if it is.

@@ -214,7 +214,7 @@ fn a_deployment_is_claimed_once_in_application_order(open: Open) {
     store.release(&b1).unwrap();
     let taken = store.claim("b-1", "y", LEASE).unwrap().unwrap();
     assert_eq!(taken.epoch, b1.epoch + 1);
-    assert_eq!(store.renew("x", std::slice::from_ref(&b1), LEASE).unwrap(), [b1.clone()], "x lost it");
+    assert_eq!(store.renew("x", std::slice::from_ref(&b1), LEASE).unwrap(), std::slice::from_ref(&b1), "x lost it");
     assert_eq!(store.lease("b-1").unwrap().unwrap(), (taken.clone(), Some("y".to_string())));
 
     // Finished: the next of the application becomes claimable.
@@ -262,10 +262,20 @@ fn a_stale_lease_can_write_nothing(open: Open) {
         ("blob_delete", store.blob_delete(&old, "app", "p", "k").unwrap_err()),
         ("answer_command", store.answer_command(&old, "s0", "c", &Answer::Accepted).unwrap_err()),
     ];
-    for (write, e) in refusals {
-        assert!(is_fenced(&e), "{write}: {e:#}");
+    let attempted: Vec<&str> = refusals.iter().map(|(write, _)| *write).collect();
+    for (write, e) in &refusals {
+        assert!(is_fenced(e), "{write}: {e:#}");
         assert!(e.to_string().contains("taken over"), "{write}: {e}");
     }
+    assert_eq!(store.renew("a", std::slice::from_ref(&old), LEASE).unwrap(), std::slice::from_ref(&old));
+    let recorded = store.refused_writes("d1").unwrap();
+    assert!(recorded.iter().all(|r| r.epoch == old.epoch), "{recorded:?}");
+    let mut recorded: Vec<&str> = recorded.iter().map(|r| r.write.as_str()).collect();
+    let mut want = attempted.clone();
+    want.push("renew");
+    recorded.sort();
+    want.sort();
+    assert_eq!(recorded, want, "every refused write is recorded");
     let d = store.deployment("d1").unwrap().unwrap();
     assert_eq!((d.status, d.reason.as_str()), (DeploymentStatus::Running, ""));
     let stages = store.stages("d1").unwrap();

@@ -359,6 +359,16 @@ pub struct Fence {
 #[error("deployment {}: this agent's lease (epoch {}) was taken over by another agent; it stops its stages there", .0.deployment, .0.epoch)]
 pub struct Fenced(pub Fence);
 
+/// A write refused because its lease was stale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedWrite {
+    /// The stale lease's epoch.
+    pub epoch: i64,
+    /// The store method (`transition_stage`, `append_logs`, `renew`, …).
+    pub write: String,
+    pub at: u64,
+}
+
 /// Whether `error` (or what it wraps) is a refused write of a stale lease.
 pub fn is_fenced(error: &anyhow::Error) -> bool {
     error.chain().any(|e| e.is::<Fenced>())
@@ -412,6 +422,10 @@ pub trait StateStore: Send + Sync {
     /// only one (the embedded database's agent holds the state directory's
     /// lock), so a restart resumes at once instead of after the lease.
     fn expire_leases(&self) -> Result<usize>;
+    /// Writes refused for `deployment` because their lease was taken over
+    /// (lease renewals included), oldest first: the trace a stale agent
+    /// leaves.
+    fn refused_writes(&self, deployment: &str) -> Result<Vec<RefusedWrite>>;
     /// The current lease of `deployment` (epoch 0 before any claim) and
     /// the agent that holds or last held it.
     fn lease(&self, deployment: &str) -> Result<Option<(Fence, Option<String>)>>;

@@ -124,6 +124,13 @@ CREATE TABLE commands (
     reason TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX commands_deployment ON commands (deployment, stage, seq);
+CREATE TABLE refused_writes (
+    deployment TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    write TEXT NOT NULL,
+    at BIGINT NOT NULL
+);
+CREATE INDEX refused_writes_deployment ON refused_writes (deployment);
 CREATE TABLE agents (
     id TEXT PRIMARY KEY,
     host TEXT NOT NULL,
@@ -275,8 +282,9 @@ enum Lock {
 }
 
 /// Checks in `tx` that `fence` is still its deployment's lease, holding
-/// the row locked until `tx` ends.
-async fn check_fence(tx: &deadpool_postgres::Transaction<'_>, fence: &Fence, lock: Lock) -> Result<()> {
+/// the row locked until `tx` ends; a refusal of the write `what` is
+/// recorded on another connection (`tx` is rolled back).
+async fn check_fence(pool: &Pool, tx: &deadpool_postgres::Transaction<'_>, fence: &Fence, lock: Lock, what: &str) -> Result<()> {
     let mode = match lock {
         Lock::Share => "SHARE",
         Lock::Update => "UPDATE",
@@ -284,9 +292,23 @@ async fn check_fence(tx: &deadpool_postgres::Transaction<'_>, fence: &Fence, loc
     let row = tx.query_opt(&format!("SELECT lease_epoch FROM deployments WHERE id = $1 FOR {mode}"), &[&fence.deployment]).await?;
     match row.map(|r| r.get::<_, i64>(0)) {
         None => anyhow::bail!("no deployment `{}`", fence.deployment),
-        Some(epoch) if epoch != fence.epoch => Err(Fenced(fence.clone()).into()),
+        Some(epoch) if epoch != fence.epoch => {
+            record_refusal(pool, fence, what).await?;
+            Err(Fenced(fence.clone()).into())
+        }
         Some(_) => Ok(()),
     }
+}
+
+async fn record_refusal(pool: &Pool, fence: &Fence, what: &str) -> Result<()> {
+    client(pool)
+        .await?
+        .execute(
+            &format!("INSERT INTO refused_writes (deployment, epoch, write, at) VALUES ($1, $2, $3, {DB_NOW})"),
+            &[&fence.deployment, &fence.epoch, &what],
+        )
+        .await?;
+    Ok(())
 }
 
 fn opt_u64(v: Option<i64>) -> Option<u64> {
@@ -465,7 +487,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            check_fence(&tx, &fence, Lock::Update).await?;
+            check_fence(&pool, &tx, &fence, Lock::Update, "save_plan").await?;
             let id = &fence.deployment;
             tx.execute("DELETE FROM stages WHERE deployment = $1", &[id]).await?;
             let insert = tx
@@ -499,7 +521,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            check_fence(&tx, &fence, Lock::Update).await?;
+            check_fence(&pool, &tx, &fence, Lock::Update, "set_deployment_status").await?;
             tx.execute(
                 "UPDATE deployments SET status = $2, reason = $3, finished_at = COALESCE($4, finished_at),
                  started_at = CASE WHEN $2 IN ('running', 'rolling-back') THEN COALESCE(started_at, $5) ELSE started_at END
@@ -517,7 +539,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            check_fence(&tx, &fence, Lock::Update).await?;
+            check_fence(&pool, &tx, &fence, Lock::Update, "complete_success").await?;
             tx.execute(
                 "UPDATE deployments SET status = 'success', reason = $2, finished_at = $3 WHERE id = $1",
                 &[&fence.deployment, &reason, &(at as i64)],
@@ -594,7 +616,11 @@ impl StateStore for PostgresStore {
                 )
                 .await?;
             let held: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            Ok(fences.into_iter().filter(|f| !held.contains(&(f.deployment.clone(), f.epoch))).collect())
+            let lost: Vec<Fence> = fences.into_iter().filter(|f| !held.contains(&(f.deployment.clone(), f.epoch))).collect();
+            for fence in &lost {
+                record_refusal(&pool, fence, "renew").await?;
+            }
+            Ok(lost)
         })
     }
 
@@ -613,6 +639,17 @@ impl StateStore for PostgresStore {
         let pool = self.pool.clone();
         self.run(async move {
             Ok(client(&pool).await?.execute("UPDATE deployments SET lease_until = NULL WHERE lease_until IS NOT NULL", &[]).await? as usize)
+        })
+    }
+
+    fn refused_writes(&self, deployment: &str) -> Result<Vec<RefusedWrite>> {
+        let (pool, deployment) = (self.pool.clone(), deployment.to_string());
+        self.run(async move {
+            let rows = client(&pool)
+                .await?
+                .query("SELECT epoch, write, at FROM refused_writes WHERE deployment = $1 ORDER BY at, write", &[&deployment])
+                .await?;
+            Ok(rows.iter().map(|r| RefusedWrite { epoch: r.get(0), write: r.get(1), at: r.get::<_, i64>(2) as u64 }).collect())
         })
     }
 
@@ -640,7 +677,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            check_fence(&tx, &fence, Lock::Share).await?;
+            check_fence(&pool, &tx, &fence, Lock::Share, "start_stage").await?;
             let n = tx
                 .execute(
                     "UPDATE stages SET status = 'running', started_at = $3, attempts = attempts + 1
@@ -661,7 +698,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            check_fence(&tx, &fence, Lock::Share).await?;
+            check_fence(&pool, &tx, &fence, Lock::Share, "transition_stage").await?;
             let n = tx
                 .execute(
                     "UPDATE stages SET status = $3, message = $4, finished_at = $5
@@ -679,7 +716,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            check_fence(&tx, &fence, Lock::Share).await?;
+            check_fence(&pool, &tx, &fence, Lock::Share, "reset_running_stages").await?;
             let n = tx.execute("UPDATE stages SET status = 'not-started' WHERE deployment = $1 AND status = 'running'", &[&fence.deployment]).await?;
             tx.commit().await?;
             Ok(n as usize)
@@ -694,7 +731,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            check_fence(&tx, &fence, Lock::Update).await?;
+            check_fence(&pool, &tx, &fence, Lock::Update, "append_logs").await?;
             let stages: Vec<&str> = lines.iter().map(|l| l.stage.as_str()).collect();
             let at: Vec<i64> = lines.iter().map(|l| l.at_ms as i64).collect();
             let sources: Vec<&str> = lines.iter().map(|l| l.source.as_str()).collect();
@@ -755,7 +792,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            check_fence(&tx, &fence, Lock::Share).await?;
+            check_fence(&pool, &tx, &fence, Lock::Share, "metadata_put").await?;
             tx.execute(METADATA_UPSERT, &[&fence.deployment, &stage, &key, &value]).await?;
             tx.commit().await?;
             Ok(())
@@ -768,7 +805,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            check_fence(&tx, &fence, Lock::Share).await?;
+            check_fence(&pool, &tx, &fence, Lock::Share, "metadata_put_within").await?;
             let added = (key.len() + value.len()) as u64;
             let stored = put_within(
                 &tx,
@@ -814,7 +851,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            check_fence(&tx, &fence, Lock::Share).await?;
+            check_fence(&pool, &tx, &fence, Lock::Share, "blob_put_within").await?;
             let added = (key.len() + value.len()) as u64;
             let stored = put_within(
                 &tx,
@@ -838,7 +875,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            check_fence(&tx, &fence, Lock::Share).await?;
+            check_fence(&pool, &tx, &fence, Lock::Share, "blob_delete").await?;
             tx.execute("DELETE FROM blobs WHERE application = $1 AND plugin = $2 AND key = $3", &[&application, &plugin, &key]).await?;
             tx.commit().await?;
             Ok(())
@@ -893,7 +930,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            check_fence(&tx, &fence, Lock::Share).await?;
+            check_fence(&pool, &tx, &fence, Lock::Share, "answer_command").await?;
             tx.execute(
                 "UPDATE commands SET verdict = $4, reason = $5 WHERE id = $3 AND deployment = $1 AND stage = $2 AND verdict IS NULL",
                 &[&fence.deployment, &stage, &id, &verdict, &reason],

@@ -34,7 +34,13 @@ const MIGRATIONS: &[&str] = &[
     // 4: leases (who runs a deployment, until when, and its fencing epoch).
     "ALTER TABLE deployments ADD COLUMN lease_owner TEXT;
      ALTER TABLE deployments ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0;
-     ALTER TABLE deployments ADD COLUMN lease_until INTEGER;",
+     ALTER TABLE deployments ADD COLUMN lease_until INTEGER;
+     CREATE TABLE refused_writes (
+         deployment TEXT NOT NULL,
+         epoch INTEGER NOT NULL,
+         write TEXT NOT NULL,
+         at INTEGER NOT NULL
+     );",
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -169,23 +175,36 @@ impl SqliteStore {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `write` in one IMMEDIATE transaction after checking that
-    /// `fence` is still the deployment's lease: the check and the write
-    /// cannot be separated by another agent's claim.
-    fn fenced<T>(&self, fence: &Fence, write: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+    /// Runs `write` (the store method `what`) in one IMMEDIATE transaction
+    /// after checking that `fence` is still the deployment's lease: the
+    /// check and the write cannot be separated by another agent's claim. A
+    /// refused write is recorded (in its own transaction).
+    fn fenced<T>(&self, fence: &Fence, what: &str, write: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let epoch: Option<i64> =
             tx.query_row("SELECT lease_epoch FROM deployments WHERE id = ?1", [&fence.deployment], |r| r.get(0)).optional()?;
         match epoch {
             None => anyhow::bail!("no deployment `{}`", fence.deployment),
-            Some(epoch) if epoch != fence.epoch => return Err(Fenced(fence.clone()).into()),
+            Some(epoch) if epoch != fence.epoch => {
+                drop(tx);
+                record_refusal(&conn, fence, what)?;
+                return Err(Fenced(fence.clone()).into());
+            }
             Some(_) => {}
         }
         let out = write(&tx)?;
         tx.commit()?;
         Ok(out)
     }
+}
+
+fn record_refusal(conn: &Connection, fence: &Fence, what: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO refused_writes (deployment, epoch, write, at) VALUES (?1, ?2, ?3, ?4)",
+        params![fence.deployment, fence.epoch, what, now_ms() as i64],
+    )?;
+    Ok(())
 }
 
 /// Unfinished deployments that are the oldest unfinished of their application.
@@ -354,7 +373,7 @@ impl StateStore for SqliteStore {
 
     fn save_plan(&self, fence: &Fence, plan: &str, running_snapshot: &str, stages: &[StageRecord], at: u64) -> Result<()> {
         let id = fence.deployment.as_str();
-        self.fenced(fence, |tx| {
+        self.fenced(fence, "save_plan", |tx| {
         tx.execute("DELETE FROM stages WHERE deployment = ?1", [id])?;
         {
             let mut insert = tx.prepare(
@@ -379,7 +398,7 @@ impl StateStore for SqliteStore {
     fn set_deployment_status(&self, fence: &Fence, status: DeploymentStatus, reason: &str, at: u64) -> Result<()> {
         let finished = status.is_final().then_some(at);
         let id = fence.deployment.as_str();
-        self.fenced(fence, |tx| {
+        self.fenced(fence, "set_deployment_status", |tx| {
         tx.execute(
             "UPDATE deployments SET status = ?2, reason = ?3, finished_at = COALESCE(?4, finished_at),
              started_at = CASE WHEN ?2 IN ('running', 'rolling-back') THEN COALESCE(started_at, ?5) ELSE started_at END
@@ -392,7 +411,7 @@ impl StateStore for SqliteStore {
 
     fn complete_success(&self, fence: &Fence, reason: &str, at: u64) -> Result<()> {
         let id = fence.deployment.as_str();
-        self.fenced(fence, |tx| {
+        self.fenced(fence, "complete_success", |tx| {
         tx.execute(
             "UPDATE deployments SET status = 'success', reason = ?2, finished_at = ?3 WHERE id = ?1",
             params![id, text(reason), at],
@@ -449,6 +468,9 @@ impl StateStore for SqliteStore {
             }
         }
         tx.commit()?;
+        for fence in &lost {
+            record_refusal(&conn, fence, "renew")?;
+        }
         Ok(lost)
     }
 
@@ -459,6 +481,13 @@ impl StateStore for SqliteStore {
 
     fn expire_leases(&self) -> Result<usize> {
         Ok(self.conn().execute("UPDATE deployments SET lease_until = NULL WHERE lease_until IS NOT NULL", [])?)
+    }
+
+    fn refused_writes(&self, deployment: &str) -> Result<Vec<RefusedWrite>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT epoch, write, at FROM refused_writes WHERE deployment = ?1 ORDER BY rowid")?;
+        let rows = stmt.query_map([deployment], |r| Ok(RefusedWrite { epoch: r.get(0)?, write: r.get(1)?, at: r.get(2)? }))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     fn lease(&self, deployment: &str) -> Result<Option<(Fence, Option<String>)>> {
@@ -488,7 +517,7 @@ impl StateStore for SqliteStore {
 
     fn start_stage(&self, fence: &Fence, stage: &str, at: u64) -> Result<()> {
         let deployment = fence.deployment.as_str();
-        let n = self.fenced(fence, |tx| Ok(tx.execute(
+        let n = self.fenced(fence, "start_stage", |tx| Ok(tx.execute(
             "UPDATE stages SET status = 'running', started_at = ?3, attempts = attempts + 1
              WHERE deployment = ?1 AND id = ?2 AND status = 'not-started'",
             params![deployment, stage, at],
@@ -501,7 +530,7 @@ impl StateStore for SqliteStore {
         let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
         let finished = to.is_final().then_some(at);
         let deployment = fence.deployment.as_str();
-        let n = self.fenced(fence, |tx| Ok(tx.execute(
+        let n = self.fenced(fence, "transition_stage", |tx| Ok(tx.execute(
             "UPDATE stages SET status = ?3, message = ?4, finished_at = ?5
              WHERE deployment = ?1 AND id = ?2 AND status IN (SELECT value FROM json_each(?6))",
             params![deployment, stage, to.as_str(), text(message), finished, serde_json::to_string(&from)?],
@@ -510,7 +539,7 @@ impl StateStore for SqliteStore {
     }
 
     fn reset_running_stages(&self, fence: &Fence) -> Result<usize> {
-        self.fenced(fence, |tx| {
+        self.fenced(fence, "reset_running_stages", |tx| {
             Ok(tx.execute("UPDATE stages SET status = 'not-started' WHERE deployment = ?1 AND status = 'running'", [&fence.deployment])?)
         })
     }
@@ -519,7 +548,7 @@ impl StateStore for SqliteStore {
         if lines.is_empty() {
             return Ok(());
         }
-        self.fenced(fence, |tx| {
+        self.fenced(fence, "append_logs", |tx| {
             let mut insert =
                 tx.prepare_cached("INSERT INTO logs (deployment, stage, at_ms, source, text) VALUES (?1, ?2, ?3, ?4, ?5)")?;
             for l in lines {
@@ -553,7 +582,7 @@ impl StateStore for SqliteStore {
     }
 
     fn metadata_put(&self, fence: &Fence, stage: &str, key: &str, value: &str) -> Result<()> {
-        self.fenced(fence, |tx| {
+        self.fenced(fence, "metadata_put", |tx| {
             tx.execute(METADATA_UPSERT, params![fence.deployment, stage, exact("metadata key", key)?, exact("metadata value", value)?])?;
             Ok(())
         })
@@ -562,7 +591,7 @@ impl StateStore for SqliteStore {
     fn metadata_put_within(&self, fence: &Fence, stage: &str, key: &str, value: &str, quota: Quota) -> Result<bool> {
         let deployment = fence.deployment.as_str();
         let (key, value) = (exact("metadata key", key)?, exact("metadata value", value)?);
-        self.fenced(fence, |tx| put_within(
+        self.fenced(fence, "metadata_put_within", |tx| put_within(
             tx,
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(key AS BLOB)) + LENGTH(CAST(value AS BLOB))), 0) FROM metadata
              WHERE deployment = ?1 AND stage = ?2 AND key <> ?3",
@@ -594,7 +623,7 @@ impl StateStore for SqliteStore {
 
     fn blob_put_within(&self, fence: &Fence, application: &str, plugin: &str, key: &str, value: &[u8], quota: Quota) -> Result<bool> {
         let key = exact("blob key", key)?;
-        self.fenced(fence, |tx| put_within(
+        self.fenced(fence, "blob_put_within", |tx| put_within(
             tx,
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(key AS BLOB)) + LENGTH(value)), 0) FROM blobs
              WHERE application = ?1 AND plugin = ?2 AND key <> ?3",
@@ -608,7 +637,7 @@ impl StateStore for SqliteStore {
     }
 
     fn blob_delete(&self, fence: &Fence, application: &str, plugin: &str, key: &str) -> Result<()> {
-        self.fenced(fence, |tx| {
+        self.fenced(fence, "blob_delete", |tx| {
             tx.execute("DELETE FROM blobs WHERE application = ?1 AND plugin = ?2 AND key = ?3", params![application, plugin, key])?;
             Ok(())
         })
@@ -641,7 +670,7 @@ impl StateStore for SqliteStore {
 
     fn answer_command(&self, fence: &Fence, stage: &str, id: &str, answer: &Answer) -> Result<()> {
         let (verdict, reason) = answer.columns();
-        self.fenced(fence, |tx| {
+        self.fenced(fence, "answer_command", |tx| {
             tx.execute(
                 "UPDATE commands SET verdict = ?4, reason = ?5 WHERE id = ?3 AND deployment = ?1 AND stage = ?2 AND verdict IS NULL",
                 params![fence.deployment, stage, id, verdict, text(reason)],

@@ -135,6 +135,8 @@ impl Cluster {
                 shell_words(&cluster.stop_command()),
                 cluster.dir().display()
             );
+            // Never waited for: it outlives this process by design (init reaps it).
+            #[allow(clippy::zombie_processes)]
             Command::new("sh")
                 .args(["-c", &stop])
                 .stdin(std::process::Stdio::null())

@@ -11,7 +11,6 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 
 use cordon_pipeline::config::AppConfig;
-use cordon_pipeline::plan::TriggerInfo;
 use cordon_pipeline::snapshot::SourceLock;
 use cordon_pipeline::{self as pipeline, Host, control, open_store};
 use cordon_runtime::plugin::AgentConfig;
@@ -64,13 +63,11 @@ async fn run_paused(config_path: &Path, id: &str) -> Result<ExitCode> {
         anyhow::bail!("an upload into {id} is under way; run this again when it is done");
     }
     let app = AppConfig::load(Path::new(&record.target_snapshot))?;
-    let trigger: TriggerInfo = serde_json::from_str(&record.trigger).context("the stored trigger is not readable")?;
     let plugin = host.plugins.get(&stage.plugin).with_context(|| format!("plugin `{}` is no longer in the agent config", stage.plugin))?.clone();
-    let info = pipeline::deployment_info(&record, &app, &trigger);
     // The run writes under the lease of the agent that holds the deployment
     // paused: it acts for that agent, and stops writing if another takes over.
     let (fence, _) = host.store.lease(id)?.with_context(|| format!("no deployment `{id}`"))?;
-    let call = pipeline::run::stage_call(&host, &fence, &record, &app, &info, &stage, &format!("{}-debug", stage.id), Arc::new(PrintSink::Stdout))?;
+    let call = pipeline::run::stage_call(&host, &fence, &record, &app, &stage, &format!("{}-debug", stage.id), Arc::new(PrintSink::Stdout))?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "debug run of stage {} ({}) of deployment {id}; it stays paused", stage.id, stage.name)?;
     writeln!(out, "  plugin:   {} (world {}, {}, sha256 {})", plugin.name, plugin.world, plugin.path.display(), plugin.sha256)?;

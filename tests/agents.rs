@@ -1,0 +1,184 @@
+//! Many agents on one PostgreSQL database: leases, take-over after a
+//! crash, fencing of a frozen agent, per-application order.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cordon_pipeline::Host;
+use cordon_pipeline::plan::TriggerInfo;
+use cordon_runtime::plugin::AgentConfig;
+use cordon_store::test_cluster::Cluster;
+use cordon_store::{DeploymentStatus, StageStatus};
+use cordon_tests::{World, cordon_bin, engine};
+
+const APPS: usize = 15;
+const PER_APP: usize = 4;
+const LEASE: &str = "2s";
+
+/// An agent config like `world`'s, on the database `url`, with its own
+/// state directory `state`.
+fn agent_config(world: &World, url: &str, state: &Path, file: &str) -> PathBuf {
+    let text = std::fs::read_to_string(&world.config).unwrap();
+    let mut yaml = format!("state-dir: {}\nstate: {{ postgres: {{ url: \"{url}\", lease: {LEASE} }} }}\n", state.display());
+    yaml.extend(text.lines().filter(|l| !l.starts_with("state-dir:") && !l.starts_with("state:")).map(|l| format!("{l}\n")));
+    let path = world.dir.path().join(file);
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+struct Agent {
+    config: PathBuf,
+    child: Child,
+}
+
+impl Agent {
+    fn start(config: &Path) -> Agent {
+        let log = std::fs::File::options().create(true).append(true).open(config.with_extension("log")).unwrap();
+        let child = Command::new(cordon_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("agent")
+            .env("CORDON_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Agent { config: config.to_path_buf(), child }
+    }
+
+    /// The id its leases carry (`HOST/PID`).
+    fn id(&self) -> String {
+        format!("{}/{}", rustix::system::uname().nodename().to_string_lossy(), self.child.id())
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`); false if the process is gone.
+    fn signal(&self, signal: &str) -> bool {
+        Command::new("kill").args([signal, &self.child.id().to_string()]).stderr(std::process::Stdio::null()).status().unwrap().success()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.signal("-CONT");
+        self.kill();
+    }
+}
+
+fn random(below: usize) -> usize {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    (h.finish() % below as u64) as usize
+}
+
+/// One PostgreSQL, three agents killed (-9) at random and restarted, a
+/// fourth frozen past its lease: every deployment finishes, each once, in
+/// order per application, and the frozen agent's late writes are refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_killed_and_frozen_lose_nothing_and_write_nothing_late() {
+    let cluster = Cluster::shared();
+    let url = cluster.database();
+    let world = World::new();
+    let trigger_config = agent_config(&world, &url, &world.dir.path().join("state"), "trigger.yaml");
+    let host = Arc::new(Host::open_with(engine().clone(), &AgentConfig::load(&trigger_config).unwrap()).await.unwrap());
+    assert!(host.shared);
+
+    let mut ids = Vec::new();
+    for a in 0..APPS {
+        let app = world.app(
+            &format!("soak{a}"),
+            &format!("name: soak{a}\npipeline:\n  stages:\n    - {{ name: STEP, with: {{ marker: /marks/soak{a}, sleep_ms: 1500 }} }}\n"),
+        );
+        for _ in 0..PER_APP {
+            let info = TriggerInfo { commander: "soak".into(), ..Default::default() };
+            ids.push(cordon_pipeline::trigger(&host, &app, info).unwrap().id);
+        }
+    }
+    let configs: Vec<PathBuf> =
+        (0..4).map(|i| agent_config(&world, &url, &world.dir.path().join(format!("agent{i}")), &format!("agent{i}.yaml"))).collect();
+    // The fourth agent starts first and is frozen while it runs a stage,
+    // until another agent has taken that deployment over and finished it.
+    let frozen = Agent::start(&configs[3]);
+    let started = Instant::now();
+    let held = loop {
+        assert!(started.elapsed() < Duration::from_secs(60), "the fourth agent never ran a stage");
+        let running = ids.iter().find(|id| {
+            host.store.lease(id).unwrap().is_some_and(|(_, owner)| owner == Some(frozen.id()))
+                && host.store.stages(id).unwrap().iter().any(|s| s.status == StageStatus::Running)
+        });
+        if let Some(id) = running {
+            assert!(frozen.signal("-STOP"));
+            break id.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (stale, _) = host.store.lease(&held).unwrap().unwrap();
+    eprintln!("froze {} holding {held} (epoch {})", frozen.id(), stale.epoch);
+    let mut agents: Vec<Agent> = configs[..3].iter().map(|c| Agent::start(c)).collect();
+
+    // Meanwhile, kill agents at random and restart them.
+    let mut kills = 0;
+    let mut last_kill = Instant::now();
+    loop {
+        let unfinished = host.store.unfinished_deployments().unwrap().len();
+        let taken_over = host.store.deployment(&held).unwrap().unwrap().status.is_final();
+        if unfinished == 0 && taken_over {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(240), "{unfinished} deployments left after {kills} kills");
+        if taken_over {
+            assert!(frozen.signal("-CONT"), "the frozen agent died");
+        }
+        if last_kill.elapsed() > Duration::from_millis(600) {
+            let victim = random(agents.len());
+            agents[victim].kill();
+            agents[victim] = Agent::start(&agents[victim].config.clone());
+            kills += 1;
+            last_kill = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(frozen.signal("-CONT"), "the frozen agent died");
+    let waited = Instant::now();
+    while host.store.refused_writes(&held).unwrap().is_empty() {
+        assert!(waited.elapsed() < Duration::from_secs(30), "the thawed agent wrote nothing it was refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("{} deployments, {kills} kills, in {:?}", ids.len(), started.elapsed());
+    assert!(kills >= 10, "only {kills} kills landed while deployments ran");
+
+    // Every deployment succeeded, its stage ran to one result.
+    let mut by_app: BTreeMap<String, Vec<cordon_store::DeploymentRecord>> = BTreeMap::new();
+    for id in &ids {
+        let d = host.store.deployment(id).unwrap().unwrap();
+        assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+        let stages = host.store.stages(id).unwrap();
+        assert_eq!(stages.len(), 1, "{id}: {stages:?}");
+        assert_eq!(stages[0].status, StageStatus::Success, "{id}: {stages:?}");
+        by_app.entry(d.application.clone()).or_default().push(d);
+    }
+    // Per application, each deployment started after the previous one ended.
+    for (app, ds) in &by_app {
+        for pair in ds.windows(2) {
+            assert!(pair[1].started_at.unwrap() >= pair[0].finished_at.unwrap(), "{app}: {} started before {} ended", pair[1].id, pair[0].id);
+        }
+        assert!(world.marks(app).len() >= PER_APP, "{app} ran fewer stages than deployments");
+    }
+    // The frozen agent's late writes were refused, under its stale epoch,
+    // and nothing of it landed after the take-over.
+    let refused = host.store.refused_writes(&held).unwrap();
+    assert!(refused.iter().all(|r| r.epoch == stale.epoch), "{refused:?}");
+    let (current, owner) = host.store.lease(&held).unwrap().unwrap();
+    assert!(current.epoch > stale.epoch && owner != Some(frozen.id()), "{current:?} {owner:?}");
+    eprintln!("refused writes of the frozen agent: {:?}", refused.iter().map(|r| r.write.as_str()).collect::<Vec<_>>());
+    let log = std::fs::read_to_string(configs[3].with_extension("log")).unwrap();
+    assert!(log.contains("another agent took it over") || log.contains("the agent that took it over continues"), "{log}");
+}
