@@ -182,3 +182,49 @@ async fn agents_killed_and_frozen_lose_nothing_and_write_nothing_late() {
     let log = std::fs::read_to_string(configs[3].with_extension("log")).unwrap();
     assert!(log.contains("another agent took it over") || log.contains("the agent that took it over continues"), "{log}");
 }
+
+fn cordon(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(cordon_bin()).arg("--config").arg(config).args(args).env_remove("CORDON_DATABASE_URL").output().unwrap()
+}
+
+/// The database password reaches PostgreSQL and nothing else: not an
+/// error, not a log line; a config that cannot work says why, naming the
+/// field.
+#[test]
+fn database_credentials_never_appear_in_messages() {
+    const PASSWORD: &str = "s3cret-Pa55word";
+    let cluster = Cluster::with_password(PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, state: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("state-dir: state\nstate: {state}\nplugins: []\n")).unwrap();
+        path
+    };
+    std::fs::write(dir.path().join("good"), format!("{PASSWORD}\n")).unwrap();
+    std::fs::write(dir.path().join("bad"), "not-it\n").unwrap();
+
+    let good = write("good.yaml", &format!("{{ postgres: {{ url: \"{}\", password-file: good }} }}", cluster.url()));
+    let out = cordon(&good, &["status"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let refused = [
+        write("bad.yaml", &format!("{{ postgres: {{ url: \"{}\", password-file: bad }} }}", cluster.url())),
+        write("inline.yaml", &format!("{{ postgres: {{ url: \"{}\" }} }}", cluster.url_with_password().replace(PASSWORD, &format!("{PASSWORD}x")))),
+    ];
+    for config in &refused {
+        let out = cordon(config, &["status"]);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{text}");
+        assert!(!text.contains(PASSWORD), "the password leaked: {text}");
+        assert!(text.contains(&format!("postgres://cordon@127.0.0.1:{}/cordon", cluster.port)) && text.contains("password"), "{text}");
+    }
+
+    let no_url = write("nourl.yaml", "{ postgres: { password-file: good } }");
+    let out = cordon(&no_url, &["status"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("state.postgres needs `url:"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cordon(&good, &["transfer", "backup", "--output", "x.tar"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("pg_dump"), "{}", String::from_utf8_lossy(&out.stderr));
+    let zero = dir.path().join("zero.yaml");
+    std::fs::write(&zero, "state-dir: state\nmax-deployments: 0\n").unwrap();
+    assert!(String::from_utf8_lossy(&cordon(&zero, &["status"]).stderr).contains("max-deployments is 0"));
+}

@@ -153,7 +153,11 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
         if scope.until_idle && running.is_empty() && host.store.unfinished_deployments()?.is_empty() {
             return Ok(());
         }
-        for d in host.store.claimable()? {
+        let claimable = if held.len() < host.max_deployments { host.store.claimable()? } else { Vec::new() };
+        for d in claimable {
+            if held.len() >= host.max_deployments {
+                break;
+            }
             if scope.application.as_ref().is_some_and(|a| *a != d.application) {
                 continue;
             }

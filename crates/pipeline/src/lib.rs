@@ -41,6 +41,8 @@ pub struct Host {
     pub shared: bool,
     /// How long a claim on a deployment lasts without renewal.
     pub lease: Duration,
+    /// Most deployments the agent runs at once.
+    pub max_deployments: usize,
 }
 
 /// The environment variable naming a shared PostgreSQL state database; it
@@ -50,18 +52,24 @@ pub const DATABASE_URL_ENV: &str = "CORDON_DATABASE_URL";
 /// How long a claim lasts when the config does not say.
 const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 
+/// Whether `config` (or the environment) puts the state in a shared
+/// PostgreSQL database rather than the embedded SQLite one.
+pub fn is_shared(config: &AgentConfig) -> bool {
+    config.state.postgres.is_some() || std::env::var(DATABASE_URL_ENV).is_ok_and(|url| !url.is_empty())
+}
+
 /// Opens the shared PostgreSQL database `config` (or the environment) names, if any.
 fn open_postgres(config: &AgentConfig) -> Result<Option<PostgresStore>> {
+    if !is_shared(config) {
+        return Ok(None);
+    }
     let file = config.source.display();
     let postgres = config.state.postgres.as_ref();
     let (url, source) = match std::env::var(DATABASE_URL_ENV) {
         Ok(url) if !url.is_empty() => (url, format!("${DATABASE_URL_ENV}")),
         _ => match postgres.and_then(|p| p.url.clone()) {
             Some(url) => (url, format!("{file}: state.postgres.url")),
-            None if postgres.is_some() => {
-                anyhow::bail!("{file}: state.postgres needs `url: postgres://USER@HOST:PORT/DATABASE` (or set ${DATABASE_URL_ENV})")
-            }
-            None => return Ok(None),
+            None => anyhow::bail!("{file}: state.postgres needs `url: postgres://USER@HOST:PORT/DATABASE` (or set ${DATABASE_URL_ENV})"),
         },
     };
     let password = match postgres.and_then(|p| p.password_file.as_ref()) {
@@ -80,19 +88,14 @@ fn open_postgres(config: &AgentConfig) -> Result<Option<PostgresStore>> {
 /// missing SQLite database is an error (commands that only read or send
 /// commands have nothing to act on).
 fn open_state(config: &AgentConfig, create: bool) -> Result<Arc<dyn StateStore>> {
-    Ok(open_state_shared(config, create)?.0)
-}
-
-/// [`open_state`], and whether the store is shared by many agents.
-fn open_state_shared(config: &AgentConfig, create: bool) -> Result<(Arc<dyn StateStore>, bool)> {
     if let Some(store) = open_postgres(config)? {
-        return Ok((Arc::new(store), true));
+        return Ok(Arc::new(store));
     }
     let db = database_path(&config.state_dir);
     if !create && !db.exists() {
         anyhow::bail!("no state at {}: nothing was deployed with {} yet", db.display(), config.source.display());
     }
-    Ok((Arc::new(SqliteStore::open(&db)?), false))
+    Ok(Arc::new(SqliteStore::open(&db)?))
 }
 
 /// Opens the state store named by the agent config, without loading
@@ -111,9 +114,9 @@ impl Host {
     /// Like [`Host::open`], on an existing engine (tests share one).
     pub async fn open_with(engine: Arc<Engine>, config: &AgentConfig) -> Result<Host> {
         let plugins = Arc::new(Plugins::load(&engine, config).await?);
-        let (store, shared) = open_state_shared(config, true)?;
+        let (store, shared) = (open_state(config, true)?, is_shared(config));
         let lease = config.state.postgres.as_ref().map_or(DEFAULT_LEASE, |p| p.lease);
-        Ok(Host { engine, plugins, store, state_dir: config.state_dir.clone(), shared, lease })
+        Ok(Host { engine, plugins, store, state_dir: config.state_dir.clone(), shared, lease, max_deployments: config.max_deployments })
     }
 
     pub fn snapshot_dir(&self, deployment: &str) -> PathBuf {

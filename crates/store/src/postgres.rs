@@ -245,7 +245,11 @@ impl PostgresStore {
 
 /// A pooled connection, or an error naming the database.
 async fn client(pool: &Pool) -> Result<deadpool_postgres::Object> {
-    pool.get().await.map_err(|e| anyhow!("cannot connect to the state database: {e}"))
+    pool.get().await.map_err(|e| match e {
+        // The server's own words (wrong password, unknown database, …).
+        deadpool_postgres::PoolError::Backend(e) => anyhow::Error::new(e).context("cannot connect to the state database"),
+        e => anyhow!("cannot connect to the state database: {e}"),
+    })
 }
 
 async fn migrate(pool: &Pool) -> Result<()> {

@@ -31,20 +31,26 @@ impl Deploy {
         let record = pipeline::trigger(&host, &self.app_dir, self.trigger.info())?;
         let id = record.id.clone();
         println!("deployment {id} of {} queued", record.application);
+        // With no agent alive, this command runs the deployment itself: on
+        // the embedded database that is when no agent holds the state
+        // directory; on a shared one, when no agent has reported lately.
+        let alone = !host.shared || agent::stale_agent(host.store.as_ref())?.is_some();
+        let lock = if alone { AgentLock::try_acquire(&config.state_dir)? } else { None };
+        let state = if host.shared { host.store.describe() } else { config.state_dir.display().to_string() };
         if self.detach {
-            if AgentLock::try_acquire(&config.state_dir)?.is_some() {
-                eprintln!("warning: no agent is running on {}; {id} waits until `cordon agent` starts", config.state_dir.display());
+            if lock.is_some() {
+                eprintln!("warning: no agent is running on {state}; {id} waits until `cordon agent` starts");
             }
             return Ok(ExitCode::SUCCESS);
         }
-        let runner = match AgentLock::try_acquire(&config.state_dir)? {
+        let runner = match lock {
             Some(lock) => {
                 let scope = agent::ServeScope { application: Some(record.application.clone()), until: Some(id.clone()), until_idle: false };
                 let host = host.clone();
                 Some(tokio::spawn(async move { agent::serve(host, &lock, scope).await }))
             }
             None => {
-                println!("an agent is running on {}; following", config.state_dir.display());
+                println!("an agent is running on {state}; following");
                 None
             }
         };

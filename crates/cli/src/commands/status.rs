@@ -28,21 +28,27 @@ fn ago(ms: u64) -> String {
     }
 }
 
+/// The agent that runs (or last ran) a deployment: `HOST/PID`, or `-`.
+fn agent_of(store: &dyn cordon_store::StateStore, id: &str) -> Result<String> {
+    Ok(store.lease(id)?.and_then(|(_, owner)| owner).map_or_else(|| "-".to_string(), |owner| escape(&owner).into_owned()))
+}
+
 impl Status {
     pub fn run(self, config_path: &Path) -> Result<ExitCode> {
         let store = open_store(&AgentConfig::load(config_path)?)?;
         let mut out = std::io::stdout().lock();
         match self.deployment.as_deref() {
             None => {
-                writeln!(out, "{:<24} {:<14} {:<12} {:>8}  REASON", "DEPLOYMENT", "APPLICATION", "STATUS", "CREATED")?;
+                writeln!(out, "{:<24} {:<14} {:<12} {:>8}  {:<20} REASON", "DEPLOYMENT", "APPLICATION", "STATUS", "CREATED", "AGENT")?;
                 for d in store.deployments(None, 20)? {
-                    writeln!(out, "{:<24} {:<14} {:<12} {:>8}  {}", d.id, d.application, d.status.as_str(), ago(d.created_at), escape(&d.reason))?;
+                    let agent = agent_of(store.as_ref(), &d.id)?;
+                    writeln!(out, "{:<24} {:<14} {:<12} {:>8}  {:<20} {}", d.id, d.application, d.status.as_str(), ago(d.created_at), agent, escape(&d.reason))?;
                 }
             }
             Some(id) => {
                 let d = control::deployment(store.as_ref(), id)?;
                 let reason = if d.reason.is_empty() { String::new() } else { format!(" ({})", escape(&d.reason)) };
-                writeln!(out, "deployment {} of {}: {}{reason}", d.id, d.application, d.status)?;
+                writeln!(out, "deployment {} of {}: {}{reason}; agent {}", d.id, d.application, d.status, agent_of(store.as_ref(), id)?)?;
                 for s in store.stages(id)? {
                     let took = match (s.started_at, s.finished_at) {
                         (Some(a), Some(b)) => format!("{:.1}s", b.saturating_sub(a) as f64 / 1000.0),

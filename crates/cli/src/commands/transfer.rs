@@ -32,6 +32,12 @@ impl TransferCommand {
         match self {
             TransferCommand::Backup { output } => {
                 let config = AgentConfig::load(config_path)?;
+                if cordon_pipeline::is_shared(&config) {
+                    anyhow::bail!(
+                        "{}: the state is in PostgreSQL; `transfer backup` reads the embedded SQLite state only — back up PostgreSQL with pg_dump",
+                        config.source.display()
+                    );
+                }
                 let report = transfer::backup(&config.state_dir, &output)?;
                 let counts: Vec<String> = report.counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
                 println!("wrote {} (origin {}): {}", output.display(), report.origin, counts.join(", "));

@@ -65,6 +65,10 @@ pub struct AgentConfig {
     /// Where the state lives (default: SQLite in `state-dir`).
     #[serde(default)]
     pub state: StateConfig,
+    /// Most deployments this agent runs at once; beyond them it claims no
+    /// more, leaving them to other agents (or to later).
+    #[serde(default = "default_max_deployments")]
+    pub max_deployments: usize,
     /// The file this config was read from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -92,6 +96,10 @@ pub struct PostgresConfig {
     /// after it dies, another agent takes its deployments over this late.
     #[serde(default = "default_lease", with = "humantime_serde")]
     pub lease: std::time::Duration,
+}
+
+fn default_max_deployments() -> usize {
+    16
 }
 
 fn default_lease() -> std::time::Duration {
@@ -183,6 +191,9 @@ impl AgentConfig {
         config.source = path.to_path_buf();
         if config.state_dir.is_relative() {
             config.state_dir = base.join(&config.state_dir);
+        }
+        if config.max_deployments == 0 {
+            bail!("{file}: max-deployments is 0, so this agent would run nothing; give at least 1 (default 16)");
         }
         if let Some(postgres) = &mut config.state.postgres {
             if let Some(file) = &mut postgres.password_file
