@@ -2,7 +2,8 @@
 //!
 //! One agent owns a state directory at a time (an exclusive lock on
 //! `agent.lock`); commands from other processes reach it through the state
-//! store. Deployments of different applications run at once; a deployment
+//! store. Agents sharing a PostgreSQL store divide deployments by leases
+//! (see [`serve`]). Deployments of different applications run at once; a deployment
 //! waits while an earlier one of the same application is unfinished. On
 //! start it removes the staging directories killed commands left. While it
 //! serves it records a heartbeat every [`HEARTBEAT`], so that followers
@@ -174,7 +175,9 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
         let Some(joined) = finished else { continue };
         let (task, result) = match joined {
             Ok((task, result)) => (task, result),
-            Err(e) => (e.id(), if e.is_cancelled() { Err(Fenced(held[&e.id()].fence.clone()).into()) } else { Err(anyhow::anyhow!("the deployment task panicked: {e}")) }),
+            // Aborted: its lease was lost.
+            Err(e) if e.is_cancelled() => (e.id(), Err(Fenced(held[&e.id()].fence.clone()).into())),
+            Err(e) => (e.id(), Err(anyhow::anyhow!("the deployment task panicked: {e}"))),
         };
         let Held { fence, .. } = held.remove(&task).expect("every task is recorded");
         let id = &fence.deployment;
