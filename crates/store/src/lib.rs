@@ -329,6 +329,13 @@ pub struct ApplicationRecord {
     pub running_snapshot: Option<String>,
 }
 
+/// SQL (the same in every backend) selecting, as `d`, the unfinished
+/// deployments that are the oldest unfinished of their application: the
+/// only claimable ones, so an application's deployments run in order.
+const HEAD_OF_APPLICATION: &str = "d.status IN ('queued', 'running', 'rolling-back')
+     AND NOT EXISTS (SELECT 1 FROM deployments e WHERE e.application = d.application
+                     AND e.status IN ('queued', 'running', 'rolling-back') AND e.seq < d.seq)";
+
 /// Free text (log lines, reasons, messages) as stored: NUL, which
 /// PostgreSQL text cannot hold, becomes U+FFFD in every backend alike.
 fn text(s: &str) -> std::borrow::Cow<'_, str> {

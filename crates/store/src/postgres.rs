@@ -143,10 +143,6 @@ CREATE TABLE agents (
 const DEPLOYMENT_COLUMNS: &str = "id, application, status, reason, trigger, plan, target_snapshot, running_snapshot, created_at, started_at, finished_at";
 const STAGE_COLUMNS: &str =
     r#"deployment, id, ordinal, name, "desc", idx, rollback, options, needs, plugin, timeout_ms, status, message, started_at, finished_at, attempts"#;
-/// Unfinished deployments that are the oldest unfinished of their application.
-const HEAD_OF_APPLICATION: &str = "d.status IN ('queued', 'running', 'rolling-back')
-     AND NOT EXISTS (SELECT 1 FROM deployments e WHERE e.application = d.application
-                     AND e.status IN ('queued', 'running', 'rolling-back') AND e.seq < d.seq)";
 const METADATA_UPSERT: &str = "INSERT INTO metadata (deployment, stage, key, value) VALUES ($1, $2, $3, $4)
      ON CONFLICT (deployment, stage, key) DO UPDATE SET value = excluded.value";
 const BLOB_UPSERT: &str = "INSERT INTO blobs (application, plugin, key, value) VALUES ($1, $2, $3, $4)
@@ -241,7 +237,28 @@ impl PostgresStore {
         });
         receive.recv().map_err(|_| anyhow!("the PostgreSQL client of {} stopped", self.describe))?
     }
+
+    /// Runs `write` (the store method `what`) in one transaction that
+    /// first checks, under a `lock` on the deployment's row, that `fence`
+    /// is still its lease; commits only if `write` succeeds.
+    fn fenced<T: Send + 'static>(&self, fence: &Fence, lock: Lock, what: &'static str, write: Write<T>) -> Result<T> {
+        let (pool, fence) = (self.pool.clone(), fence.clone());
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            check_fence(&pool, &tx, &fence, lock, what).await?;
+            let out = write(&tx, &fence.deployment).await?;
+            tx.commit().await?;
+            Ok(out)
+        })
+    }
 }
+
+/// A write of a deployment's progress: given the transaction and the
+/// deployment id, it returns what the store method returns.
+type Write<T> = Box<dyn for<'t> FnOnce(&'t deadpool_postgres::Transaction<'t>, &'t str) -> BoxFuture<'t, Result<T>> + Send>;
+type BoxFuture<'t, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 't>>;
+
 
 /// A pooled connection, or an error naming the database.
 async fn client(pool: &Pool) -> Result<deadpool_postgres::Object> {
@@ -486,79 +503,71 @@ impl StateStore for PostgresStore {
     }
 
     fn save_plan(&self, fence: &Fence, plan: &str, running_snapshot: &str, stages: &[StageRecord], at: u64) -> Result<()> {
-        let (pool, fence, plan, running, stages) =
-            (self.pool.clone(), fence.clone(), plan.to_string(), running_snapshot.to_string(), stages.to_vec());
-        self.run(async move {
-            let mut client = client(&pool).await?;
-            let tx = client.transaction().await?;
-            check_fence(&pool, &tx, &fence, Lock::Update, "save_plan").await?;
-            let id = &fence.deployment;
-            tx.execute("DELETE FROM stages WHERE deployment = $1", &[id]).await?;
-            let insert = tx
-                .prepare_cached(&format!(
-                    "INSERT INTO stages ({STAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, '', NULL, NULL, 0)"
-                ))
-                .await?;
-            for s in &stages {
+        let (plan, running, stages) = (plan.to_string(), running_snapshot.to_string(), stages.to_vec());
+        self.fenced(fence, Lock::Update, "save_plan", Box::new(move |tx, deployment| {
+            Box::pin(async move {
+                tx.execute("DELETE FROM stages WHERE deployment = $1", &[&deployment]).await?;
+                let insert = tx
+                    .prepare_cached(&format!(
+                        "INSERT INTO stages ({STAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, '', NULL, NULL, 0)"
+                    ))
+                    .await?;
+                for s in &stages {
+                    tx.execute(
+                        &insert,
+                        &[
+                            &deployment, &s.id, &(s.ordinal as i32), &s.name, &s.desc, &(s.index as i32), &s.rollback, &s.options,
+                            &serde_json::to_string(&s.needs)?, &s.plugin, &(s.timeout_ms as i64), &s.status.as_str(),
+                        ],
+                    )
+                    .await?;
+                }
                 tx.execute(
-                    &insert,
-                    &[
-                        id, &s.id, &(s.ordinal as i32), &s.name, &s.desc, &(s.index as i32), &s.rollback, &s.options,
-                        &serde_json::to_string(&s.needs)?, &s.plugin, &(s.timeout_ms as i64), &s.status.as_str(),
-                    ],
+                    "UPDATE deployments SET plan = $2, running_snapshot = $4, status = 'running', reason = '', started_at = COALESCE(started_at, $3) WHERE id = $1",
+                    &[&deployment, &plan, &(at as i64), &running],
                 )
                 .await?;
-            }
-            tx.execute(
-                "UPDATE deployments SET plan = $2, running_snapshot = $4, status = 'running', reason = '', started_at = COALESCE(started_at, $3) WHERE id = $1",
-                &[id, &plan, &(at as i64), &running],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(())
-        })
+                Ok(())
+            })
+        }))
     }
 
     fn set_deployment_status(&self, fence: &Fence, status: DeploymentStatus, reason: &str, at: u64) -> Result<()> {
-        let (pool, fence, reason) = (self.pool.clone(), fence.clone(), text(reason).into_owned());
+        let reason = text(reason).into_owned();
         let finished = status.is_final().then_some(at as i64);
-        self.run(async move {
-            let mut client = client(&pool).await?;
-            let tx = client.transaction().await?;
-            check_fence(&pool, &tx, &fence, Lock::Update, "set_deployment_status").await?;
-            tx.execute(
-                "UPDATE deployments SET status = $2, reason = $3, finished_at = COALESCE($4, finished_at),
-                 started_at = CASE WHEN $2 IN ('running', 'rolling-back') THEN COALESCE(started_at, $5) ELSE started_at END
-                 WHERE id = $1",
-                &[&fence.deployment, &status.as_str(), &reason, &finished, &(at as i64)],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(())
-        })
+        self.fenced(fence, Lock::Update, "set_deployment_status", Box::new(move |tx, deployment| {
+            Box::pin(async move {
+                tx.execute(
+                    "UPDATE deployments SET status = $2, reason = $3, finished_at = COALESCE($4, finished_at),
+                     started_at = CASE WHEN $2 IN ('running', 'rolling-back') THEN COALESCE(started_at, $5) ELSE started_at END
+                     WHERE id = $1",
+                    &[&deployment, &status.as_str(), &reason, &finished, &(at as i64)],
+                )
+                .await?;
+                Ok(())
+            })
+        }))
     }
 
     fn complete_success(&self, fence: &Fence, reason: &str, at: u64) -> Result<()> {
-        let (pool, fence, reason) = (self.pool.clone(), fence.clone(), text(reason).into_owned());
-        self.run(async move {
-            let mut client = client(&pool).await?;
-            let tx = client.transaction().await?;
-            check_fence(&pool, &tx, &fence, Lock::Update, "complete_success").await?;
-            tx.execute(
-                "UPDATE deployments SET status = 'success', reason = $2, finished_at = $3 WHERE id = $1",
-                &[&fence.deployment, &reason, &(at as i64)],
-            )
-            .await?;
-            tx.execute(
-                "UPDATE applications SET last_success = $1,
-                 running_snapshot = (SELECT target_snapshot FROM deployments WHERE id = $1)
-                 WHERE name = (SELECT application FROM deployments WHERE id = $1)",
-                &[&fence.deployment],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(())
-        })
+        let reason = text(reason).into_owned();
+        self.fenced(fence, Lock::Update, "complete_success", Box::new(move |tx, deployment| {
+            Box::pin(async move {
+                tx.execute(
+                    "UPDATE deployments SET status = 'success', reason = $2, finished_at = $3 WHERE id = $1",
+                    &[&deployment, &reason, &(at as i64)],
+                )
+                .await?;
+                tx.execute(
+                    "UPDATE applications SET last_success = $1,
+                     running_snapshot = (SELECT target_snapshot FROM deployments WHERE id = $1)
+                     WHERE name = (SELECT application FROM deployments WHERE id = $1)",
+                    &[&deployment],
+                )
+                .await?;
+                Ok(())
+            })
+        }))
     }
 
     fn claimable(&self) -> Result<Vec<DeploymentRecord>> {
@@ -677,80 +686,71 @@ impl StateStore for PostgresStore {
     }
 
     fn start_stage(&self, fence: &Fence, stage: &str, at: u64) -> Result<()> {
-        let (pool, fence, stage) = (self.pool.clone(), fence.clone(), stage.to_string());
-        self.run(async move {
-            let mut client = client(&pool).await?;
-            let tx = client.transaction().await?;
-            check_fence(&pool, &tx, &fence, Lock::Share, "start_stage").await?;
-            let n = tx
-                .execute(
-                    "UPDATE stages SET status = 'running', started_at = $3, attempts = attempts + 1
-                     WHERE deployment = $1 AND id = $2 AND status = 'not-started'",
-                    &[&fence.deployment, &stage, &(at as i64)],
-                )
-                .await?;
-            tx.commit().await?;
-            anyhow::ensure!(n == 1, "stage {stage} of {} was not waiting to start", fence.deployment);
-            Ok(())
-        })
+        let stage = stage.to_string();
+        self.fenced(fence, Lock::Share, "start_stage", Box::new(move |tx, deployment| {
+            Box::pin(async move {
+                let n = tx
+                    .execute(
+                        "UPDATE stages SET status = 'running', started_at = $3, attempts = attempts + 1
+                         WHERE deployment = $1 AND id = $2 AND status = 'not-started'",
+                        &[&deployment, &stage, &(at as i64)],
+                    )
+                    .await?;
+                anyhow::ensure!(n == 1, "stage {stage} of {deployment} was not waiting to start");
+                Ok(())
+            })
+        }))
     }
 
     fn transition_stage(&self, fence: &Fence, stage: &str, from: &[StageStatus], to: StageStatus, message: &str, at: u64) -> Result<bool> {
-        let (pool, fence, stage, message) = (self.pool.clone(), fence.clone(), stage.to_string(), text(message).into_owned());
+        let (stage, message) = (stage.to_string(), text(message).into_owned());
         let from: Vec<&'static str> = from.iter().map(|s| s.as_str()).collect();
         let finished = to.is_final().then_some(at as i64);
-        self.run(async move {
-            let mut client = client(&pool).await?;
-            let tx = client.transaction().await?;
-            check_fence(&pool, &tx, &fence, Lock::Share, "transition_stage").await?;
-            let n = tx
-                .execute(
-                    "UPDATE stages SET status = $3, message = $4, finished_at = $5
-                     WHERE deployment = $1 AND id = $2 AND status = ANY($6)",
-                    &[&fence.deployment, &stage, &to.as_str(), &message, &finished, &from],
-                )
-                .await?;
-            tx.commit().await?;
-            Ok(n == 1)
-        })
+        self.fenced(fence, Lock::Share, "transition_stage", Box::new(move |tx, deployment| {
+            Box::pin(async move {
+                let n = tx
+                    .execute(
+                        "UPDATE stages SET status = $3, message = $4, finished_at = $5
+                         WHERE deployment = $1 AND id = $2 AND status = ANY($6)",
+                        &[&deployment, &stage, &to.as_str(), &message, &finished, &from],
+                    )
+                    .await?;
+                Ok(n == 1)
+            })
+        }))
     }
 
     fn reset_running_stages(&self, fence: &Fence) -> Result<usize> {
-        let (pool, fence) = (self.pool.clone(), fence.clone());
-        self.run(async move {
-            let mut client = client(&pool).await?;
-            let tx = client.transaction().await?;
-            check_fence(&pool, &tx, &fence, Lock::Share, "reset_running_stages").await?;
-            let n = tx.execute("UPDATE stages SET status = 'not-started' WHERE deployment = $1 AND status = 'running'", &[&fence.deployment]).await?;
-            tx.commit().await?;
-            Ok(n as usize)
-        })
+        self.fenced(fence, Lock::Share, "reset_running_stages", Box::new(move |tx, deployment| {
+            Box::pin(async move {
+                let n = tx.execute("UPDATE stages SET status = 'not-started' WHERE deployment = $1 AND status = 'running'", &[&deployment]).await?;
+                Ok(n as usize)
+            })
+        }))
     }
 
     fn append_logs(&self, fence: &Fence, lines: &[LogRecord]) -> Result<()> {
         if lines.is_empty() {
             return Ok(());
         }
-        let (pool, fence, lines) = (self.pool.clone(), fence.clone(), lines.to_vec());
-        self.run(async move {
-            let mut client = client(&pool).await?;
-            let tx = client.transaction().await?;
-            check_fence(&pool, &tx, &fence, Lock::Update, "append_logs").await?;
-            let stages: Vec<&str> = lines.iter().map(|l| l.stage.as_str()).collect();
-            let at: Vec<i64> = lines.iter().map(|l| l.at_ms as i64).collect();
-            let sources: Vec<&str> = lines.iter().map(|l| l.source.as_str()).collect();
-            let texts: Vec<std::borrow::Cow<'_, str>> = lines.iter().map(|l| text(&l.text)).collect();
-            tx.execute(
-                "INSERT INTO logs (deployment, stage, at_ms, source, text)
-                 SELECT $1, l.stage, l.at_ms, l.source, l.text
-                 FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[]) WITH ORDINALITY AS l(stage, at_ms, source, text, n)
-                 ORDER BY n",
-                &[&fence.deployment, &stages, &at, &sources, &texts],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(())
-        })
+        let lines = lines.to_vec();
+        self.fenced(fence, Lock::Update, "append_logs", Box::new(move |tx, deployment| {
+            Box::pin(async move {
+                let stages: Vec<&str> = lines.iter().map(|l| l.stage.as_str()).collect();
+                let at: Vec<i64> = lines.iter().map(|l| l.at_ms as i64).collect();
+                let sources: Vec<&str> = lines.iter().map(|l| l.source.as_str()).collect();
+                let texts: Vec<std::borrow::Cow<'_, str>> = lines.iter().map(|l| text(&l.text)).collect();
+                tx.execute(
+                    "INSERT INTO logs (deployment, stage, at_ms, source, text)
+                     SELECT $1, l.stage, l.at_ms, l.source, l.text
+                     FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[]) WITH ORDINALITY AS l(stage, at_ms, source, text, n)
+                     ORDER BY n",
+                    &[&deployment, &stages, &at, &sources, &texts],
+                )
+                .await?;
+                Ok(())
+            })
+        }))
     }
 
     fn logs(&self, deployment: &str, stage: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<LogRecord>> {
@@ -792,39 +792,35 @@ impl StateStore for PostgresStore {
 
     fn metadata_put(&self, fence: &Fence, stage: &str, key: &str, value: &str) -> Result<()> {
         let (key, value) = (exact("metadata key", key)?.to_string(), exact("metadata value", value)?.to_string());
-        let (pool, fence, stage) = (self.pool.clone(), fence.clone(), stage.to_string());
-        self.run(async move {
-            let mut client = client(&pool).await?;
-            let tx = client.transaction().await?;
-            check_fence(&pool, &tx, &fence, Lock::Share, "metadata_put").await?;
-            tx.execute(METADATA_UPSERT, &[&fence.deployment, &stage, &key, &value]).await?;
-            tx.commit().await?;
-            Ok(())
-        })
+        let stage = stage.to_string();
+        self.fenced(fence, Lock::Share, "metadata_put", Box::new(move |tx, deployment| {
+            Box::pin(async move {
+                tx.execute(METADATA_UPSERT, &[&deployment, &stage, &key, &value]).await?;
+                Ok(())
+            })
+        }))
     }
 
     fn metadata_put_within(&self, fence: &Fence, stage: &str, key: &str, value: &str, quota: Quota) -> Result<bool> {
         let (key, value) = (exact("metadata key", key)?.to_string(), exact("metadata value", value)?.to_string());
-        let (pool, fence, stage) = (self.pool.clone(), fence.clone(), stage.to_string());
-        self.run(async move {
-            let mut client = client(&pool).await?;
-            let tx = client.transaction().await?;
-            check_fence(&pool, &tx, &fence, Lock::Share, "metadata_put_within").await?;
-            let added = (key.len() + value.len()) as u64;
-            let stored = put_within(
-                &tx,
-                "SELECT COUNT(*), COALESCE(SUM(octet_length(key) + octet_length(value)), 0)::bigint FROM metadata
-                 WHERE deployment = $1 AND stage = $2 AND key <> $3",
-                METADATA_UPSERT,
-                [&fence.deployment, &stage, &key],
-                &value,
-                quota,
-                added,
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(stored)
-        })
+        let stage = stage.to_string();
+        self.fenced(fence, Lock::Share, "metadata_put_within", Box::new(move |tx, deployment| {
+            Box::pin(async move {
+                let added = (key.len() + value.len()) as u64;
+                let stored = put_within(
+                    tx,
+                    "SELECT COUNT(*), COALESCE(SUM(octet_length(key) + octet_length(value)), 0)::bigint FROM metadata
+                     WHERE deployment = $1 AND stage = $2 AND key <> $3",
+                    METADATA_UPSERT,
+                    [deployment, &stage, &key],
+                    &value,
+                    quota,
+                    added,
+                )
+                .await?;
+                Ok(stored)
+            })
+        }))
     }
 
     fn metadata_entries(&self, deployment: &str, stage: &str) -> Result<Vec<(String, String)>> {
@@ -850,40 +846,34 @@ impl StateStore for PostgresStore {
     }
 
     fn blob_put_within(&self, fence: &Fence, application: &str, plugin: &str, key: &str, value: &[u8], quota: Quota) -> Result<bool> {
-        let (pool, fence) = (self.pool.clone(), fence.clone());
         let (application, plugin, key, value) = (application.to_string(), plugin.to_string(), exact("blob key", key)?.to_string(), value.to_vec());
-        self.run(async move {
-            let mut client = client(&pool).await?;
-            let tx = client.transaction().await?;
-            check_fence(&pool, &tx, &fence, Lock::Share, "blob_put_within").await?;
-            let added = (key.len() + value.len()) as u64;
-            let stored = put_within(
-                &tx,
-                "SELECT COUNT(*), COALESCE(SUM(octet_length(key) + octet_length(value)), 0)::bigint FROM blobs
-                 WHERE application = $1 AND plugin = $2 AND key <> $3",
-                BLOB_UPSERT,
-                [&application, &plugin, &key],
-                &value,
-                quota,
-                added,
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(stored)
-        })
+        self.fenced(fence, Lock::Share, "blob_put_within", Box::new(move |tx, _| {
+            Box::pin(async move {
+                let added = (key.len() + value.len()) as u64;
+                let stored = put_within(
+                    tx,
+                    "SELECT COUNT(*), COALESCE(SUM(octet_length(key) + octet_length(value)), 0)::bigint FROM blobs
+                     WHERE application = $1 AND plugin = $2 AND key <> $3",
+                    BLOB_UPSERT,
+                    [&application, &plugin, &key],
+                    &value,
+                    quota,
+                    added,
+                )
+                .await?;
+                Ok(stored)
+            })
+        }))
     }
 
     fn blob_delete(&self, fence: &Fence, application: &str, plugin: &str, key: &str) -> Result<()> {
-        let (pool, fence) = (self.pool.clone(), fence.clone());
         let (application, plugin, key) = (application.to_string(), plugin.to_string(), key.to_string());
-        self.run(async move {
-            let mut client = client(&pool).await?;
-            let tx = client.transaction().await?;
-            check_fence(&pool, &tx, &fence, Lock::Share, "blob_delete").await?;
-            tx.execute("DELETE FROM blobs WHERE application = $1 AND plugin = $2 AND key = $3", &[&application, &plugin, &key]).await?;
-            tx.commit().await?;
-            Ok(())
-        })
+        self.fenced(fence, Lock::Share, "blob_delete", Box::new(move |tx, _| {
+            Box::pin(async move {
+                tx.execute("DELETE FROM blobs WHERE application = $1 AND plugin = $2 AND key = $3", &[&application, &plugin, &key]).await?;
+                Ok(())
+            })
+        }))
     }
 
     fn add_command(&self, c: &CommandRecord) -> Result<()> {
@@ -928,21 +918,19 @@ impl StateStore for PostgresStore {
     }
 
     fn answer_command(&self, fence: &Fence, stage: &str, id: &str, answer: &Answer) -> Result<()> {
-        let (pool, fence, stage, id) = (self.pool.clone(), fence.clone(), stage.to_string(), id.to_string());
+        let (stage, command) = (stage.to_string(), id.to_string());
         let (verdict, reason) = answer.columns();
         let reason = text(reason).into_owned();
-        self.run(async move {
-            let mut client = client(&pool).await?;
-            let tx = client.transaction().await?;
-            check_fence(&pool, &tx, &fence, Lock::Share, "answer_command").await?;
-            tx.execute(
-                "UPDATE commands SET verdict = $4, reason = $5 WHERE id = $3 AND deployment = $1 AND stage = $2 AND verdict IS NULL",
-                &[&fence.deployment, &stage, &id, &verdict, &reason],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(())
-        })
+        self.fenced(fence, Lock::Share, "answer_command", Box::new(move |tx, deployment| {
+            Box::pin(async move {
+                tx.execute(
+                    "UPDATE commands SET verdict = $4, reason = $5 WHERE id = $3 AND deployment = $1 AND stage = $2 AND verdict IS NULL",
+                    &[&deployment, &stage, &command, &verdict, &reason],
+                )
+                .await?;
+                Ok(())
+            })
+        }))
     }
 
     fn heartbeat(&self, b: &AgentBeat) -> Result<()> {

@@ -207,11 +207,6 @@ fn record_refusal(conn: &Connection, fence: &Fence, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Unfinished deployments that are the oldest unfinished of their application.
-const HEAD_OF_APPLICATION: &str = "d.status IN ('queued', 'running', 'rolling-back')
-     AND NOT EXISTS (SELECT 1 FROM deployments e WHERE e.application = d.application
-                     AND e.status IN ('queued', 'running', 'rolling-back') AND e.seq < d.seq)";
-
 /// Upserts `(scope…, value)` with `upsert` if what `usage` counts of the
 /// scope's other entries leaves room for `added` bytes under `quota`; in
 /// the caller's IMMEDIATE transaction, so concurrent writers cannot both pass.
@@ -374,24 +369,24 @@ impl StateStore for SqliteStore {
     fn save_plan(&self, fence: &Fence, plan: &str, running_snapshot: &str, stages: &[StageRecord], at: u64) -> Result<()> {
         let id = fence.deployment.as_str();
         self.fenced(fence, "save_plan", |tx| {
-        tx.execute("DELETE FROM stages WHERE deployment = ?1", [id])?;
-        {
-            let mut insert = tx.prepare(
-                "INSERT INTO stages (deployment, id, ordinal, name, desc, idx, rollback, options, needs, plugin, timeout_ms, status, message, started_at, finished_at, attempts)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, '', NULL, NULL, 0)",
-            )?;
-            for s in stages {
-                insert.execute(params![
-                    id, s.id, s.ordinal, s.name, s.desc, s.index, s.rollback, s.options,
-                    serde_json::to_string(&s.needs)?, s.plugin, s.timeout_ms as i64, s.status.as_str()
-                ])?;
+            tx.execute("DELETE FROM stages WHERE deployment = ?1", [id])?;
+            {
+                let mut insert = tx.prepare(
+                    "INSERT INTO stages (deployment, id, ordinal, name, desc, idx, rollback, options, needs, plugin, timeout_ms, status, message, started_at, finished_at, attempts)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, '', NULL, NULL, 0)",
+                )?;
+                for s in stages {
+                    insert.execute(params![
+                        id, s.id, s.ordinal, s.name, s.desc, s.index, s.rollback, s.options,
+                        serde_json::to_string(&s.needs)?, s.plugin, s.timeout_ms as i64, s.status.as_str()
+                    ])?;
+                }
             }
-        }
-        tx.execute(
-            "UPDATE deployments SET plan = ?2, running_snapshot = ?4, status = 'running', reason = '', started_at = COALESCE(started_at, ?3) WHERE id = ?1",
-            params![id, plan, at, running_snapshot],
-        )?;
-        Ok(())
+            tx.execute(
+                "UPDATE deployments SET plan = ?2, running_snapshot = ?4, status = 'running', reason = '', started_at = COALESCE(started_at, ?3) WHERE id = ?1",
+                params![id, plan, at, running_snapshot],
+            )?;
+            Ok(())
         })
     }
 
@@ -399,30 +394,30 @@ impl StateStore for SqliteStore {
         let finished = status.is_final().then_some(at);
         let id = fence.deployment.as_str();
         self.fenced(fence, "set_deployment_status", |tx| {
-        tx.execute(
-            "UPDATE deployments SET status = ?2, reason = ?3, finished_at = COALESCE(?4, finished_at),
-             started_at = CASE WHEN ?2 IN ('running', 'rolling-back') THEN COALESCE(started_at, ?5) ELSE started_at END
-             WHERE id = ?1",
-            params![id, status.as_str(), text(reason), finished, at],
-        )?;
-        Ok(())
+            tx.execute(
+                "UPDATE deployments SET status = ?2, reason = ?3, finished_at = COALESCE(?4, finished_at),
+                 started_at = CASE WHEN ?2 IN ('running', 'rolling-back') THEN COALESCE(started_at, ?5) ELSE started_at END
+                 WHERE id = ?1",
+                params![id, status.as_str(), text(reason), finished, at],
+            )?;
+            Ok(())
         })
     }
 
     fn complete_success(&self, fence: &Fence, reason: &str, at: u64) -> Result<()> {
         let id = fence.deployment.as_str();
         self.fenced(fence, "complete_success", |tx| {
-        tx.execute(
-            "UPDATE deployments SET status = 'success', reason = ?2, finished_at = ?3 WHERE id = ?1",
-            params![id, text(reason), at],
-        )?;
-        tx.execute(
-            "UPDATE applications SET last_success = ?1,
-             running_snapshot = (SELECT target_snapshot FROM deployments WHERE id = ?1)
-             WHERE name = (SELECT application FROM deployments WHERE id = ?1)",
-            [id],
-        )?;
-        Ok(())
+            tx.execute(
+                "UPDATE deployments SET status = 'success', reason = ?2, finished_at = ?3 WHERE id = ?1",
+                params![id, text(reason), at],
+            )?;
+            tx.execute(
+                "UPDATE applications SET last_success = ?1,
+                 running_snapshot = (SELECT target_snapshot FROM deployments WHERE id = ?1)
+                 WHERE name = (SELECT application FROM deployments WHERE id = ?1)",
+                [id],
+            )?;
+            Ok(())
         })
     }
 
