@@ -60,15 +60,13 @@ pub fn is_shared(config: &AgentConfig) -> bool {
 
 /// Opens the shared PostgreSQL database `config` (or the environment) names, if any.
 fn open_postgres(config: &AgentConfig) -> Result<Option<PostgresStore>> {
-    if !is_shared(config) {
-        return Ok(None);
-    }
     let file = config.source.display();
     let postgres = config.state.postgres.as_ref();
-    let (url, source) = match std::env::var(DATABASE_URL_ENV) {
-        Ok(url) if !url.is_empty() => (url, format!("${DATABASE_URL_ENV}")),
-        _ => match postgres.and_then(|p| p.url.clone()) {
-            Some(url) => (url, format!("{file}: state.postgres.url")),
+    let (url, source) = match (std::env::var(DATABASE_URL_ENV), postgres) {
+        (Ok(url), _) if !url.is_empty() => (url, format!("${DATABASE_URL_ENV}")),
+        (_, None) => return Ok(None),
+        (_, Some(p)) => match &p.url {
+            Some(url) => (url.clone(), format!("{file}: state.postgres.url")),
             None => anyhow::bail!("{file}: state.postgres needs `url: postgres://USER@HOST:PORT/DATABASE` (or set ${DATABASE_URL_ENV})"),
         },
     };
