@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use cordon_pipeline::plan::TriggerInfo;
 use cordon_runtime::plugin::AgentConfig;
 use cordon_store::test_cluster::Cluster;
 use cordon_store::{DeploymentStatus, StageStatus};
-use cordon_tests::{World, cordon_bin, engine};
+use cordon_tests::{AgentProcess, World, cordon_bin, engine, signal};
 
 const APPS: usize = 15;
 const PER_APP: usize = 4;
@@ -30,9 +30,11 @@ fn agent_config(world: &World, url: &str, state: &Path, file: &str) -> PathBuf {
     path
 }
 
+/// A `cordon agent` process logging to `<config>.log`; killed (SIGKILL,
+/// which also ends a stopped process) when dropped.
 struct Agent {
     config: PathBuf,
-    child: Child,
+    process: AgentProcess,
 }
 
 impl Agent {
@@ -47,29 +49,16 @@ impl Agent {
             .stderr(log)
             .spawn()
             .unwrap();
-        Agent { config: config.to_path_buf(), child }
+        Agent { config: config.to_path_buf(), process: AgentProcess(child) }
     }
 
     /// The id its leases carry (`HOST/PID`).
     fn id(&self) -> String {
-        format!("{}/{}", rustix::system::uname().nodename().to_string_lossy(), self.child.id())
+        format!("{}/{}", rustix::system::uname().nodename().to_string_lossy(), self.process.0.id())
     }
 
-    /// Sends `signal` (`-STOP`, `-CONT`); false if the process is gone.
-    fn signal(&self, signal: &str) -> bool {
-        Command::new("kill").args([signal, &self.child.id().to_string()]).stderr(std::process::Stdio::null()).status().unwrap().success()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.signal("-CONT");
-        self.kill();
+    fn signal(&self, name: &str) -> bool {
+        signal(&self.process.0, name)
     }
 }
 
@@ -138,8 +127,8 @@ async fn agents_killed_and_frozen_lose_nothing_and_write_nothing_late() {
             assert!(frozen.signal("-CONT"), "the frozen agent died");
         }
         if last_kill.elapsed() > Duration::from_millis(600) {
+            // The replaced agent is killed (-9) as it is dropped.
             let victim = random(agents.len());
-            agents[victim].kill();
             agents[victim] = Agent::start(&agents[victim].config.clone());
             kills += 1;
             last_kill = Instant::now();

@@ -14,7 +14,7 @@
 //! Medians of 3 runs each; a fresh database per run.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use cordon_runtime::plugin::AgentConfig;
 use cordon_store::lock::AgentLock;
 use cordon_store::test_cluster::Cluster;
 use cordon_store::{DeploymentStatus, StageStatus};
-use cordon_tests::{cordon_bin, engine, guest, sha256_file};
+use cordon_tests::{AgentProcess, cordon_bin, engine, guest, sha256_file};
 
 const RUNS: usize = 3;
 const OVERHEAD_STAGES: usize = 300;
@@ -85,35 +85,15 @@ async fn per_stage(config: &Path, app: &Path) -> f64 {
     took * 1e3 / OVERHEAD_STAGES as f64
 }
 
-struct Agents(Vec<Child>);
-
-impl Drop for Agents {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Deployments per second of `agents` agent processes on a fresh database.
 async fn throughput(dir: &Path, cluster: &Cluster, agents: usize, run: usize) -> f64 {
     let url = cluster.database();
     let base = dir.join(format!("multi-{agents}-{run}"));
     std::fs::create_dir_all(&base).unwrap();
     let trigger = host(&config(&base, "trigger", Some(&url))).await;
-    let _agents = Agents(
-        (0..agents)
-            .map(|i| {
-                Command::new(cordon_bin())
-                    .arg("--config")
-                    .arg(config(&base, &format!("agent{i}"), Some(&url)))
-                    .arg("agent")
-                    .spawn()
-                    .unwrap()
-            })
-            .collect(),
-    );
+    let _agents: Vec<AgentProcess> = (0..agents)
+        .map(|i| AgentProcess(Command::new(cordon_bin()).arg("--config").arg(config(&base, &format!("agent{i}"), Some(&url))).arg("agent").spawn().unwrap()))
+        .collect();
     // Every agent has reported before the clock starts.
     while trigger.store.agents().unwrap().len() < agents {
         tokio::time::sleep(Duration::from_millis(20)).await;

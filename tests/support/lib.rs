@@ -381,6 +381,16 @@ pub async fn beside_a_neighbour<T>(attack: impl Future<Output = T>) -> T {
     result
 }
 
+/// Sends `signal` (`-STOP`, `-CONT`, …) to `child`; false if it is gone.
+pub fn signal(child: &std::process::Child, signal: &str) -> bool {
+    std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
 /// A `cordon agent` child process, killed when dropped.
 pub struct AgentProcess(pub std::process::Child);
 
@@ -450,12 +460,12 @@ impl EtcdServer {
 
     /// Stops the server's process (SIGSTOP): it hangs, answering nothing.
     pub fn freeze(&self) {
-        assert!(std::process::Command::new("kill").args(["-STOP", &self.child.id().to_string()]).status().unwrap().success());
+        assert!(signal(&self.child, "-STOP"));
     }
 
     /// Lets a frozen server go on (SIGCONT).
     pub fn thaw(&self) {
-        assert!(std::process::Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status().unwrap().success());
+        assert!(signal(&self.child, "-CONT"));
     }
 
     /// Every key and value, in key order.
