@@ -255,7 +255,7 @@ fn a_stale_lease_can_write_nothing(open: Open) {
         ("start_stage", store.start_stage(&old, "s1", 4).unwrap_err()),
         ("transition_stage", store.transition_stage(&old, "s0", &[StageStatus::Running], StageStatus::Success, "", 4).unwrap_err()),
         ("reset_running_stages", store.reset_running_stages(&old).unwrap_err()),
-        ("append_logs", store.append_logs(&old, &[line]).unwrap_err()),
+        ("append_logs", store.append_logs(&old, std::slice::from_ref(&line)).unwrap_err()),
         ("metadata_put", store.metadata_put(&old, "", "k", "late").unwrap_err()),
         ("metadata_put_within", store.metadata_put_within(&old, "s0", "k", "late", quota).unwrap_err()),
         ("blob_put_within", store.blob_put_within(&old, "app", "p", "k", b"late", quota).unwrap_err()),
@@ -276,6 +276,11 @@ fn a_stale_lease_can_write_nothing(open: Open) {
     recorded.sort();
     want.sort();
     assert_eq!(recorded, want, "every refused write is recorded");
+    // Refused again and again: still one row per kind of write.
+    for _ in 0..50 {
+        assert!(is_fenced(&store.append_logs(&old, &[LogRecord { text: "again".into(), ..line.clone() }]).unwrap_err()));
+    }
+    assert_eq!(store.refused_writes("d1").unwrap().len(), want.len(), "a row per refused line");
     let d = store.deployment("d1").unwrap().unwrap();
     assert_eq!((d.status, d.reason.as_str()), (DeploymentStatus::Running, ""));
     let stages = store.stages("d1").unwrap();

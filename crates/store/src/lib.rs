@@ -431,7 +431,9 @@ pub trait StateStore: Send + Sync {
     fn expire_leases(&self) -> Result<usize>;
     /// Writes refused for `deployment` because their lease was taken over
     /// (lease renewals included), oldest first: the trace a stale agent
-    /// leaves.
+    /// leaves. Each kind of write is recorded once per stale lease (its
+    /// first refusal), so a stale agent's plugin that keeps logging cannot
+    /// make the store hold a row per line.
     fn refused_writes(&self, deployment: &str) -> Result<Vec<RefusedWrite>>;
     /// The current lease of `deployment` (epoch 0 before any claim) and
     /// the agent that holds or last held it.

@@ -128,9 +128,9 @@ CREATE TABLE refused_writes (
     deployment TEXT NOT NULL,
     epoch BIGINT NOT NULL,
     write TEXT NOT NULL,
-    at BIGINT NOT NULL
+    at BIGINT NOT NULL,
+    PRIMARY KEY (deployment, epoch, write)
 );
-CREATE INDEX refused_writes_deployment ON refused_writes (deployment);
 CREATE TABLE agents (
     id TEXT PRIMARY KEY,
     host TEXT NOT NULL,
@@ -325,7 +325,8 @@ async fn record_refusal(pool: &Pool, fence: &Fence, what: &str) -> Result<()> {
     client(pool)
         .await?
         .execute(
-            &format!("INSERT INTO refused_writes (deployment, epoch, write, at) VALUES ($1, $2, $3, {DB_NOW})"),
+            &format!("INSERT INTO refused_writes (deployment, epoch, write, at) VALUES ($1, $2, $3, {DB_NOW})
+             ON CONFLICT DO NOTHING"),
             &[&fence.deployment, &fence.epoch, &what],
         )
         .await?;

@@ -39,7 +39,8 @@ const MIGRATIONS: &[&str] = &[
          deployment TEXT NOT NULL,
          epoch INTEGER NOT NULL,
          write TEXT NOT NULL,
-         at INTEGER NOT NULL
+         at INTEGER NOT NULL,
+         PRIMARY KEY (deployment, epoch, write)
      );",
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -201,7 +202,7 @@ impl SqliteStore {
 
 fn record_refusal(conn: &Connection, fence: &Fence, what: &str) -> Result<()> {
     conn.execute(
-        "INSERT INTO refused_writes (deployment, epoch, write, at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT OR IGNORE INTO refused_writes (deployment, epoch, write, at) VALUES (?1, ?2, ?3, ?4)",
         params![fence.deployment, fence.epoch, what, now_ms() as i64],
     )?;
     Ok(())
