@@ -13,7 +13,7 @@ use cordon_pipeline::plan::TriggerInfo;
 use cordon_runtime::plugin::AgentConfig;
 use cordon_store::test_cluster::Cluster;
 use cordon_store::{DeploymentStatus, StageStatus};
-use cordon_tests::{AgentProcess, World, cordon_bin, engine, signal};
+use cordon_tests::{AgentProcess, World, cordon_bin, engine, expect_line, lines_of, signal};
 
 const APPS: usize = 15;
 const PER_APP: usize = 4;
@@ -216,4 +216,98 @@ fn database_credentials_never_appear_in_messages() {
     let zero = dir.path().join("zero.yaml");
     std::fs::write(&zero, "state-dir: state\nmax-deployments: 0\n").unwrap();
     assert!(String::from_utf8_lossy(&cordon(&zero, &["status"]).stderr).contains("max-deployments is 0"));
+}
+
+/// An agent config from `world`'s (its plugins and grants) on the
+/// database `url`, with a name and labels.
+fn labelled_config(world: &World, url: &str, name: &str, labels: &str) -> PathBuf {
+    let path = agent_config(world, url, &world.dir.path().join(name), &format!("{name}.yaml"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("name: {name}\nlabels: {labels}\n{text}")).unwrap();
+    path
+}
+
+/// Waits until the deployment `id` ended; returns the agent that ran it.
+async fn ran_by(host: &Host, id: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let d = host.store.deployment(id).unwrap().unwrap();
+        if d.status.is_final() {
+            assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+            return host.store.lease(id).unwrap().unwrap().1.unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{id} never ended: {d:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Agents run only what they may: an application asking for `env: prod`
+/// goes to the agent labelled so, one whose stage only that agent's
+/// plugins define too, one asking for `env: dev` to the other; `cordon
+/// agents` lists both with labels and stages; with the prod agent gone, a
+/// follower and `cordon status` say that no live agent may run the
+/// deployment, and it runs once such an agent is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_run_only_the_deployments_they_may() {
+    let cluster = Cluster::shared();
+    let url = cluster.database();
+    let world = World::new();
+    let step_only = World::custom(&[("step", "executor")], |_| String::new());
+    let trigger_config = agent_config(&world, &url, &world.dir.path().join("state"), "trigger.yaml");
+    let host = Arc::new(Host::open_with(engine().clone(), &AgentConfig::load(&trigger_config).unwrap()).await.unwrap());
+    let prod_config = labelled_config(&world, &url, "prod-agent", "{ env: prod, zone: eu }");
+    let dev_config = labelled_config(&step_only, &url, "dev-agent", "{ env: dev }");
+    let mut prod = Agent::start(&prod_config);
+    let dev = Agent::start(&dev_config);
+
+    let step = "pipeline:\n  stages:\n    - { name: STEP, with: { sleep_ms: 1 } }\n";
+    let to_prod = world.app("to-prod", &format!("name: to-prod\nagents: {{ env: prod }}\n{step}"));
+    let to_dev = world.app("to-dev", &format!("name: to-dev\nagents: {{ env: dev }}\n{step}"));
+    let waits = world.app("waits", "name: waits\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: 0.01 } }\n");
+    let mut expected = Vec::new();
+    for _ in 0..3 {
+        for (app, agent) in [(&to_prod, prod.id()), (&to_dev, dev.id()), (&waits, prod.id())] {
+            expected.push((cordon_pipeline::trigger(&host, app, TriggerInfo::default()).unwrap().id, agent));
+        }
+    }
+    for (id, agent) in &expected {
+        assert_eq!(&ran_by(&host, id).await, agent, "{id} ran on the wrong agent");
+    }
+
+    let out = cordon(&trigger_config, &["agents"]);
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{listing}{}", String::from_utf8_lossy(&out.stderr));
+    let line = |name: &str| listing.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} not listed: {listing}")).to_string();
+    let (prod_line, dev_line) = (line("prod-agent"), line("dev-agent"));
+    assert!(prod_line.contains(&prod.id()) && prod_line.contains("alive") && prod_line.contains("env=prod, zone=eu"), "{prod_line}");
+    assert!(prod_line.contains("STEP") && prod_line.contains("WAIT"), "{prod_line}");
+    assert!(dev_line.contains("env=dev") && dev_line.contains("STEP") && !dev_line.contains("WAIT"), "{dev_line}");
+
+    // The prod agent dies; a new deployment of `to-prod` waits, and says why.
+    let old_prod = prod.id();
+    drop(prod);
+    let mut follower = Command::new(cordon_bin())
+        .arg("--config")
+        .arg(&trigger_config)
+        .args(["deploy", to_prod.to_str().unwrap()])
+        .env_remove("CORDON_DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(follower.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    expect_line(&lines, "no live agent may run this deployment", Duration::from_secs(30), &mut seen);
+    let warning = seen.iter().find(|l| l.contains("no live agent may run")).unwrap().clone();
+    assert!(warning.contains("dev-agent") && warning.contains("lacks label env=prod"), "{warning}");
+    assert!(!warning.contains(&old_prod), "the dead agent is not offered as a reason: {warning}");
+    let status = String::from_utf8_lossy(&cordon(&trigger_config, &["status"]).stdout).into_owned();
+    assert!(status.lines().any(|l| l.starts_with("to-prod-4") && l.contains("(none eligible)")), "{status}");
+
+    prod = Agent::start(&prod_config);
+    expect_line(&lines, "deployment to-prod-4 success", Duration::from_secs(30), &mut seen);
+    let exit = follower.wait().unwrap();
+    assert!(exit.success(), "{seen:?}");
+    assert_eq!(ran_by(&host, "to-prod-4").await, prod.id());
+    drop(dev);
 }

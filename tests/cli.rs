@@ -160,6 +160,8 @@ fn deploy_refuses_bad_app_configs_and_writes_nothing() {
         ("name: a\nplugins:\n  files: {}\n", "plugins.files: no plugin named `files`"),
         // Refused as `plan` refuses it, not recorded as a failed deployment.
         ("name: a\n", "nothing to deploy: there is no pipeline and no planner"),
+        // The embedded database's only agent is this config's: it lacks the label.
+        ("name: a\nagents: { env: prod }\npipeline:\n  stages:\n    - { name: WAIT }\n", "agents: no agent can run this application: it needs label env=prod"),
     ];
     for (yaml, expected) in cases {
         std::fs::write(&file, yaml).unwrap();

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use cordon_pipeline::agent::{ServeScope, serve};
 use cordon_store::lock::AgentLock;
@@ -322,16 +323,16 @@ pub async fn serve_until_idle(host: &Arc<Host>, state_dir: &Path) {
     // A process another test spawns holds a copy of every descriptor
     // between its fork and its exec, so a lock just released may look
     // held for a moment: retry briefly.
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let lock = loop {
         match AgentLock::try_acquire(state_dir).unwrap() {
             Some(lock) => break lock,
-            None if started.elapsed() < std::time::Duration::from_secs(5) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            None if started.elapsed() < Duration::from_secs(5) => tokio::time::sleep(Duration::from_millis(20)).await,
             None => panic!("another agent holds {}", state_dir.display()),
         }
     };
     let scope = ServeScope { until_idle: true, ..Default::default() };
-    tokio::time::timeout(std::time::Duration::from_secs(120), serve(host.clone(), &lock, scope))
+    tokio::time::timeout(Duration::from_secs(120), serve(host.clone(), &lock, scope))
         .await
         .expect("deployments did not finish in 120 s")
         .unwrap();
@@ -382,6 +383,30 @@ pub async fn beside_a_neighbour<T>(attack: impl Future<Output = T>) -> T {
 }
 
 /// Sends `signal` (`-STOP`, `-CONT`, …) to `child`; false if it is gone.
+/// The lines `output` (a child's stdout or stderr) writes, as they come.
+pub fn lines_of(output: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(output)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    lines
+}
+
+/// Waits up to `within` for a line of `lines` that contains `wanted`;
+/// every line read is kept in `seen`.
+pub fn expect_line(lines: &std::sync::mpsc::Receiver<String>, wanted: &str, within: Duration, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + within;
+    while !seen.iter().any(|l| l.contains(wanted)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no line with {wanted:?} within {within:?}; saw:\n{}", seen.join("\n")),
+        }
+    }
+}
+
 pub fn signal(child: &std::process::Child, signal: &str) -> bool {
     std::process::Command::new("kill")
         .args([signal, &child.id().to_string()])
@@ -442,20 +467,20 @@ impl EtcdServer {
             .spawn()
             .unwrap();
         let server = EtcdServer { child, endpoint, _dir: dir };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         loop {
             if let Ok(kv) = server.kv().await
                 && cordon_migrate::kv::KvStore::get(&kv, b"probe").await.is_ok()
             {
                 return server;
             }
-            assert!(started.elapsed() < std::time::Duration::from_secs(30), "etcd did not start on {}", server.endpoint);
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            assert!(started.elapsed() < Duration::from_secs(30), "etcd did not start on {}", server.endpoint);
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub async fn kv(&self) -> anyhow::Result<cordon_migrate::kv::Etcd> {
-        cordon_migrate::kv::Etcd::connect(std::slice::from_ref(&self.endpoint), "", 128, std::time::Duration::from_secs(10)).await
+        cordon_migrate::kv::Etcd::connect(std::slice::from_ref(&self.endpoint), "", 128, Duration::from_secs(10)).await
     }
 
     /// Stops the server's process (SIGSTOP): it hangs, answering nothing.
@@ -534,10 +559,10 @@ impl RegistryServer {
             .spawn()
             .expect("docker-registry is not installed: run `make test` (it installs Debian's docker-registry)");
         let server = RegistryServer { child: Some(child), host, dir };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         while std::net::TcpStream::connect(&server.host).is_err() {
-            assert!(started.elapsed() < std::time::Duration::from_secs(30), "docker-registry did not start on {}", server.host);
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(started.elapsed() < Duration::from_secs(30), "docker-registry did not start on {}", server.host);
+            std::thread::sleep(Duration::from_millis(50));
         }
         server
     }

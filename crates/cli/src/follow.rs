@@ -55,10 +55,10 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
     let mut last_lines: HashMap<String, String> = HashMap::new();
     let mut after = 0i64;
     let mut last_status = None;
-    // Whether the last look at the agents' heartbeats found none alive;
+    // Why no agent ran it at the last look at the agents' heartbeats;
     // the first look waits until a runner started with us had time to beat.
     let mut next_look = std::time::Instant::now() + 2 * agent::HEARTBEAT;
-    let mut stale = false;
+    let mut stale: Option<agent::Stale> = None;
     // Above the live view on a terminal, a plain line otherwise.
     let say = |line: String| -> Result<()> {
         if tty {
@@ -78,13 +78,19 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
         }
         if !deployment.status.is_final() && std::time::Instant::now() >= next_look {
             next_look = std::time::Instant::now() + LOOK;
-            let now_stale = agent::stale_agent(store)?;
-            match (&now_stale, stale) {
-                (Some(why), false) => say(format!("warning: {why}"))?,
-                (None, true) => say("an agent is reporting again".to_string())?,
-                _ => {}
+            let now_stale = agent::nobody_runs(store, &deployment)?;
+            // A silent agent stays one warning, however long it is silent.
+            let changed = match (&now_stale, &stale) {
+                (Some(agent::Stale::Silent { .. }), Some(agent::Stale::Silent { .. })) => false,
+                (now, before) => now != before,
+            };
+            if changed {
+                match &now_stale {
+                    Some(why) => say(format!("warning: {why}"))?,
+                    None => say("an agent that may run it is reporting".to_string())?,
+                }
             }
-            stale = now_stale.is_some();
+            stale = now_stale;
         }
         let stages = store.stages(id)?;
         let logs = store.logs(id, None, after, 10_000)?;

@@ -54,6 +54,8 @@ enum Command {
     Cancel(control::Cancel),
     /// Run queued deployments and resume unfinished ones, until interrupted.
     Agent(agent::Agent),
+    /// The agents that report on this state: labels, stages, last heartbeat.
+    Agents(agents::Agents),
     /// Select keys of a key space with a key-filter plugin.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -118,6 +120,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Skip(c) => c.run(config),
         Command::Cancel(c) => c.run(config),
         Command::Agent(c) => c.run(config).await,
+        Command::Agents(c) => c.run(config),
         Command::Keys(c) => c.run(config).await,
         Command::Items(c) => c.run(config).await,
         Command::Debug(c) => c.run(config).await,

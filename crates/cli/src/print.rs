@@ -11,6 +11,16 @@ use anyhow::{Context, Result, bail};
 use cordon_runtime::sandbox::LogSink;
 use cordon_runtime::sandbox::output::Source;
 
+/// How long ago a stored time (milliseconds since the epoch) was: `12s ago`.
+pub fn ago(ms: u64) -> String {
+    let secs = cordon_store::now_ms().saturating_sub(ms) / 1000;
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}
+
 /// `text` with control characters shown as `\x1b`-style escapes (tabs
 /// kept), so it prints as one inert line.
 pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {

@@ -8,7 +8,9 @@
 //! start it removes the staging directories killed commands left. While it
 //! serves it records a heartbeat every [`HEARTBEAT`], so that followers
 //! can say when no agent is alive instead of showing a stage "running"
-//! for ever.
+//! for ever. The heartbeat also carries what the agent offers (name,
+//! labels, stages, plugins): it claims only deployments whose
+//! requirements it meets, and followers say when no live agent does.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use anyhow::Result;
 use cordon_store::lock::{AgentLock, sweep_state_dir};
 use tokio::task::JoinSet;
 
-use cordon_store::{DeploymentStatus, Fence, Fenced, now_ms};
+use cordon_store::{AgentBeat, DeploymentRecord, DeploymentStatus, Fence, Fenced, now_ms};
 use crate::{Host, run};
 
 /// How often the agent looks for new deployments.
@@ -28,39 +30,53 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A heartbeat older than this means its agent stopped (or hangs).
 pub const STALE: Duration = Duration::from_secs(10);
 
-/// `None` while some agent reported within [`STALE`]; otherwise what a
-/// follower should say (the newest heartbeat, if there is one).
-pub fn stale_agent(store: &dyn cordon_store::StateStore) -> Result<Option<Stale>> {
+/// `None` while a live agent (one that reported within [`STALE`]) may
+/// run `deployment`; otherwise why nothing will, for a follower to say.
+pub fn nobody_runs(store: &dyn cordon_store::StateStore, deployment: &DeploymentRecord) -> Result<Option<Stale>> {
     let now = now_ms();
-    let last = store.agents()?.into_iter().next().map(|beat| {
-        let silent = Duration::from_millis(now.saturating_sub(beat.beat_at));
-        (beat, silent)
-    });
-    Ok(match last {
-        Some((_, silent)) if silent < STALE => None,
-        last => Some(Stale { last }),
-    })
+    let agents = store.agents()?;
+    let silent = |beat: &AgentBeat| Duration::from_millis(now.saturating_sub(beat.beat_at));
+    let live: Vec<&AgentBeat> = agents.iter().filter(|beat| silent(beat) < STALE).collect();
+    if live.is_empty() {
+        return Ok(Some(Stale::Silent { last: agents.first().map(|beat| (beat.clone(), silent(beat))) }));
+    }
+    let lacking: Vec<(String, Vec<String>)> = live.iter().map(|beat| (format!("{} ({})", beat.name, beat.id), deployment.requires.unmet_by(beat))).collect();
+    if lacking.iter().any(|(_, unmet)| unmet.is_empty()) {
+        return Ok(None);
+    }
+    Ok(Some(Stale::Ineligible { lacking }))
 }
 
-/// No agent has reported lately.
+/// Why no agent runs a deployment.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stale {
-    /// The newest heartbeat and how long ago it was, if any agent ever
-    /// wrote one.
-    pub last: Option<(cordon_store::AgentBeat, Duration)>,
+pub enum Stale {
+    /// No agent has reported lately: the newest heartbeat and how long ago
+    /// it was, if any agent ever wrote one.
+    Silent { last: Option<(AgentBeat, Duration)> },
+    /// Agents are alive, but none meets the deployment's requirements:
+    /// each one with what it lacks.
+    Ineligible { lacking: Vec<(String, Vec<String>)> },
 }
 
 impl std::fmt::Display for Stale {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.last {
-            Some((beat, silent)) => write!(
+        match self {
+            Stale::Silent { last: Some((beat, silent)) } => write!(
                 f,
                 "no agent has reported for {}s (the last was pid {} on {}); nothing runs until an agent does: start `cordon agent`",
                 silent.as_secs(),
                 beat.pid,
                 beat.host
             ),
-            None => write!(f, "no agent has ever reported on this state; nothing runs until one does: start `cordon agent`"),
+            Stale::Silent { last: None } => write!(f, "no agent has ever reported on this state; nothing runs until one does: start `cordon agent`"),
+            Stale::Ineligible { lacking } => {
+                let each: Vec<String> = lacking.iter().map(|(agent, unmet)| format!("{agent} lacks {}", unmet.join(", "))).collect();
+                write!(
+                    f,
+                    "no live agent may run this deployment ({}); it waits until one that may reports: start one with those labels and plugins, or change `agents:` in the application config",
+                    each.join("; ")
+                )
+            }
         }
     }
 }
@@ -68,16 +84,16 @@ impl std::fmt::Display for Stale {
 /// This process's heartbeat, renewed by [`Beat::renew`] at most every
 /// [`HEARTBEAT`].
 struct Beat {
-    record: cordon_store::AgentBeat,
+    record: AgentBeat,
     last: Option<std::time::Instant>,
 }
 
 impl Beat {
-    fn new() -> Self {
-        let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+    fn new(offer: &AgentBeat) -> Self {
         let pid = std::process::id();
         let now = now_ms();
-        Self { record: cordon_store::AgentBeat { id: format!("{host}/{pid}"), host, pid, started_at: now, beat_at: now }, last: None }
+        let record = AgentBeat { id: format!("{}/{pid}", offer.host), pid, started_at: now, beat_at: now, ..offer.clone() };
+        Self { record, last: None }
     }
 
     fn renew(&mut self, store: &dyn cordon_store::StateStore) -> Result<()> {
@@ -133,7 +149,7 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
     }
     let mut running: JoinSet<Result<DeploymentStatus>> = JoinSet::new();
     let mut held: HashMap<tokio::task::Id, Held> = HashMap::new();
-    let mut beat = Beat::new();
+    let mut beat = Beat::new(&host.offer);
     let mut renewed = std::time::Instant::now();
     loop {
         beat.renew(host.store.as_ref())?;
@@ -159,7 +175,7 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
             if held.len() >= host.max_deployments {
                 break;
             }
-            if scope.application.as_ref().is_some_and(|a| *a != d.application) {
+            if scope.application.as_ref().is_some_and(|a| *a != d.application) || !d.requires.unmet_by(&beat.record).is_empty() {
                 continue;
             }
             let Some(fence) = host.store.claim(&d.id, &beat.record.id, host.lease)? else { continue };

@@ -3,6 +3,7 @@
 //! ```yaml
 //! name: site
 //! labels: { team: web }
+//! agents: { env: prod }             # only agents with these labels run it
 //! timeout: 30m                      # the whole deployment (default 6h)
 //! planner:
 //!   alwaysUsePipeline: false
@@ -53,6 +54,9 @@ pub struct AppConfig {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Labels an agent must have to run this application's deployments.
+    #[serde(default)]
+    pub agents: BTreeMap<String, String>,
     #[serde(default)]
     pub pipeline: Option<Pipeline>,
     #[serde(default)]
@@ -211,6 +215,7 @@ impl AppConfig {
                 Regex::new(p).with_context(|| format!("{field} is not a valid regex"))?;
             }
         }
+        cordon_runtime::plugin::config::check_labels("agents", &self.agents)?;
         let stages = self.stages();
         for (i, stage) in stages.iter().enumerate() {
             if !stage.with.is_object() {
@@ -220,6 +225,18 @@ impl AppConfig {
         }
         self.dependencies()?;
         Ok(())
+    }
+
+    /// What an agent needs to run this application's deployments: the
+    /// labels of `agents:`, the plugins that define its pipeline's stages
+    /// and the plugins it has settings for (its planners among them).
+    /// Stages a planner adds are defined by that planner, so they need
+    /// nothing more.
+    pub fn requirements(&self) -> cordon_store::Requirements {
+        let mut stages: Vec<String> = self.stages().iter().map(|s| s.name.clone()).collect();
+        stages.sort();
+        stages.dedup();
+        cordon_store::Requirements { labels: self.agents.clone(), stages, plugins: self.plugins.keys().cloned().collect() }
     }
 
     /// The configured pipeline stages (empty without a pipeline).
@@ -313,6 +330,9 @@ mod tests {
         .unwrap();
         assert_eq!(app.dependencies().unwrap(), vec![vec![], vec![0], vec![0], vec![1, 2]]);
         assert!(app.planner.auto_rollback);
+        let app = parse("name: site\nagents: {env: prod}\nplugins: {files: {}}\npipeline:\n  stages:\n    - name: B\n    - name: A\n    - name: B\n").unwrap();
+        let requires = app.requirements();
+        assert_eq!((requires.labels["env"].as_str(), requires.stages, requires.plugins), ("prod", vec!["A".to_string(), "B".to_string()], vec!["files".to_string()]));
     }
 
     #[test]
@@ -324,6 +344,7 @@ mod tests {
             ("name: s\npipeline:\n  stages:\n    - {name: A, wiht: {}}\n", "unknown field `wiht`"),
             ("name: s\nplanner: {commitMatcher: {quickSync: '('}}\n", "not a valid regex"),
             ("name: 'a b'\n", "application name"),
+            ("name: s\nagents: {env: 'prod eu'}\n", "agents: label value \"prod eu\""),
         ];
         for (yaml, expected) in cases {
             let err = format!("{:#}", parse(yaml).unwrap_err());

@@ -19,13 +19,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use cordon_runtime::engine::Engine;
 use cordon_runtime::plugin::{AgentConfig, Plugins};
 use cordon_runtime::runner::{Deployment, Trigger};
 use cordon_store::lock::sweep_state_dir;
-use cordon_store::{DeploymentRecord, PostgresStore, SqliteStore, StateStore, database_path, now_ms};
+use cordon_store::{AgentBeat, DeploymentRecord, PostgresStore, SqliteStore, StateStore, database_path, now_ms};
 use config::AppConfig;
 use plan::TriggerInfo;
 
@@ -43,6 +43,10 @@ pub struct Host {
     pub lease: Duration,
     /// Most deployments the agent runs at once.
     pub max_deployments: usize,
+    /// What the agent says it is in its heartbeat (name, labels, the
+    /// stages and plugins it has); its `id`, `pid` and times are filled in
+    /// by the agent loop that beats.
+    pub offer: AgentBeat,
 }
 
 /// The environment variable naming a shared PostgreSQL state database; it
@@ -114,7 +118,17 @@ impl Host {
         let plugins = Arc::new(Plugins::load(&engine, config).await?);
         let (store, shared) = (open_state(config, true)?, is_shared(config));
         let lease = config.state.postgres.as_ref().map_or(DEFAULT_LEASE, |p| p.lease);
-        Ok(Host { engine, plugins, store, state_dir: config.state_dir.clone(), shared, lease, max_deployments: config.max_deployments })
+        let host_name = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        let offer = AgentBeat {
+            name: config.name.clone().unwrap_or_else(|| host_name.clone()),
+            host: host_name,
+            labels: config.labels.clone(),
+            stages: plugins.stage_names(),
+            plugins: plugins.all().iter().map(|p| p.name.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+            ..Default::default()
+        };
+        let max_deployments = config.max_deployments;
+        Ok(Host { engine, plugins, store, state_dir: config.state_dir.clone(), shared, lease, max_deployments, offer })
     }
 
     pub fn snapshot_dir(&self, deployment: &str) -> PathBuf {
@@ -148,6 +162,19 @@ pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<Depl
     let app = AppConfig::load(app_dir)?;
     plan::check_app(&app, &host.plugins)?;
     check_breakpoints(&app, &host.plugins, &trigger.breakpoints)?;
+    let requires = app.requirements();
+    // On the embedded database this agent config is the only agent; on a
+    // shared one another agent may have the labels (followers say when
+    // none that is alive does).
+    let unmet = requires.unmet_by(&host.offer);
+    if !host.shared && !unmet.is_empty() {
+        bail!(
+            "{}: agents: no agent can run this application: it needs {}, and the agent config's labels are {}; add them to `labels:` there or change `agents:`",
+            app.file.display(),
+            unmet.join(", "),
+            labels_text(&host.offer.labels)
+        );
+    }
     let dir = std::fs::canonicalize(app_dir).with_context(|| format!("cannot resolve {}", app_dir.display()))?;
     host.store.upsert_application(&app.name, &dir.to_string_lossy())?;
     let trigger_json = serde_json::to_string(&trigger)?;
@@ -165,7 +192,8 @@ pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<Depl
         if host.store.deployment(&id)?.is_some() || !staged.place(&snapshot)? {
             continue;
         }
-        let record = DeploymentRecord::queued(&id, &app.name, trigger_json.clone(), snapshot.to_string_lossy().into_owned(), now_ms());
+        let queued = DeploymentRecord::queued(&id, &app.name, trigger_json.clone(), snapshot.to_string_lossy().into_owned(), now_ms());
+        let record = DeploymentRecord { requires: requires.clone(), ..queued };
         if let Err(e) = host.store.insert_deployment(&record) {
             staged.take_back(&snapshot)?;
             if host.store.deployment(&id)?.is_some() {
@@ -175,6 +203,11 @@ pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<Depl
         }
         return Ok(record);
     }
+}
+
+/// Labels as `k=v, k=v` (`none` when there are none), for messages and listings.
+pub fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
+    if labels.is_empty() { "none".to_string() } else { labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ") }
 }
 
 /// Every breakpoint must name a configured stage (by id or name) or a stage

@@ -176,10 +176,27 @@ fn a_stage_result_is_recorded_once_and_resume_resets_running_stages(open: Open) 
     assert_eq!(store.deployments(Some("app"), 10).unwrap().len(), 1);
     assert!(store.deployments(Some("other"), 10).unwrap().is_empty());
 
-    let beat = AgentBeat { id: "h/1".into(), host: "h".into(), pid: 1, started_at: 1, beat_at: 2 };
+    let beat = AgentBeat {
+        id: "h/1".into(),
+        name: "prod-eu".into(),
+        host: "h".into(),
+        pid: 1,
+        started_at: 1,
+        beat_at: 2,
+        labels: [("env".to_string(), "prod".to_string())].into(),
+        stages: vec!["WAIT".into()],
+        plugins: vec!["wait".into()],
+    };
     store.heartbeat(&beat).unwrap();
     store.heartbeat(&AgentBeat { beat_at: 5, ..beat.clone() }).unwrap();
-    assert_eq!(store.agents().unwrap(), [AgentBeat { beat_at: 5, ..beat }]);
+    assert_eq!(store.agents().unwrap(), [AgentBeat { beat_at: 5, ..beat.clone() }], "labels, stages and plugins come back as written");
+
+    let requires = Requirements { labels: [("env".to_string(), "prod".to_string())].into(), stages: vec!["WAIT".into()], plugins: vec![] };
+    let d2 = DeploymentRecord { requires: requires.clone(), ..DeploymentRecord::queued("d2", "app", "{}".into(), String::new(), 9) };
+    store.insert_deployment(&d2).unwrap();
+    assert_eq!(store.deployment("d2").unwrap().unwrap().requires, requires);
+    assert_eq!(store.claimable().unwrap()[0].requires, requires, "claimable deployments carry their requirements");
+    assert!(requires.unmet_by(&beat).is_empty());
 }
 
 /// One agent at a time holds a deployment; an application's deployments

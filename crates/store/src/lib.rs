@@ -28,6 +28,7 @@ mod conformance;
 #[cfg(any(test, feature = "test-cluster"))]
 pub mod test_cluster;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -150,15 +151,60 @@ text_enum!(StageStatus {
 
 /// An agent's latest sign of life: it writes one every few seconds while
 /// it serves deployments, so a follower can tell a dead agent from a slow
-/// stage.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// stage. It also says what the agent offers (its labels, the stages its
+/// plugins define and the plugins themselves), since plugins and grants
+/// are per agent: a deployment goes only to an agent that meets its
+/// [`Requirements`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct AgentBeat {
-    /// `HOST/PID`.
+    /// `HOST/PID`: one process (the lease owner).
     pub id: String,
+    /// The name the operator gave the agent (default: the host name).
+    pub name: String,
     pub host: String,
     pub pid: u32,
     pub started_at: u64,
     pub beat_at: u64,
+    pub labels: BTreeMap<String, String>,
+    /// Stages its plugins define, sorted.
+    pub stages: Vec<String>,
+    /// Its plugins' names, sorted.
+    pub plugins: Vec<String>,
+}
+
+/// What a deployment needs of the agent that runs it: the labels its
+/// application asks for (`agents:` in `app.cordon.yaml`), the stages of
+/// its pipeline and the plugins it names settings for (its planners).
+/// Fixed when the deployment is queued, so every agent decides the same.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Requirements {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub stages: Vec<String>,
+    #[serde(default)]
+    pub plugins: Vec<String>,
+}
+
+impl Requirements {
+    /// What `agent` lacks of these, one phrase each (`label env=prod`,
+    /// `stage WAIT`, `plugin files`); empty when it may run the deployment.
+    pub fn unmet_by(&self, agent: &AgentBeat) -> Vec<String> {
+        let labels = self.labels.iter().filter(|(k, v)| agent.labels.get(*k) != Some(*v)).map(|(k, v)| format!("label {k}={v}"));
+        let stages = self.stages.iter().filter(|s| !agent.stages.contains(s)).map(|s| format!("stage {s}"));
+        let plugins = self.plugins.iter().filter(|p| !agent.plugins.contains(p)).map(|p| format!("plugin {p}"));
+        labels.chain(stages).chain(plugins).collect()
+    }
+}
+
+/// A deployment's requirements or an agent's labels, stages or plugins as
+/// stored: JSON text.
+fn json_column(value: &impl Serialize) -> String {
+    serde_json::to_string(value).expect("maps and lists of strings serialise")
+}
+
+fn from_json_column<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| anyhow::anyhow!("unreadable {what} {text:?} in the state store: {e}"))
 }
 
 /// A deployment as stored.
@@ -177,6 +223,8 @@ pub struct DeploymentRecord {
     pub target_snapshot: String,
     /// Snapshot directory of the running source; empty on a first deployment.
     pub running_snapshot: String,
+    /// What the agent that runs it must offer.
+    pub requires: Requirements,
     pub created_at: u64,
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
@@ -194,6 +242,7 @@ impl DeploymentRecord {
             plan: String::new(),
             target_snapshot,
             running_snapshot: String::new(),
+            requires: Requirements::default(),
             created_at,
             started_at: None,
             finished_at: None,
@@ -335,6 +384,13 @@ pub struct ApplicationRecord {
 const HEAD_OF_APPLICATION: &str = "d.status IN ('queued', 'running', 'rolling-back')
      AND NOT EXISTS (SELECT 1 FROM deployments e WHERE e.application = d.application
                      AND e.status IN ('queued', 'running', 'rolling-back') AND e.seq < d.seq)";
+
+/// The columns every backend reads a deployment from, in this order.
+const DEPLOYMENT_COLUMNS: &str =
+    "id, application, status, reason, trigger, plan, target_snapshot, running_snapshot, created_at, started_at, finished_at, requires";
+
+/// The columns every backend reads and writes an agent's heartbeat with, in this order.
+const AGENT_COLUMNS: &str = "id, name, host, pid, started_at, beat_at, labels, stages, plugins";
 
 /// Free text (log lines, reasons, messages) as stored: NUL, which
 /// PostgreSQL text cannot hold, becomes U+FFFD in every backend alike.
@@ -494,13 +550,33 @@ pub trait StateStore: Send + Sync {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn requirements_name_what_an_agent_lacks() {
+        let agent = AgentBeat {
+            labels: [("env".to_string(), "dev".to_string()), ("zone".to_string(), "a".to_string())].into(),
+            stages: vec!["WAIT".into()],
+            plugins: vec!["wait".into()],
+            ..Default::default()
+        };
+        let requires = Requirements {
+            labels: [("env".to_string(), "prod".to_string()), ("zone".to_string(), "a".to_string())].into(),
+            stages: vec!["WAIT".into(), "HTTP_CHECK".into()],
+            plugins: vec!["files".into()],
+        };
+        assert_eq!(requires.unmet_by(&agent), ["label env=prod", "stage HTTP_CHECK", "plugin files"]);
+        assert!(Requirements::default().unmet_by(&agent).is_empty(), "no requirements: any agent");
+        assert!(Requirements { labels: [("zone".to_string(), "a".to_string())].into(), ..Default::default() }.unmet_by(&agent).is_empty());
+    }
+
     #[test]
     fn safe_names_cannot_leave_a_directory() {
         for ok in ["web", "mig-18c2-ab12cd34", "app.v2", "a_b-1"] {
-            assert!(super::is_safe_name(ok), "{ok}");
+            assert!(is_safe_name(ok), "{ok}");
         }
         for bad in ["", ".", "..", "../../x", "/abs", "a/b", ".hidden", "a\\b", "a b", &"x".repeat(129)] {
-            assert!(!super::is_safe_name(bad), "{bad:?}");
+            assert!(!is_safe_name(bad), "{bad:?}");
         }
     }
 }

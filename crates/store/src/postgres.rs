@@ -138,9 +138,15 @@ CREATE TABLE agents (
     started_at BIGINT NOT NULL,
     beat_at BIGINT NOT NULL
 );
-"#];
+"#,
+    // 2: what a deployment needs of its agent, and what each agent offers.
+    "ALTER TABLE deployments ADD COLUMN requires TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE agents ADD COLUMN name TEXT NOT NULL DEFAULT '';
+     ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE agents ADD COLUMN stages TEXT NOT NULL DEFAULT '[]';
+     ALTER TABLE agents ADD COLUMN plugins TEXT NOT NULL DEFAULT '[]';",
+];
 
-const DEPLOYMENT_COLUMNS: &str = "id, application, status, reason, trigger, plan, target_snapshot, running_snapshot, created_at, started_at, finished_at";
 const STAGE_COLUMNS: &str =
     r#"deployment, id, ordinal, name, "desc", idx, rollback, options, needs, plugin, timeout_ms, status, message, started_at, finished_at, attempts"#;
 const METADATA_UPSERT: &str = "INSERT INTO metadata (deployment, stage, key, value) VALUES ($1, $2, $3, $4)
@@ -354,6 +360,7 @@ fn deployment_row(r: &Row) -> Result<DeploymentRecord> {
         created_at: r.get::<_, i64>(8) as u64,
         started_at: opt_u64(r.get(9)),
         finished_at: opt_u64(r.get(10)),
+        requires: from_json_column("deployment requirements", r.get(11))?,
     })
 }
 
@@ -452,11 +459,12 @@ impl StateStore for PostgresStore {
             client(&pool)
                 .await?
                 .execute(
-                    "INSERT INTO deployments (id, application, status, reason, trigger, plan, target_snapshot, running_snapshot, created_at, started_at, finished_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    "INSERT INTO deployments (id, application, status, reason, trigger, plan, target_snapshot, running_snapshot, created_at, started_at, finished_at, requires)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                     &[
                         &d.id, &d.application, &d.status.as_str(), &d.reason, &d.trigger, &d.plan, &d.target_snapshot,
                         &d.running_snapshot, &(d.created_at as i64), &opt_i64(d.started_at), &opt_i64(d.finished_at),
+                        &json_column(&d.requires),
                     ],
                 )
                 .await?;
@@ -940,9 +948,15 @@ impl StateStore for PostgresStore {
             client(&pool)
                 .await?
                 .execute(
-                    "INSERT INTO agents (id, host, pid, started_at, beat_at) VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (id) DO UPDATE SET beat_at = excluded.beat_at",
-                    &[&b.id, &b.host, &(b.pid as i64), &(b.started_at as i64), &(b.beat_at as i64)],
+                    &format!(
+                        "INSERT INTO agents ({AGENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                         ON CONFLICT (id) DO UPDATE SET beat_at = excluded.beat_at, name = excluded.name, labels = excluded.labels,
+                             stages = excluded.stages, plugins = excluded.plugins"
+                    ),
+                    &[
+                        &b.id, &b.name, &b.host, &(b.pid as i64), &(b.started_at as i64), &(b.beat_at as i64),
+                        &json_column(&b.labels), &json_column(&b.stages), &json_column(&b.plugins),
+                    ],
                 )
                 .await?;
             Ok(())
@@ -952,17 +966,22 @@ impl StateStore for PostgresStore {
     fn agents(&self) -> Result<Vec<AgentBeat>> {
         let pool = self.pool.clone();
         self.run(async move {
-            let rows = client(&pool).await?.query("SELECT id, host, pid, started_at, beat_at FROM agents ORDER BY beat_at DESC", &[]).await?;
-            Ok(rows
-                .iter()
-                .map(|r| AgentBeat {
-                    id: r.get(0),
-                    host: r.get(1),
-                    pid: r.get::<_, i64>(2) as u32,
-                    started_at: r.get::<_, i64>(3) as u64,
-                    beat_at: r.get::<_, i64>(4) as u64,
+            let rows = client(&pool).await?.query(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY beat_at DESC"), &[]).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(AgentBeat {
+                        id: r.get(0),
+                        name: r.get(1),
+                        host: r.get(2),
+                        pid: r.get::<_, i64>(3) as u32,
+                        started_at: r.get::<_, i64>(4) as u64,
+                        beat_at: r.get::<_, i64>(5) as u64,
+                        labels: from_json_column("agent labels", r.get(6))?,
+                        stages: from_json_column("agent stages", r.get(7))?,
+                        plugins: from_json_column("agent plugins", r.get(8))?,
+                    })
                 })
-                .collect())
+                .collect()
         })
     }
 }

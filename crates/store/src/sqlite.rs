@@ -42,6 +42,12 @@ const MIGRATIONS: &[&str] = &[
          at INTEGER NOT NULL,
          PRIMARY KEY (deployment, epoch, write)
      );",
+    // 5: what a deployment needs of its agent, and what each agent offers.
+    "ALTER TABLE deployments ADD COLUMN requires TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE agents ADD COLUMN name TEXT NOT NULL DEFAULT '';
+     ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE agents ADD COLUMN stages TEXT NOT NULL DEFAULT '[]';
+     ALTER TABLE agents ADD COLUMN plugins TEXT NOT NULL DEFAULT '[]';",
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -232,7 +238,7 @@ fn application_row(r: &Row<'_>) -> rusqlite::Result<ApplicationRecord> {
     Ok(ApplicationRecord { name: r.get(0)?, dir: r.get(1)?, last_success: r.get(2)?, running_snapshot: r.get(3)? })
 }
 
-fn deployment_row(r: &Row<'_>) -> rusqlite::Result<(DeploymentRecord, String)> {
+fn deployment_row(r: &Row<'_>) -> rusqlite::Result<(DeploymentRecord, String, String)> {
     Ok((
         DeploymentRecord {
             id: r.get(0)?,
@@ -243,19 +249,32 @@ fn deployment_row(r: &Row<'_>) -> rusqlite::Result<(DeploymentRecord, String)> {
             plan: r.get(5)?,
             target_snapshot: r.get(6)?,
             running_snapshot: r.get(7)?,
+            requires: Requirements::default(),
             created_at: r.get(8)?,
             started_at: r.get(9)?,
             finished_at: r.get(10)?,
         },
         r.get(2)?,
+        r.get(11)?,
     ))
 }
 
-const DEPLOYMENT_COLUMNS: &str = "id, application, status, reason, trigger, plan, target_snapshot, running_snapshot, created_at, started_at, finished_at";
-
-fn finish_deployment((mut d, status): (DeploymentRecord, String)) -> Result<DeploymentRecord> {
+fn finish_deployment((mut d, status, requires): (DeploymentRecord, String, String)) -> Result<DeploymentRecord> {
     d.status = status.parse()?;
+    d.requires = from_json_column("deployment requirements", &requires)?;
     Ok(d)
+}
+
+fn agent_row(r: &Row<'_>) -> rusqlite::Result<(AgentBeat, [String; 3])> {
+    let beat = AgentBeat { id: r.get(0)?, name: r.get(1)?, host: r.get(2)?, pid: r.get(3)?, started_at: r.get(4)?, beat_at: r.get(5)?, ..Default::default() };
+    Ok((beat, [r.get(6)?, r.get(7)?, r.get(8)?]))
+}
+
+fn finish_agent((mut beat, [labels, stages, plugins]): (AgentBeat, [String; 3])) -> Result<AgentBeat> {
+    beat.labels = from_json_column("agent labels", &labels)?;
+    beat.stages = from_json_column("agent stages", &stages)?;
+    beat.plugins = from_json_column("agent plugins", &plugins)?;
+    Ok(beat)
 }
 
 fn stage_row(r: &Row<'_>) -> rusqlite::Result<(StageRecord, String, String)> {
@@ -331,11 +350,11 @@ impl StateStore for SqliteStore {
 
     fn insert_deployment(&self, d: &DeploymentRecord) -> Result<()> {
         self.conn().execute(
-            "INSERT INTO deployments (id, application, status, reason, trigger, plan, target_snapshot, running_snapshot, created_at, started_at, finished_at, seq)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, (SELECT COALESCE(MAX(seq), 0) + 1 FROM deployments))",
+            "INSERT INTO deployments (id, application, status, reason, trigger, plan, target_snapshot, running_snapshot, created_at, started_at, finished_at, requires, seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, (SELECT COALESCE(MAX(seq), 0) + 1 FROM deployments))",
             params![
                 d.id, d.application, d.status.as_str(), d.reason, d.trigger, d.plan, d.target_snapshot, d.running_snapshot,
-                d.created_at, d.started_at, d.finished_at
+                d.created_at, d.started_at, d.finished_at, json_column(&d.requires)
             ],
         )?;
         Ok(())
@@ -650,18 +669,21 @@ impl StateStore for SqliteStore {
 
     fn heartbeat(&self, b: &AgentBeat) -> Result<()> {
         self.conn().execute(
-            "INSERT INTO agents (id, host, pid, started_at, beat_at) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (id) DO UPDATE SET beat_at = excluded.beat_at",
-            params![b.id, b.host, b.pid, b.started_at, b.beat_at],
+            &format!(
+                "INSERT INTO agents ({AGENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (id) DO UPDATE SET beat_at = excluded.beat_at, name = excluded.name, labels = excluded.labels,
+                     stages = excluded.stages, plugins = excluded.plugins"
+            ),
+            params![b.id, b.name, b.host, b.pid, b.started_at, b.beat_at, json_column(&b.labels), json_column(&b.stages), json_column(&b.plugins)],
         )?;
         Ok(())
     }
 
     fn agents(&self) -> Result<Vec<AgentBeat>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT id, host, pid, started_at, beat_at FROM agents ORDER BY beat_at DESC")?;
-        let rows = stmt.query_map([], |r| Ok(AgentBeat { id: r.get(0)?, host: r.get(1)?, pid: r.get(2)?, started_at: r.get(3)?, beat_at: r.get(4)? }))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let mut stmt = conn.prepare_cached(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY beat_at DESC"))?;
+        let rows = stmt.query_map([], agent_row)?;
+        rows.map(|r| finish_agent(r?)).collect()
     }
 
     fn answer_command(&self, fence: &Fence, stage: &str, id: &str, answer: &Answer) -> Result<()> {

@@ -33,8 +33,10 @@ impl Deploy {
         println!("deployment {id} of {} queued", record.application);
         // With no agent alive, this command runs the deployment itself: on
         // the embedded database that is when no agent holds the state
-        // directory; on a shared one, when no agent has reported lately.
-        let alone = !host.shared || agent::stale_agent(host.store.as_ref())?.is_some();
+        // directory; on a shared one, when no live agent may run it and
+        // this process may.
+        let nobody = if host.shared { agent::nobody_runs(host.store.as_ref(), &record)? } else { None };
+        let alone = !host.shared || (nobody.is_some() && record.requires.unmet_by(&host.offer).is_empty());
         let lock = if alone { AgentLock::try_acquire(&config.state_dir)? } else { None };
         let state = if host.shared { host.store.describe() } else { config.state_dir.display().to_string() };
         if self.detach {
@@ -48,6 +50,11 @@ impl Deploy {
                 let scope = agent::ServeScope { application: Some(record.application.clone()), until: Some(id.clone()), until_idle: false };
                 let host = host.clone();
                 Some(tokio::spawn(async move { agent::serve(host, &lock, scope).await }))
+            }
+            None if nobody.is_some() => {
+                // The follower says why nothing runs it.
+                println!("following {id} on {state}");
+                None
             }
             None => {
                 println!("an agent is running on {state}; following");

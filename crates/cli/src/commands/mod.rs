@@ -2,6 +2,7 @@
 //! subcommand enum), calls the layer that owns the work, and prints.
 
 pub mod agent;
+pub mod agents;
 pub mod completions;
 pub mod control;
 pub mod debug;

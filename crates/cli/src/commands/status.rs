@@ -6,12 +6,13 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
+use cordon_pipeline::agent::{self, Stale};
 use cordon_pipeline::{control, open_store};
 use cordon_runtime::plugin::AgentConfig;
-use cordon_store::now_ms;
+use cordon_store::{DeploymentRecord, StateStore};
 
 use crate::follow;
-use crate::print::escape;
+use crate::print::{ago, escape};
 
 /// Recent deployments, or one deployment's stages.
 #[derive(clap::Args)]
@@ -19,18 +20,22 @@ pub struct Status {
     deployment: Option<String>,
 }
 
-fn ago(ms: u64) -> String {
-    let secs = now_ms().saturating_sub(ms) / 1000;
-    match secs {
-        0..=59 => format!("{secs}s ago"),
-        60..=3599 => format!("{}m ago", secs / 60),
-        _ => format!("{}h ago", secs / 3600),
+/// The agent that runs (or last ran) a deployment: `HOST/PID`; for an
+/// unfinished one no agent holds, `(no agent)` or `(none eligible)` when
+/// no live agent may run it, else `-`.
+fn agent_of(store: &dyn StateStore, d: &DeploymentRecord) -> Result<String> {
+    if let Some(owner) = store.lease(&d.id)?.and_then(|(_, owner)| owner) {
+        return Ok(escape(&owner).into_owned());
     }
-}
-
-/// The agent that runs (or last ran) a deployment: `HOST/PID`, or `-`.
-fn agent_of(store: &dyn cordon_store::StateStore, id: &str) -> Result<String> {
-    Ok(store.lease(id)?.and_then(|(_, owner)| owner).map_or_else(|| "-".to_string(), |owner| escape(&owner).into_owned()))
+    if d.status.is_final() {
+        return Ok("-".to_string());
+    }
+    Ok(match agent::nobody_runs(store, d)? {
+        Some(Stale::Silent { .. }) => "(no agent)",
+        Some(Stale::Ineligible { .. }) => "(none eligible)",
+        None => "-",
+    }
+    .to_string())
 }
 
 impl Status {
@@ -41,14 +46,14 @@ impl Status {
             None => {
                 writeln!(out, "{:<24} {:<14} {:<12} {:>8}  {:<20} REASON", "DEPLOYMENT", "APPLICATION", "STATUS", "CREATED", "AGENT")?;
                 for d in store.deployments(None, 20)? {
-                    let agent = agent_of(store.as_ref(), &d.id)?;
+                    let agent = agent_of(store.as_ref(), &d)?;
                     writeln!(out, "{:<24} {:<14} {:<12} {:>8}  {:<20} {}", d.id, d.application, d.status.as_str(), ago(d.created_at), agent, escape(&d.reason))?;
                 }
             }
             Some(id) => {
                 let d = control::deployment(store.as_ref(), id)?;
                 let reason = if d.reason.is_empty() { String::new() } else { format!(" ({})", escape(&d.reason)) };
-                writeln!(out, "deployment {} of {}: {}{reason}; agent {}", d.id, d.application, d.status, agent_of(store.as_ref(), id)?)?;
+                writeln!(out, "deployment {} of {}: {}{reason}; agent {}", d.id, d.application, d.status, agent_of(store.as_ref(), &d)?)?;
                 for s in store.stages(id)? {
                     let took = match (s.started_at, s.finished_at) {
                         (Some(a), Some(b)) => format!("{:.1}s", b.saturating_sub(a) as f64 / 1000.0),

@@ -69,6 +69,14 @@ pub struct AgentConfig {
     /// more, leaving them to other agents (or to later).
     #[serde(default = "default_max_deployments")]
     pub max_deployments: usize,
+    /// The agent's name in `cordon agents` and `cordon status` (default:
+    /// the host name).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Labels applications choose agents by (`agents: { env: prod }` in
+    /// `app.cordon.yaml`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// The file this config was read from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -163,6 +171,25 @@ pub fn is_loopback(registry: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Checks agent labels (or an application's label selector) named `what`:
+/// keys and values of 1 to 63 ASCII letters, digits, '-', '_' or '.', as
+/// Kubernetes label values, so they read the same in every listing.
+pub fn check_labels(what: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+    for (key, value) in labels {
+        for (part, text) in [("key", key), ("value", value)] {
+            if !is_label_text(text) {
+                bail!("{what}: label {part} {text:?} must be 1-63 ASCII letters, digits, '-', '_' or '.'");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `text` may be a label key or value, or an agent name.
+fn is_label_text(text: &str) -> bool {
+    (1..=63).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -195,6 +222,10 @@ impl AgentConfig {
         if config.max_deployments == 0 {
             bail!("{file}: max-deployments is 0, so this agent would run nothing; give at least 1 (default 16)");
         }
+        if let Some(name) = config.name.as_deref().filter(|n| !is_label_text(n)) {
+            bail!("{file}: name {name:?} must be 1-63 ASCII letters, digits, '-', '_' or '.'");
+        }
+        check_labels(&format!("{file}: labels"), &config.labels)?;
         if let Some(postgres) = &mut config.state.postgres {
             if let Some(file) = &mut postgres.password_file
                 && file.is_relative()
@@ -320,6 +351,9 @@ mod tests {
         assert_eq!(c.state_dir, Path::new("/etc/cordon/state"));
         assert_eq!(c.plugins[0].path, Path::new("/etc/cordon/w.wasm"));
         assert_eq!(c.plugins[0].limits, Limits::default());
+        assert_eq!((c.name, c.labels.len()), (None, 0));
+        let c = parse("state-dir: s\nname: prod-eu.1\nlabels: {env: prod, zone: eu-west-1}\n").unwrap();
+        assert_eq!((c.name.as_deref(), c.labels["zone"].as_str()), (Some("prod-eu.1"), "eu-west-1"));
     }
 
     #[test]
@@ -345,6 +379,9 @@ mod tests {
             (format!("state-dir: s\nplugins:\n  - {{name: a, sha256: {PIN}, world: executor}}\n"), "needs `path:`"),
             (format!("state-dir: s\nplugins:\n  - {{name: a, path: a.wasm, source: oci://r/a@sha256:{PIN}, sha256: {PIN}, world: executor}}\n"), "both `path` and `source`"),
             (format!("state-dir: s\nplugins:\n  - {{name: a, source: oci://r/a:1.0, sha256: {PIN}, world: executor}}\n"), "cordon plugin pin"),
+            ("state-dir: s\nname: 'prod eu'\n".to_string(), "name \"prod eu\" must be"),
+            ("state-dir: s\nlabels: {env: 'prod/eu'}\n".to_string(), "labels: label value \"prod/eu\""),
+            ("state-dir: s\nlabels: {'': prod}\n".to_string(), "label key \"\""),
         ];
         for (yaml, expected) in cases {
             let err = format!("{:#}", parse(&yaml).unwrap_err());

@@ -326,4 +326,9 @@ impl Plugins {
     pub fn planner_for(&self, stage: &str) -> Option<&Arc<Plugin>> {
         self.planners.get(stage)
     }
+
+    /// Every stage some plugin performs (what [`Plugins::route`] routes), sorted.
+    pub fn stage_names(&self) -> Vec<String> {
+        self.executors.keys().cloned().collect()
+    }
 }
