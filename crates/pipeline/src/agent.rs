@@ -23,8 +23,12 @@ use tokio::task::JoinSet;
 use cordon_store::{AgentBeat, DeploymentRecord, DeploymentStatus, Fence, Fenced, now_ms};
 use crate::{Host, run};
 
-/// How often the agent looks for new deployments.
+/// How often the agent looks for new deployments when its store cannot
+/// wake it.
 const POLL: Duration = Duration::from_millis(200);
+/// How often it looks anyway when the store wakes it (notifications can
+/// be lost with a connection, and expired leases notify nobody).
+const FALLBACK_POLL: Duration = Duration::from_secs(1);
 /// How often a serving agent records a heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A heartbeat older than this means its agent stopped (or hangs).
@@ -132,6 +136,11 @@ fn renew_every(lease: Duration) -> Duration {
 
 /// Runs deployments until `scope` says to stop (or forever).
 ///
+/// It looks for work when the store wakes it (PostgreSQL notifies every
+/// change that may make a deployment claimable), when one of its own
+/// deployments ends, and at least every [`POLL`] ([`FALLBACK_POLL`] when
+/// the store wakes it).
+///
 /// The agent claims each deployment it runs with a lease (see
 /// [`cordon_store::StateStore::claim`]) and renews its leases as often as
 /// it beats. A deployment whose lease another agent took over (this agent
@@ -151,6 +160,9 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
     let mut held: HashMap<tokio::task::Id, Held> = HashMap::new();
     let mut beat = Beat::new(&host.offer);
     let mut renewed = std::time::Instant::now();
+    let wake = host.store.wake();
+    // Often enough to renew leases in time, whatever wakes the loop.
+    let poll = if wake.is_some() { FALLBACK_POLL } else { POLL }.min(renew_every(host.lease));
     loop {
         beat.renew(host.store.as_ref())?;
         if renewed.elapsed() >= renew_every(host.lease) {
@@ -183,10 +195,18 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
             held.insert(task.id(), Held { fence, task });
         }
         // Wake when a deployment ends (its application may have the next
-        // one queued) or to look for newly queued ones.
+        // one queued), when the store says work may be claimable, or to
+        // look anyway.
+        let notified = async {
+            match &wake {
+                Some(wake) => wake.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         let finished = tokio::select! {
             Some(joined) = running.join_next_with_id() => Some(joined),
-            _ = tokio::time::sleep(POLL) => None,
+            () = notified => None,
+            _ = tokio::time::sleep(poll) => None,
         };
         let Some(joined) = finished else { continue };
         let (task, result) = match joined {

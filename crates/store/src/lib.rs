@@ -542,6 +542,14 @@ pub trait StateStore: Send + Sync {
     fn answer_command(&self, fence: &Fence, stage: &str, id: &str, answer: &Answer) -> Result<()>;
 
     // Agents.
+    /// Notified when a deployment may have become claimable (queued,
+    /// finished, released) by any writer, so an agent need not wait for
+    /// its next poll; `None` when the backend cannot tell (the agent then
+    /// only polls). A notification may be spurious or, across a lost
+    /// connection, late: agents keep polling as a fallback.
+    fn wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
     /// Records `beat` as its agent's latest heartbeat.
     fn heartbeat(&self, beat: &AgentBeat) -> Result<()>;
     /// Every agent's latest heartbeat, newest first.

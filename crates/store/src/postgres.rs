@@ -20,6 +20,12 @@
 //! exclusively: a deployment's log lines commit in `seq` order, so a
 //! follower that reads after the last `seq` it saw misses none.
 //!
+//! Wake-ups: a change that can make a deployment claimable (one queued, a
+//! status changed, a lease released) notifies the channel [`WORK_CHANNEL`]
+//! from a trigger in the database, whoever wrote it; an agent's
+//! [`StateStore::wake`] listens on one connection of its own (reconnecting
+//! when it drops) and wakes the agent loop, which otherwise polls.
+//!
 //! Credentials: the URL may hold a password, and `password-file` can
 //! supply one; neither is ever part of a message ([`PostgresStore::describe`]
 //! names user, host, port and database only).
@@ -38,6 +44,8 @@ use super::*;
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections kept per store (one process).
 const POOL_SIZE: usize = 8;
+/// The `LISTEN`/`NOTIFY` channel of changes that may make work claimable.
+pub const WORK_CHANNEL: &str = "cordon_work";
 /// The advisory lock that serialises schema changes of agents starting at once.
 const MIGRATION_LOCK: i64 = 0x636f_7264_6f6e;
 /// The database's clock, in milliseconds since the Unix epoch.
@@ -145,6 +153,14 @@ CREATE TABLE agents (
      ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
      ALTER TABLE agents ADD COLUMN stages TEXT NOT NULL DEFAULT '[]';
      ALTER TABLE agents ADD COLUMN plugins TEXT NOT NULL DEFAULT '[]';",
+    // 3: wake listening agents when work may have become claimable.
+    "CREATE FUNCTION cordon_notify_work() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN PERFORM pg_notify('cordon_work', ''); RETURN NULL; END $$;
+     CREATE TRIGGER deployments_queued AFTER INSERT ON deployments
+         FOR EACH STATEMENT EXECUTE FUNCTION cordon_notify_work();
+     CREATE TRIGGER deployments_changed AFTER UPDATE ON deployments FOR EACH ROW
+         WHEN (OLD.status IS DISTINCT FROM NEW.status OR (OLD.lease_until IS NOT NULL AND NEW.lease_until IS NULL))
+         EXECUTE FUNCTION cordon_notify_work();",
 ];
 
 const STAGE_COLUMNS: &str =
@@ -161,6 +177,10 @@ pub struct PostgresStore {
     runtime: Option<tokio::runtime::Runtime>,
     /// `postgres://user@host:port/database`, for messages.
     describe: String,
+    /// For the listening connection (holds the password: never printed).
+    config: tokio_postgres::Config,
+    /// Notified on [`WORK_CHANNEL`]; the listener starts on first use.
+    wake: std::sync::OnceLock<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl Drop for PostgresStore {
@@ -207,7 +227,7 @@ impl PostgresStore {
             .enable_all()
             .build()
             .context("cannot start the PostgreSQL client's threads")?;
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = {
             let _entered = runtime.enter();
             Pool::builder(manager)
@@ -218,7 +238,7 @@ impl PostgresStore {
                 .build()
                 .context("cannot set up the PostgreSQL connection pool")?
         };
-        let store = Self { pool, runtime: Some(runtime), describe };
+        let store = Self { pool, runtime: Some(runtime), describe, config, wake: Default::default() };
         let pool = store.pool.clone();
         store
             .run(async move { migrate(&pool).await })
@@ -257,6 +277,36 @@ impl PostgresStore {
             tx.commit().await?;
             Ok(out)
         })
+    }
+}
+
+/// Listens on [`WORK_CHANNEL`] and notifies `wake` for each notification,
+/// for as long as the store lives: when the connection drops it connects
+/// again (waking once, since changes may have been missed meanwhile).
+async fn listen(config: tokio_postgres::Config, wake: std::sync::Arc<tokio::sync::Notify>) {
+    loop {
+        if let Ok((client, mut connection)) = config.connect(NoTls).await {
+            let driver = async {
+                loop {
+                    match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => wake.notify_one(),
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => return,
+                    }
+                }
+            };
+            tokio::pin!(driver);
+            let statement = format!("LISTEN {WORK_CHANNEL}");
+            let listening = tokio::select! {
+                listened = client.batch_execute(&statement) => listened.is_ok(),
+                () = &mut driver => false,
+            };
+            if listening {
+                wake.notify_one();
+                driver.await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -942,6 +992,16 @@ impl StateStore for PostgresStore {
         }))
     }
 
+    fn wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        let wake = self.wake.get_or_init(|| {
+            let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+            let runtime = self.runtime.as_ref().expect("the runtime lives as long as the store");
+            runtime.spawn(listen(self.config.clone(), wake.clone()));
+            wake
+        });
+        Some(wake.clone())
+    }
+
     fn heartbeat(&self, b: &AgentBeat) -> Result<()> {
         let (pool, b) = (self.pool.clone(), b.clone());
         self.run(async move {
@@ -983,5 +1043,38 @@ impl StateStore for PostgresStore {
                 })
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits for `wake` at most `within`; whether it came.
+    fn woken(store: &PostgresStore, wake: &tokio::sync::Notify, within: Duration) -> bool {
+        let runtime = store.runtime.as_ref().unwrap();
+        runtime.block_on(async { tokio::time::timeout(within, wake.notified()).await.is_ok() })
+    }
+
+    /// Another process's writes wake a listening agent: a deployment
+    /// queued, its lease released, its end; a claim or a renewal does not.
+    #[test]
+    fn writes_that_make_work_claimable_wake_listeners() {
+        let url = crate::test_cluster::Cluster::shared().database();
+        let listener = PostgresStore::open(&url, None, "the test database").unwrap();
+        let writer = PostgresStore::open(&url, None, "the test database").unwrap();
+        let wake = listener.wake().unwrap();
+        assert!(woken(&listener, &wake, Duration::from_secs(10)), "the listener never connected");
+
+        writer.insert_deployment(&DeploymentRecord::queued("d1", "app", "{}".into(), String::new(), 1)).unwrap();
+        assert!(woken(&listener, &wake, Duration::from_secs(10)), "a queued deployment woke nobody");
+        let fence = writer.claim("d1", "a", Duration::from_secs(30)).unwrap().unwrap();
+        writer.renew("a", std::slice::from_ref(&fence), Duration::from_secs(30)).unwrap();
+        assert!(!woken(&listener, &wake, Duration::from_millis(500)), "a claim or a renewal woke a listener: nothing became claimable");
+        writer.release(&fence).unwrap();
+        assert!(woken(&listener, &wake, Duration::from_secs(10)), "a released lease woke nobody");
+        let fence = writer.claim("d1", "a", Duration::from_secs(30)).unwrap().unwrap();
+        writer.set_deployment_status(&fence, DeploymentStatus::Failure, "", 2).unwrap();
+        assert!(woken(&listener, &wake, Duration::from_secs(10)), "a finished deployment woke nobody");
     }
 }
