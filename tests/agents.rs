@@ -311,3 +311,55 @@ async fn agents_run_only_the_deployments_they_may() {
     assert_eq!(ran_by(&host, "to-prod-4").await, prod.id());
     drop(dev);
 }
+
+/// On a shared database the source travels with the deployment: an agent
+/// whose machine never saw the application directory (nor the snapshots
+/// of the machine that queued it) runs it from the database, diffs it
+/// against the running source from there, and refuses a stored snapshot
+/// that was altered.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_reach_agents_through_the_database() {
+    let cluster = Cluster::shared();
+    let url = cluster.database();
+    let world = World::new();
+    let trigger_config = agent_config(&world, &url, &world.dir.path().join("laptop"), "laptop.yaml");
+    let host = Arc::new(Host::open_with(engine().clone(), &AgentConfig::load(&trigger_config).unwrap()).await.unwrap());
+    let app = world.app("far", "name: far\npipeline:\n  stages:\n    - { name: STEP, with: { sleep_ms: 1 } }\n");
+    std::fs::write(app.join("index.html"), "v1").unwrap();
+    let first = cordon_pipeline::trigger(&host, &app, TriggerInfo::default()).unwrap();
+    std::fs::write(app.join("index.html"), "v2").unwrap();
+    let second = cordon_pipeline::trigger(&host, &app, TriggerInfo::default()).unwrap();
+    assert!(first.target_snapshot.starts_with("sha256:") && first.target_snapshot != second.target_snapshot, "{first:?}");
+    // Nothing of the queuing machine is left for the agent to read.
+    let _ = std::fs::remove_dir_all(world.dir.path().join("laptop"));
+    let hidden = world.dir.path().join("apps-elsewhere");
+    std::fs::rename(&app, &hidden).unwrap();
+
+    let agent = Agent::start(&agent_config(&world, &url, &world.dir.path().join("far-agent"), "far-agent.yaml"));
+    ran_by(&host, &first.id).await;
+    ran_by(&host, &second.id).await;
+    let plan: serde_json::Value = serde_json::from_str(&host.store.deployment(&second.id).unwrap().unwrap().plan).unwrap();
+    assert_eq!(plan["changed"], serde_json::json!(["index.html"]), "the running source came from the database too");
+    let fetched = world.dir.path().join("far-agent/snapshots").join(first.target_snapshot.replace(':', "-"));
+    assert_eq!(std::fs::read_to_string(fetched.join("index.html")).unwrap(), "v1");
+
+    // A snapshot row altered in the database fails its deployment, naming why.
+    std::fs::rename(&hidden, &app).unwrap();
+    std::fs::write(app.join("index.html"), "v3").unwrap();
+    let third = cordon_pipeline::trigger(&host, &app, TriggerInfo::default()).unwrap();
+    drop(agent);
+    let database = url.rsplit('/').next().unwrap();
+    cluster.psql_in(database, &format!("UPDATE snapshots SET archive = archive || '\\x00'::bytea WHERE digest = '{}'", third.target_snapshot));
+    let _agent = Agent::start(&agent_config(&world, &url, &world.dir.path().join("far-agent"), "far-agent.yaml"));
+    let started = Instant::now();
+    let d = loop {
+        let d = host.store.deployment(&third.id).unwrap().unwrap();
+        if d.status.is_final() {
+            break d;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{d:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(d.status, DeploymentStatus::Failure);
+    assert!(d.reason.contains("does not match its digest"), "{}", d.reason);
+}

@@ -542,7 +542,7 @@ async fn uploads_wait_for_readers_and_for_each_other() {
     }
     assert!(outs.iter().any(|o| text(o).contains("waiting for the running stages of up-1")), "an upload did not wait for the reader");
     assert_eq!((status_of(&host, "up-1", "reader"), message_of(&host, "up-1", "reader").as_str()), (StageStatus::Success, "read v1"));
-    let source = PathBuf::from(host.store.deployment("up-1").unwrap().unwrap().target_snapshot);
+    let source = host.source(&host.store.deployment("up-1").unwrap().unwrap().target_snapshot).unwrap();
     let files = snapshot(&source);
     assert_eq!((files["data.txt"].as_str(), files["a.txt"].as_str(), files["b.txt"].as_str()), ("v2", "a", "b"), "an upload was lost");
 
@@ -573,6 +573,6 @@ async fn uploads_wait_for_readers_and_for_each_other() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("resumed during the upload; nothing was changed"), "{}", text(&out));
     assert_eq!(message_of(&host, "up-2", "gate"), "read v1");
-    let source = PathBuf::from(host.store.deployment("up-2").unwrap().unwrap().target_snapshot);
+    let source = host.source(&host.store.deployment("up-2").unwrap().unwrap().target_snapshot).unwrap();
     assert_eq!(snapshot(&source)["data.txt"], "v1");
 }

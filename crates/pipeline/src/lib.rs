@@ -132,7 +132,27 @@ impl Host {
     }
 
     pub fn snapshot_dir(&self, deployment: &str) -> PathBuf {
-        self.state_dir.join("snapshots").join(deployment)
+        self.snapshots_dir().join(deployment)
+    }
+
+    fn snapshots_dir(&self) -> PathBuf {
+        snapshot::dir(&self.state_dir)
+    }
+
+    /// The local directory of snapshot `reference` (fetched from a shared
+    /// store into this agent's state directory if need be).
+    pub fn source(&self, reference: &str) -> Result<PathBuf> {
+        snapshot::local(self.store.as_ref(), reference, &self.snapshots_dir())
+    }
+
+    /// `record` with its snapshot references replaced by local
+    /// directories ([`Host::source`]).
+    pub fn localise(&self, mut record: DeploymentRecord) -> Result<DeploymentRecord> {
+        record.target_snapshot = self.source(&record.target_snapshot)?.to_string_lossy().into_owned();
+        if !record.running_snapshot.is_empty() {
+            record.running_snapshot = self.source(&record.running_snapshot)?.to_string_lossy().into_owned();
+        }
+        Ok(record)
     }
 
     pub fn scratch_dir(&self, deployment: &str) -> PathBuf {
@@ -178,24 +198,36 @@ pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<Depl
     let dir = std::fs::canonicalize(app_dir).with_context(|| format!("cannot resolve {}", app_dir.display()))?;
     host.store.upsert_application(&app.name, &dir.to_string_lossy())?;
     let trigger_json = serde_json::to_string(&trigger)?;
-    // The copy is made once, then placed under the first free id: placing
-    // never replaces, so concurrent triggers of one application each take
-    // their own id.
-    let snapshots = host.state_dir.join("snapshots");
+    // The copy is made once. On the embedded store it is then placed under
+    // the first free id (placing never replaces, so concurrent triggers of
+    // one application each take their own id); a shared store keeps it.
+    let snapshots = host.snapshots_dir();
     sweep_state_dir(&host.state_dir)?;
     let staged = snapshot::Staged::copy(app_dir, &snapshots)?;
+    let stored = if host.shared { Some(snapshot::store(host.store.as_ref(), &staged.tree(), &dir)?) } else { None };
     let mut n = host.store.deployments(Some(&app.name), usize::MAX)?.len() + 1;
     loop {
         let id = format!("{}-{n}", app.name);
         n += 1;
-        let snapshot = host.snapshot_dir(&id);
-        if host.store.deployment(&id)?.is_some() || !staged.place(&snapshot)? {
+        if host.store.deployment(&id)?.is_some() {
             continue;
         }
-        let queued = DeploymentRecord::queued(&id, &app.name, trigger_json.clone(), snapshot.to_string_lossy().into_owned(), now_ms());
+        let target = match &stored {
+            Some(reference) => reference.clone(),
+            None => {
+                let snapshot = host.snapshot_dir(&id);
+                if !staged.place(&snapshot)? {
+                    continue;
+                }
+                snapshot.to_string_lossy().into_owned()
+            }
+        };
+        let queued = DeploymentRecord::queued(&id, &app.name, trigger_json.clone(), target.clone(), now_ms());
         let record = DeploymentRecord { requires: requires.clone(), ..queued };
         if let Err(e) = host.store.insert_deployment(&record) {
-            staged.take_back(&snapshot)?;
+            if stored.is_none() {
+                staged.take_back(Path::new(&target))?;
+            }
             if host.store.deployment(&id)?.is_some() {
                 continue;
             }

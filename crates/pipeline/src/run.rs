@@ -69,6 +69,10 @@ pub async fn run_deployment(host: Arc<Host>, fence: Fence) -> Result<DeploymentS
         return Ok(record.status);
     }
     let trigger: TriggerInfo = serde_json::from_str(&record.trigger).context("the stored trigger is not readable")?;
+    let record = match host.localise(record) {
+        Ok(record) => record,
+        Err(e) => return fail(&host, &fence, &format!("its source cannot be read: {e:#}")),
+    };
     let app = match AppConfig::load(&PathBuf::from(&record.target_snapshot)) {
         Ok(app) => app,
         Err(e) => return fail(&host, &fence, &format!("the application config in the snapshot is invalid: {e:#}")),
@@ -99,12 +103,12 @@ fn fail(host: &Host, fence: &Fence, reason: &str) -> Result<DeploymentStatus> {
 }
 
 async fn plan_deployment(host: &Arc<Host>, fence: &Fence, record: &DeploymentRecord, app: &AppConfig, trigger: &TriggerInfo) -> Result<DeploymentRecord> {
-    let running = host
-        .store
-        .application(&record.application)?
-        .and_then(|a| a.running_snapshot)
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir());
+    // The running source as stored (a reference), and where it is here.
+    let running_ref = host.store.application(&record.application)?.and_then(|a| a.running_snapshot).unwrap_or_default();
+    let running = match running_ref.as_str() {
+        "" => None,
+        reference => Some(host.source(reference)?).filter(|p| p.is_dir()),
+    };
     let target = PathBuf::from(&record.target_snapshot);
     let changed = snapshot::changed_files(running.as_deref(), &target)?;
     let scratch = host.scratch_dir(&record.id).join("plan");
@@ -125,9 +129,9 @@ async fn plan_deployment(host: &Arc<Host>, fence: &Fence, record: &DeploymentRec
     for stage in &mut planned.stages {
         stage.deployment = record.id.clone();
     }
-    let running = running.map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-    host.store.save_plan(fence, &serde_json::to_string(&planned.summary)?, &running, &planned.stages, now_ms())?;
-    host.store.deployment(&record.id)?.context("the deployment vanished")
+    let running_ref = if running.is_some() { running_ref } else { String::new() };
+    host.store.save_plan(fence, &serde_json::to_string(&planned.summary)?, &running_ref, &planned.stages, now_ms())?;
+    host.localise(host.store.deployment(&record.id)?.context("the deployment vanished")?)
 }
 
 /// The call that performs `stage` of deployment `record`: its sources, a
@@ -196,6 +200,9 @@ struct Run {
     last_poll: Option<std::time::Instant>,
     /// Held shared while stages may read the source (uploads wait for it).
     source: SourceLock,
+    /// On a shared store, the stored snapshot `record.target_snapshot`
+    /// was fetched from (empty until first looked at).
+    target_ref: String,
 }
 
 impl Run {
@@ -206,6 +213,7 @@ impl Run {
         let paused_ms = debug::paused_ms(host.store.as_ref(), &record.id)?;
         let source = SourceLock::of(Path::new(&record.target_snapshot));
         Ok(Self {
+            target_ref: String::new(),
             host,
             fence,
             record,
@@ -386,6 +394,22 @@ impl Run {
         configured.skip_on.reason(&self.trigger.commit_message, &self.summary.changed)
     }
 
+    /// On a shared store an upload points the deployment at a new stored
+    /// snapshot (stored ones never change); stages started from now on
+    /// read it, stages already running keep the tree they started with.
+    fn refresh_source(&mut self) -> Result<()> {
+        if !self.host.shared {
+            return Ok(());
+        }
+        let reference = self.host.store.deployment(self.id())?.context("the deployment vanished")?.target_snapshot;
+        if reference != self.target_ref {
+            self.record.target_snapshot = self.host.source(&reference)?.to_string_lossy().into_owned();
+            self.source = SourceLock::of(Path::new(&self.record.target_snapshot));
+            self.target_ref = reference;
+        }
+        Ok(())
+    }
+
     /// Drives the forward stages (`rollback = false`) or the rollback stages.
     async fn phase(&mut self, rollback: bool) -> Result<Ending> {
         // When the deployment times out if nothing is ever paused.
@@ -465,6 +489,9 @@ impl Run {
                     .copied()
                     .filter(|&i| self.ready(i))
                     .collect();
+                if !ready.is_empty() {
+                    self.refresh_source()?;
+                }
                 upload_under_way = !ready.is_empty() && !self.source.share()?;
                 for i in ready.into_iter().filter(|_| !upload_under_way) {
                     let stage = self.stages[i].clone();

@@ -3,12 +3,107 @@
 //! nothing; the running source is the snapshot of the last deployment that
 //! succeeded. `.git` is left out; symlinks are copied as symlinks (the
 //! sandbox never follows them outside the mount).
+//!
+//! Where snapshots live depends on the store. On the embedded one, a
+//! snapshot is a directory under the state directory and the record holds
+//! its path. On a shared store, agents on other machines must reach it, so
+//! it is kept in the store itself as a tar archive named by its digest
+//! (`sha256:<hex>`, see [`store`]); an agent fetches it once into its own
+//! state directory ([`local`]), checks the digest, and reuses it for every
+//! deployment of the same source. Stored snapshots never change: an upload
+//! into a paused deployment stores a new one and points the deployment at
+//! it, and the agent takes it when it next starts a stage.
 
 use std::fs::{File, TryLockError};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use cordon_store::StateStore;
 use cordon_store::lock::{Staging, open_lock_file, place, staging};
+use sha2::{Digest, Sha256};
+
+/// How a stored snapshot's reference starts.
+const STORED: &str = "sha256:";
+/// Largest snapshot archive a shared store keeps (it is one row, read
+/// whole by each agent that runs it).
+pub const MAX_STORED: usize = 128 << 20;
+
+/// The snapshots directory of a state directory: local snapshots, and
+/// stored ones fetched here.
+pub fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("snapshots")
+}
+
+/// Whether `reference` names a snapshot kept in the store (else a directory).
+pub fn is_stored(reference: &str) -> bool {
+    reference.starts_with(STORED)
+}
+
+/// A `Vec` that refuses to grow past its cap, so packing a huge tree fails
+/// early instead of holding it all.
+struct Capped(Vec<u8>);
+
+impl Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_STORED {
+            return Err(std::io::Error::other(format!("it is larger than {} MiB packed", MAX_STORED >> 20)));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Packs `tree` as a tar archive, keeps it in `store` under its digest and
+/// returns that reference (`sha256:<hex>`). `source` names the tree in
+/// messages.
+pub fn store(store: &dyn StateStore, tree: &Path, source: &Path) -> Result<String> {
+    let mut builder = tar::Builder::new(Capped(Vec::new()));
+    builder.mode(tar::HeaderMode::Deterministic);
+    builder.follow_symlinks(false);
+    let packed = builder.append_dir_all(".", tree).and_then(|()| builder.into_inner());
+    let archive = match packed {
+        Ok(Capped(archive)) => archive,
+        Err(e) => bail!(
+            "cannot keep the source {} in the shared state: {e}; move large files out of the application directory",
+            source.display()
+        ),
+    };
+    let reference = format!("{STORED}{:x}", Sha256::digest(&archive));
+    store.snapshot_put(&reference, &archive)?;
+    Ok(reference)
+}
+
+/// The directory holding snapshot `reference`: a directory reference as
+/// it is; a stored one fetched from `store` into `snapshots` once (checked
+/// against its digest, extracted in a staging directory, placed by one
+/// rename) and read-only from then on.
+pub fn local(store: &dyn StateStore, reference: &str, snapshots: &Path) -> Result<PathBuf> {
+    let Some(hex) = reference.strip_prefix(STORED) else { return Ok(PathBuf::from(reference)) };
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("the state store names a snapshot {reference:?} that is not a sha256 digest");
+    }
+    let dest = snapshots.join(format!("sha256-{hex}"));
+    if dest.is_dir() {
+        return Ok(dest);
+    }
+    let archive = store.snapshot_get(reference)?.with_context(|| format!("snapshot {reference} is missing from the state store"))?;
+    if format!("{:x}", Sha256::digest(&archive)) != hex {
+        bail!("snapshot {reference} in the state store does not match its digest; it was altered");
+    }
+    std::fs::create_dir_all(snapshots).with_context(|| format!("cannot create {}", snapshots.display()))?;
+    let staging = Staging::new(snapshots, staging::SNAPSHOT)?;
+    let tree = staging.path().join("tree");
+    std::fs::create_dir(&tree)?;
+    tar::Archive::new(archive.as_slice()).unpack(&tree).with_context(|| format!("cannot extract snapshot {reference}"))?;
+    // Another deployment of the same source may have placed it meanwhile.
+    place(&tree, &dest)?;
+    Ok(dest)
+}
 
 /// A copy of an application directory, built in a staging directory of the
 /// snapshots directory so a killed command leaves nothing half-copied in
@@ -27,14 +122,19 @@ impl Staged {
         Ok(Staged { staging })
     }
 
+    /// The copy.
+    pub fn tree(&self) -> PathBuf {
+        self.staging.path().join("tree")
+    }
+
     /// Moves the copy to `dest`, unless something is there (`Ok(false)`).
     pub fn place(&self, dest: &Path) -> Result<bool> {
-        place(&self.staging.path().join("tree"), dest)
+        place(&self.tree(), dest)
     }
 
     /// Takes a placed copy back from `dest` (its record could not be written).
     pub fn take_back(&self, dest: &Path) -> Result<()> {
-        std::fs::rename(dest, self.staging.path().join("tree")).with_context(|| format!("cannot remove {}", dest.display()))
+        std::fs::rename(dest, self.tree()).with_context(|| format!("cannot remove {}", dest.display()))
     }
 }
 
@@ -162,6 +262,39 @@ pub fn changed_files(old: Option<&Path>, new: &Path) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_snapshots_come_back_whole_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = cordon_store::SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        let src = dir.path().join("app");
+        std::fs::create_dir_all(src.join("deep/er")).unwrap();
+        std::fs::write(src.join("deep/er/file"), "x").unwrap();
+        std::fs::create_dir(src.join("empty")).unwrap();
+        std::os::unix::fs::symlink("deep/er/file", src.join("link")).unwrap();
+        let reference = store_tree(&store, &src);
+        assert!(is_stored(&reference) && reference == store_tree(&store, &src), "the same tree has one reference");
+
+        let fetched = local(&store, &reference, &dir.path().join("agent")).unwrap();
+        assert_eq!(std::fs::read_to_string(fetched.join("deep/er/file")).unwrap(), "x");
+        assert!(fetched.join("empty").is_dir());
+        assert_eq!(std::fs::read_link(fetched.join("link")).unwrap(), Path::new("deep/er/file"));
+        assert_eq!(local(&store, &reference, &dir.path().join("agent")).unwrap(), fetched, "fetched once, then reused");
+
+        // An archive stored under another digest is refused, and so is a missing one.
+        let other = format!("{STORED}{}", "0".repeat(64));
+        store.snapshot_put(&other, &store.snapshot_get(&reference).unwrap().unwrap()).unwrap();
+        let err = format!("{:#}", local(&store, &other, &dir.path().join("agent")).unwrap_err());
+        assert!(err.contains("does not match its digest"), "{err}");
+        let err = format!("{:#}", local(&store, &format!("{STORED}{}", "1".repeat(64)), &dir.path().join("agent")).unwrap_err());
+        assert!(err.contains("missing from the state store"), "{err}");
+        assert!(local(&store, "sha256:../../etc", &dir.path().join("agent")).is_err());
+        assert_eq!(local(&store, "/some/dir", &dir.path().join("agent")).unwrap(), Path::new("/some/dir"));
+    }
+
+    fn store_tree(state: &dyn StateStore, tree: &Path) -> String {
+        store(state, tree, tree).unwrap()
+    }
 
     #[test]
     fn snapshots_skip_git_and_changes_are_listed() {

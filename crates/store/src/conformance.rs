@@ -42,7 +42,27 @@ conformance!(
     a_stale_lease_can_write_nothing,
     concurrent_log_writers_never_hide_a_line_from_a_follower,
     text_with_nul_is_kept_readable_or_refused_alike,
+    stored_snapshots_and_a_paused_target_swap,
 );
+
+/// Snapshots are kept by reference, once; a deployment's target moves to
+/// another snapshot only from the one expected and while a stage is paused.
+fn stored_snapshots_and_a_paused_target_swap(open: Open) {
+    let store = open();
+    store.snapshot_put("sha256:a", b"one").unwrap();
+    store.snapshot_put("sha256:a", b"other").unwrap();
+    assert_eq!(store.snapshot_get("sha256:a").unwrap().as_deref(), Some(&b"one"[..]), "a reference keeps its first archive");
+    assert_eq!(store.snapshot_get("sha256:b").unwrap(), None);
+
+    let fence = queued_and_claimed(store.as_ref(), "d1", "app");
+    store.save_plan(&fence, "{}", "", &[stage("s1", 0)], 1).unwrap();
+    assert!(!store.replace_target_snapshot("d1", "/snap/d1", "sha256:a").unwrap(), "nothing is paused");
+    store.start_stage(&fence, "s1", 2).unwrap();
+    assert!(store.transition_stage(&fence, "s1", &[StageStatus::Running], StageStatus::Paused, "", 3).unwrap());
+    assert!(!store.replace_target_snapshot("d1", "sha256:other", "sha256:a").unwrap(), "not from the snapshot expected");
+    assert!(store.replace_target_snapshot("d1", "/snap/d1", "sha256:a").unwrap());
+    assert_eq!(store.deployment("d1").unwrap().unwrap().target_snapshot, "sha256:a");
+}
 
 fn stage(id: &str, ordinal: u32) -> StageRecord {
     StageRecord {

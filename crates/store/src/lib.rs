@@ -466,6 +466,17 @@ pub trait StateStore: Send + Sync {
     /// application's running source, in one transaction.
     fn complete_success(&self, fence: &Fence, reason: &str, at: u64) -> Result<()>;
 
+    /// Points a paused deployment's target source at another snapshot
+    /// (an upload on a shared store), if it still is at `from` and still
+    /// has a paused stage; false, and nothing written, otherwise.
+    fn replace_target_snapshot(&self, deployment: &str, from: &str, to: &str) -> Result<bool>;
+
+    // Snapshots kept in the store (shared stores), by content digest.
+    /// Stores a snapshot archive under its digest reference (`sha256:…`);
+    /// storing one that is there already changes nothing.
+    fn snapshot_put(&self, reference: &str, archive: &[u8]) -> Result<()>;
+    fn snapshot_get(&self, reference: &str) -> Result<Option<Vec<u8>>>;
+
     // Leases.
     /// Unfinished deployments an agent may claim now, oldest first: the
     /// oldest unfinished one of each application (so an application's

@@ -161,6 +161,8 @@ CREATE TABLE agents (
      CREATE TRIGGER deployments_changed AFTER UPDATE ON deployments FOR EACH ROW
          WHEN (OLD.status IS DISTINCT FROM NEW.status OR (OLD.lease_until IS NOT NULL AND NEW.lease_until IS NULL))
          EXECUTE FUNCTION cordon_notify_work();",
+    // 4: snapshots kept in the store, by digest.
+    "CREATE TABLE snapshots (digest TEXT PRIMARY KEY, archive BYTEA NOT NULL);",
 ];
 
 const STAGE_COLUMNS: &str =
@@ -990,6 +992,40 @@ impl StateStore for PostgresStore {
                 Ok(())
             })
         }))
+    }
+
+    fn replace_target_snapshot(&self, deployment: &str, from: &str, to: &str) -> Result<bool> {
+        let (pool, args) = (self.pool.clone(), [deployment.to_string(), from.to_string(), to.to_string()]);
+        self.run(async move {
+            let changed = client(&pool)
+                .await?
+                .execute(
+                    "UPDATE deployments SET target_snapshot = $3 WHERE id = $1 AND target_snapshot = $2
+                     AND EXISTS (SELECT 1 FROM stages WHERE deployment = $1 AND status = 'paused')",
+                    &[&args[0], &args[1], &args[2]],
+                )
+                .await?;
+            Ok(changed == 1)
+        })
+    }
+
+    fn snapshot_put(&self, reference: &str, archive: &[u8]) -> Result<()> {
+        let (pool, reference, archive) = (self.pool.clone(), reference.to_string(), archive.to_vec());
+        self.run(async move {
+            client(&pool)
+                .await?
+                .execute("INSERT INTO snapshots (digest, archive) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING", &[&reference, &archive])
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn snapshot_get(&self, reference: &str) -> Result<Option<Vec<u8>>> {
+        let (pool, reference) = (self.pool.clone(), reference.to_string());
+        self.run(async move {
+            let row = client(&pool).await?.query_opt("SELECT archive FROM snapshots WHERE digest = $1", &[&reference]).await?;
+            Ok(row.map(|r| r.get(0)))
+        })
     }
 
     fn wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {

@@ -48,6 +48,8 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
      ALTER TABLE agents ADD COLUMN stages TEXT NOT NULL DEFAULT '[]';
      ALTER TABLE agents ADD COLUMN plugins TEXT NOT NULL DEFAULT '[]';",
+    // 6: snapshots kept in the store, by digest.
+    "CREATE TABLE snapshots (digest TEXT PRIMARY KEY, archive BLOB NOT NULL);",
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -665,6 +667,24 @@ impl StateStore for SqliteStore {
             params![c.id, c.deployment, c.stage, c.kind.as_str(), c.commander, c.created_at],
         )?;
         Ok(())
+    }
+
+    fn replace_target_snapshot(&self, deployment: &str, from: &str, to: &str) -> Result<bool> {
+        let changed = self.conn().execute(
+            "UPDATE deployments SET target_snapshot = ?3 WHERE id = ?1 AND target_snapshot = ?2
+             AND EXISTS (SELECT 1 FROM stages WHERE deployment = ?1 AND status = 'paused')",
+            params![deployment, from, to],
+        )?;
+        Ok(changed == 1)
+    }
+
+    fn snapshot_put(&self, reference: &str, archive: &[u8]) -> Result<()> {
+        self.conn().execute("INSERT INTO snapshots (digest, archive) VALUES (?1, ?2) ON CONFLICT (digest) DO NOTHING", params![reference, archive])?;
+        Ok(())
+    }
+
+    fn snapshot_get(&self, reference: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.conn().query_row("SELECT archive FROM snapshots WHERE digest = ?1", [reference], |r| r.get(0)).optional()?)
     }
 
     fn heartbeat(&self, b: &AgentBeat) -> Result<()> {

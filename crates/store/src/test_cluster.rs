@@ -173,8 +173,14 @@ impl Cluster {
 
     /// Runs `sql` with psql and returns its unaligned output.
     pub fn psql(&self, sql: &str) -> String {
+        self.psql_in("cordon", sql)
+    }
+
+    /// Runs `sql` in database `database` (as [`Cluster::database`] names
+    /// it: the last part of its URL); its output, or a panic.
+    pub fn psql_in(&self, database: &str, sql: &str) -> String {
         let mut c = Command::new(format!("{BIN}/psql"));
-        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "cordon", "-d", "cordon", "-At", "-c", sql]);
+        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "cordon", "-d", database, "-At", "-c", sql]);
         if let Some(p) = &self.password {
             c.env("PGPASSWORD", p);
         }

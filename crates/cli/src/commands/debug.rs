@@ -56,7 +56,7 @@ async fn run_paused(config_path: &Path, id: &str) -> Result<ExitCode> {
     let config = super::load_with_plugins(config_path).await?;
     let host = Host::open(&config).await?;
     let stage = control::paused_stage(host.store.as_ref(), id)?;
-    let record = control::deployment(host.store.as_ref(), id)?;
+    let record = host.localise(control::deployment(host.store.as_ref(), id)?)?;
     // Like a stage, the debug run reads the source: not while an upload changes it.
     let mut source = SourceLock::of(Path::new(&record.target_snapshot));
     if !source.share()? {

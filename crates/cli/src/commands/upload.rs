@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 
 use cordon_pipeline::debug::upload::{self, Mode, Source};
-use cordon_pipeline::{control, open_store};
+use cordon_pipeline::{control, open_store, snapshot};
 use cordon_runtime::plugin::AgentConfig;
 use cordon_runtime::sandbox::fs::TARGET;
 use cordon_store::CommandKind;
@@ -41,7 +41,8 @@ pub struct Upload {
 
 impl Upload {
     pub fn run(self, config_path: &Path) -> Result<ExitCode> {
-        let store = open_store(&AgentConfig::load(config_path)?)?;
+        let config = AgentConfig::load(config_path)?;
+        let store = open_store(&config)?;
         let id = self.deployment.as_str();
         let mode = if self.delete { Mode::Mirror } else { Mode::Merge };
         let waiting = || eprintln!("waiting for the running stages of {id} (or another upload) to finish…");
@@ -53,7 +54,9 @@ impl Upload {
             }
             None => Source::Dir { dir: self.dir.as_deref().unwrap_or(Path::new(".")), ignore: &self.ignore },
         };
-        let (summary, stage) = upload::into_deployment(store.as_ref(), id, source, &self.to, mode, &upload::Limits::default(), waiting)?;
+        let limits = upload::Limits::default();
+        let request = upload::Request { source, to: &self.to, mode, limits: &limits };
+        let (summary, stage) = upload::into_deployment(store.as_ref(), &snapshot::dir(&config.state_dir), id, request, waiting)?;
         println!(
             "uploaded {} files ({} bytes) into {TARGET}/{} of deployment {id}, paused at {}",
             summary.files,

@@ -36,11 +36,11 @@ use anyhow::{Context, Result, bail};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 use cordon_store::lock::{Staging, staging};
-use cordon_store::{StageRecord, StateStore};
+use cordon_store::{DeploymentRecord, StageRecord, StateStore};
 
 use crate::config::AppConfig;
 use crate::control;
-use crate::snapshot::SourceLock;
+use crate::snapshot::{self, SourceLock};
 
 /// What the workspace may hold once an upload is in: the limits count what
 /// was there before plus what the upload adds, so repeated uploads cannot
@@ -377,33 +377,70 @@ pub enum Source<'a> {
     Archive(&'a mut dyn Read),
 }
 
+/// What to upload, where and how.
+pub struct Request<'a> {
+    pub source: Source<'a>,
+    /// Where inside the deployment's source.
+    pub to: &'a Path,
+    pub mode: Mode,
+    pub limits: &'a Limits,
+}
+
+fn prepare_source(source: Source, workspace: &Path, to: &Path, mode: Mode, limits: &Limits) -> Result<Prepared> {
+    match source {
+        Source::Dir { dir, ignore } => prepare_dir(dir, ignore, workspace, to, mode, limits),
+        Source::Archive(archive) => prepare(archive, workspace, to, mode, limits),
+    }
+}
+
+/// The prepared source must hold a valid config of the same application.
+fn check_app(prepared: &Prepared, record: &DeploymentRecord) -> Result<()> {
+    let app = AppConfig::load(&prepared.tree()).context("the upload would leave an invalid application config; nothing was changed")?;
+    if app.name != record.application {
+        bail!("the upload renames the application from `{}` to `{}` in app.cordon.yaml; nothing was changed", record.application, app.name);
+    }
+    Ok(())
+}
+
 /// Uploads into the source of deployment `id`, which must be paused (and
 /// still be when the upload is ready to swap in — a `debug continue` sent
 /// meanwhile is applied after it, to the new source). It waits for the
 /// deployment's running stages (`waiting` is called if it has to) and for
 /// other uploads, so none is lost; the resulting source must hold a valid
 /// `app.cordon.yaml` of the same application. Returns the paused stage.
-pub fn into_deployment(
-    store: &dyn StateStore,
-    id: &str,
-    source: Source,
-    to: &Path,
-    mode: Mode,
-    limits: &Limits,
-    waiting: impl FnOnce(),
-) -> Result<(Summary, StageRecord)> {
-    let record = control::deployment(store, id)?;
+///
+/// A deployment on a shared store has a stored snapshot, which never
+/// changes: the upload is applied to a copy fetched into `snapshots`, the
+/// result is stored as a new snapshot, and the deployment is pointed at it
+/// only if it is still paused and no other upload got there first (else
+/// nothing changes and the error says so); its next stage reads it.
+pub fn into_deployment(store: &dyn StateStore, snapshots: &Path, id: &str, request: Request, waiting: impl FnOnce()) -> Result<(Summary, StageRecord)> {
+    let Request { source, to, mode, limits } = request;
+    let mut record = control::deployment(store, id)?;
     control::paused_stage(store, id)?;
-    let workspace = PathBuf::from(&record.target_snapshot);
-    let _lock = SourceLock::of(&workspace).exclusive(waiting)?;
-    let prepared = match source {
-        Source::Dir { dir, ignore } => prepare_dir(dir, ignore, &workspace, to, mode, limits)?,
-        Source::Archive(archive) => prepare(archive, &workspace, to, mode, limits)?,
+    // The lock is the local directory's: on one machine it orders uploads
+    // and stages as described above; across machines the store's check
+    // below is what keeps a stored source consistent.
+    let mut waiting = Some(waiting);
+    let (workspace, _lock) = loop {
+        let workspace = snapshot::local(store, &record.target_snapshot, snapshots)?;
+        let lock = SourceLock::of(&workspace).exclusive(|| waiting.take().map_or((), |w| w()))?;
+        let now = control::deployment(store, id)?;
+        if now.target_snapshot == record.target_snapshot {
+            break (workspace, lock);
+        }
+        // Another upload stored a new source meanwhile: build on that one.
+        record = now;
     };
-    let app = AppConfig::load(&prepared.tree()).context("the upload would leave an invalid application config; nothing was changed")?;
-    if app.name != record.application {
-        bail!("the upload renames the application from `{}` to `{}` in app.cordon.yaml; nothing was changed", record.application, app.name);
-    }
+    let prepared = prepare_source(source, &workspace, to, mode, limits)?;
+    check_app(&prepared, &record)?;
     let stage = control::paused_stage(store, id).context("it was resumed during the upload; nothing was changed")?;
-    Ok((prepared.commit()?, stage))
+    if !snapshot::is_stored(&record.target_snapshot) {
+        return Ok((prepared.commit()?, stage));
+    }
+    let reference = snapshot::store(store, &prepared.tree(), Path::new(id))?;
+    if !store.replace_target_snapshot(id, &record.target_snapshot, &reference)? {
+        bail!("{id} was resumed, or another upload changed its source, while this one was prepared; nothing was changed: see `cordon status {id}` and upload again");
+    }
+    Ok((prepared.summary.clone(), stage))
 }
