@@ -34,15 +34,20 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A heartbeat older than this means its agent stopped (or hangs).
 pub const STALE: Duration = Duration::from_secs(10);
 
+/// How long before `now` (milliseconds since the epoch) the agent of
+/// `beat` last reported: it is alive while this is under [`STALE`].
+pub fn silence(beat: &AgentBeat, now: u64) -> Duration {
+    Duration::from_millis(now.saturating_sub(beat.beat_at))
+}
+
 /// `None` while a live agent (one that reported within [`STALE`]) may
 /// run `deployment`; otherwise why nothing will, for a follower to say.
 pub fn nobody_runs(store: &dyn cordon_store::StateStore, deployment: &DeploymentRecord) -> Result<Option<Stale>> {
     let now = now_ms();
     let agents = store.agents()?;
-    let silent = |beat: &AgentBeat| Duration::from_millis(now.saturating_sub(beat.beat_at));
-    let live: Vec<&AgentBeat> = agents.iter().filter(|beat| silent(beat) < STALE).collect();
+    let live: Vec<&AgentBeat> = agents.iter().filter(|beat| silence(beat, now) < STALE).collect();
     if live.is_empty() {
-        return Ok(Some(Stale::Silent { last: agents.first().map(|beat| (beat.clone(), silent(beat))) }));
+        return Ok(Some(Stale::Silent { last: agents.first().map(|beat| (beat.clone(), silence(beat, now))) }));
     }
     let lacking: Vec<(String, Vec<String>)> = live.iter().map(|beat| (format!("{} ({})", beat.name, beat.id), deployment.requires.unmet_by(beat))).collect();
     if lacking.iter().any(|(_, unmet)| unmet.is_empty()) {

@@ -119,14 +119,15 @@ impl Host {
         let (store, shared) = (open_state(config, true)?, is_shared(config));
         let lease = config.state.postgres.as_ref().map_or(DEFAULT_LEASE, |p| p.lease);
         let host_name = rustix::system::uname().nodename().to_string_lossy().into_owned();
-        let offer = AgentBeat {
+        let mut offer = AgentBeat {
             name: config.name.clone().unwrap_or_else(|| host_name.clone()),
             host: host_name,
             labels: config.labels.clone(),
             stages: plugins.stage_names(),
-            plugins: plugins.all().iter().map(|p| p.name.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+            plugins: plugins.all().iter().map(|p| p.name.clone()).collect(),
             ..Default::default()
         };
+        offer.plugins.sort();
         let max_deployments = config.max_deployments;
         Ok(Host { engine, plugins, store, state_dir: config.state_dir.clone(), shared, lease, max_deployments, offer })
     }
@@ -143,6 +144,16 @@ impl Host {
     /// store into this agent's state directory if need be).
     pub fn source(&self, reference: &str) -> Result<PathBuf> {
         snapshot::local(self.store.as_ref(), reference, &self.snapshots_dir())
+    }
+
+    /// The running source of `application` (the source of its last
+    /// successful deployment): its reference as stored and its local
+    /// directory; `None` on a first deployment, or when a local snapshot
+    /// is gone.
+    pub fn running_source(&self, application: &str) -> Result<Option<(String, PathBuf)>> {
+        let Some(reference) = self.store.application(application)?.and_then(|a| a.running_snapshot) else { return Ok(None) };
+        let dir = self.source(&reference)?;
+        Ok(dir.is_dir().then_some((reference, dir)))
     }
 
     /// `record` with its snapshot references replaced by local

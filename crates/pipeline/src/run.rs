@@ -103,12 +103,7 @@ fn fail(host: &Host, fence: &Fence, reason: &str) -> Result<DeploymentStatus> {
 }
 
 async fn plan_deployment(host: &Arc<Host>, fence: &Fence, record: &DeploymentRecord, app: &AppConfig, trigger: &TriggerInfo) -> Result<DeploymentRecord> {
-    // The running source as stored (a reference), and where it is here.
-    let running_ref = host.store.application(&record.application)?.and_then(|a| a.running_snapshot).unwrap_or_default();
-    let running = match running_ref.as_str() {
-        "" => None,
-        reference => Some(host.source(reference)?).filter(|p| p.is_dir()),
-    };
+    let (running_ref, running) = host.running_source(&record.application)?.unzip();
     let target = PathBuf::from(&record.target_snapshot);
     let changed = snapshot::changed_files(running.as_deref(), &target)?;
     let scratch = host.scratch_dir(&record.id).join("plan");
@@ -129,8 +124,7 @@ async fn plan_deployment(host: &Arc<Host>, fence: &Fence, record: &DeploymentRec
     for stage in &mut planned.stages {
         stage.deployment = record.id.clone();
     }
-    let running_ref = if running.is_some() { running_ref } else { String::new() };
-    host.store.save_plan(fence, &serde_json::to_string(&planned.summary)?, &running_ref, &planned.stages, now_ms())?;
+    host.store.save_plan(fence, &serde_json::to_string(&planned.summary)?, &running_ref.unwrap_or_default(), &planned.stages, now_ms())?;
     host.localise(host.store.deployment(&record.id)?.context("the deployment vanished")?)
 }
 

@@ -317,7 +317,6 @@ async fn listen(config: tokio_postgres::Config, wake: std::sync::Arc<tokio::sync
 type Write<T> = Box<dyn for<'t> FnOnce(&'t deadpool_postgres::Transaction<'t>, &'t str) -> BoxFuture<'t, Result<T>> + Send>;
 type BoxFuture<'t, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 't>>;
 
-
 /// A pooled connection, or an error naming the database.
 async fn client(pool: &Pool) -> Result<deadpool_postgres::Object> {
     pool.get().await.map_err(|e| match e {

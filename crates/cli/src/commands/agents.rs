@@ -33,7 +33,7 @@ impl Agents {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{:<20} {:<28} {:<6} {:>9}  {:<24} STAGES", "NAME", "ID", "STATE", "BEAT", "LABELS")?;
         for beat in store.agents()? {
-            let silent = Duration::from_millis(now.saturating_sub(beat.beat_at));
+            let silent = agent::silence(&beat, now);
             if silent > GONE_FOR && !self.all {
                 continue;
             }

@@ -32,10 +32,7 @@ impl Plan {
         let host = Host::open(&config).await?;
         let app = AppConfig::load(&self.app_dir)?;
         let trigger = self.trigger.info();
-        let running = match host.store.application(&app.name)?.and_then(|a| a.running_snapshot) {
-            Some(reference) => Some(host.source(&reference)?).filter(|p| p.is_dir()),
-            None => None,
-        };
+        let running = host.running_source(&app.name)?.map(|(_, dir)| dir);
         let changed = pipeline::snapshot::changed_files(running.as_deref(), &self.app_dir)?;
         let scratch = tempfile::tempdir()?;
         let preview = DeploymentRecord::queued(&format!("{}-plan", app.name), &app.name, String::new(), self.app_dir.to_string_lossy().into_owned(), now_ms());
