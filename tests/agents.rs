@@ -330,6 +330,13 @@ async fn snapshots_reach_agents_through_the_database() {
     std::fs::write(app.join("index.html"), "v2").unwrap();
     let second = cordon_pipeline::trigger(&host, &app, TriggerInfo::default()).unwrap();
     assert!(first.target_snapshot.starts_with("sha256:") && first.target_snapshot != second.target_snapshot, "{first:?}");
+    // A source too large to keep in the database is refused, and nothing of it is recorded.
+    let huge = world.app("huge", "name: huge\npipeline:\n  stages:\n    - { name: STEP }\n");
+    std::fs::File::create(huge.join("disk.img")).unwrap().set_len(cordon_pipeline::snapshot::MAX_STORED as u64 + 1).unwrap();
+    let err = format!("{:#}", cordon_pipeline::trigger(&host, &huge, TriggerInfo::default()).unwrap_err());
+    assert!(err.contains("larger than 128 MiB packed") && err.contains(&huge.canonicalize().unwrap().display().to_string()), "{err}");
+    assert!(host.store.application("huge").unwrap().is_none() && host.store.deployments(Some("huge"), 1).unwrap().is_empty());
+    std::fs::remove_dir_all(&huge).unwrap();
     // Nothing of the queuing machine is left for the agent to read.
     let _ = std::fs::remove_dir_all(world.dir.path().join("laptop"));
     let hidden = world.dir.path().join("apps-elsewhere");

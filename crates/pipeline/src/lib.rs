@@ -207,7 +207,6 @@ pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<Depl
         );
     }
     let dir = std::fs::canonicalize(app_dir).with_context(|| format!("cannot resolve {}", app_dir.display()))?;
-    host.store.upsert_application(&app.name, &dir.to_string_lossy())?;
     let trigger_json = serde_json::to_string(&trigger)?;
     // The copy is made once. On the embedded store it is then placed under
     // the first free id (placing never replaces, so concurrent triggers of
@@ -216,6 +215,8 @@ pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<Depl
     sweep_state_dir(&host.state_dir)?;
     let staged = snapshot::Staged::copy(app_dir, &snapshots)?;
     let stored = if host.shared { Some(snapshot::store(host.store.as_ref(), &staged.tree(), &dir)?) } else { None };
+    // Only once the source is copied (and kept), so a refused one records nothing.
+    host.store.upsert_application(&app.name, &dir.to_string_lossy())?;
     let mut n = host.store.deployments(Some(&app.name), usize::MAX)?.len() + 1;
     loop {
         let id = format!("{}-{n}", app.name);
