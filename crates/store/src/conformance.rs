@@ -43,7 +43,49 @@ conformance!(
     concurrent_log_writers_never_hide_a_line_from_a_follower,
     text_with_nul_is_kept_readable_or_refused_alike,
     stored_snapshots_and_a_paused_target_swap,
+    tokens_and_the_audit_log,
 );
+
+/// Tokens come back as stored and are revoked once; audit entries come
+/// back in order, each with its own sequence number.
+fn tokens_and_the_audit_log(open: Open) {
+    let store = open();
+    let token = TokenRecord {
+        id: "tok-000000000001".into(),
+        hash: "ab".repeat(32),
+        subject: "alice".into(),
+        role: "approver".into(),
+        applications: vec!["web-*".into(), "api".into()],
+        created_at: 5,
+        created_by: "root".into(),
+        expires_at: Some(99),
+        revoked_at: None,
+    };
+    store.token_insert(&token).unwrap();
+    assert!(store.token_insert(&token).is_err(), "ids are unique");
+    assert_eq!(store.token(&token.id).unwrap().as_ref(), Some(&token));
+    assert_eq!(store.token("tok-nope").unwrap(), None);
+    assert!(store.token_revoke(&token.id, 7).unwrap());
+    assert!(!store.token_revoke(&token.id, 8).unwrap(), "revoked once");
+    assert_eq!(store.tokens().unwrap()[0].revoked_at, Some(7));
+
+    for (i, outcome) in ["ok", "forbidden", "ok"].iter().enumerate() {
+        let entry = AuditRecord {
+            seq: 0,
+            at: i as u64,
+            subject: "alice".into(),
+            action: "approve".into(),
+            target: "deployment d1".into(),
+            client: "127.0.0.1:5".into(),
+            outcome: outcome.to_string(),
+        };
+        open().audit_append(&entry).unwrap();
+    }
+    let all = store.audit(0, 10).unwrap();
+    assert_eq!(all.iter().map(|e| e.outcome.as_str()).collect::<Vec<_>>(), ["ok", "forbidden", "ok"]);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(store.audit(all[0].seq, 1).unwrap(), all[1..2]);
+}
 
 /// Snapshots are kept by reference, once; a deployment's target moves to
 /// another snapshot only from the one expected and while a stage is paused.

@@ -352,7 +352,7 @@ text_enum!(CommandKind {
 
 /// How much one scope of metadata or blobs may hold: entries, and bytes of
 /// keys and values together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quota {
     pub entries: u64,
     pub bytes: u64,
@@ -377,6 +377,49 @@ pub struct ApplicationRecord {
     /// Its source snapshot: the running source of the next deployment.
     pub running_snapshot: Option<String>,
 }
+
+/// An API token as stored: never the secret, only its SHA-256. What the
+/// role and the application patterns allow is the server's to decide.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Public and unique (`tok-` and 12 hex digits): names the token in
+    /// listings, revocations and the audit log.
+    pub id: String,
+    /// Hex SHA-256 of the token's secret.
+    pub hash: String,
+    /// Who uses it: a person, or an agent's name.
+    pub subject: String,
+    pub role: String,
+    /// Application name patterns (`*` wildcards) it may reach.
+    pub applications: Vec<String>,
+    pub created_at: u64,
+    pub created_by: String,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+}
+
+/// One attempt at a state-changing request, allowed or refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Order of recording; assigned by the store.
+    pub seq: i64,
+    pub at: u64,
+    /// The authenticated subject, or `-` when none was.
+    pub subject: String,
+    /// The API method.
+    pub action: String,
+    /// What it was aimed at (`deployment d-…`, `application web`, …).
+    pub target: String,
+    /// The client's address as the server saw it.
+    pub client: String,
+    /// `ok`, or the refusal's code (`forbidden`, `unauthenticated`, …).
+    pub outcome: String,
+}
+
+/// The columns every backend reads and writes a token with, in this order.
+const TOKEN_COLUMNS: &str = "id, hash, subject, role, applications, created_at, created_by, expires_at, revoked_at";
+/// The columns every backend reads an audit entry with, in this order.
+const AUDIT_COLUMNS: &str = "seq, at, subject, action, target, client, outcome";
 
 /// SQL (the same in every backend) selecting, as `d`, the unfinished
 /// deployments that are the oldest unfinished of their application: the
@@ -411,7 +454,7 @@ fn exact<'a>(what: &str, s: &'a str) -> Result<&'a str> {
 /// (a higher epoch), such a write is refused with [`Fenced`], so an agent
 /// that was frozen or cut off past its lease cannot overwrite its
 /// successor's work.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Fence {
     pub deployment: String,
     pub epoch: i64,
@@ -565,6 +608,20 @@ pub trait StateStore: Send + Sync {
     fn heartbeat(&self, beat: &AgentBeat) -> Result<()>;
     /// Every agent's latest heartbeat, newest first.
     fn agents(&self) -> Result<Vec<AgentBeat>>;
+
+    // Access (the server's tokens and audit log).
+    fn token_insert(&self, token: &TokenRecord) -> Result<()>;
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>>;
+    /// Every token, oldest first.
+    fn tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// Marks the token revoked; `false` if there is none by that id or it
+    /// was revoked already.
+    fn token_revoke(&self, id: &str, at: u64) -> Result<bool>;
+    /// Appends one entry (its `seq` is assigned); entries are never
+    /// changed or removed (the database refuses it).
+    fn audit_append(&self, entry: &AuditRecord) -> Result<()>;
+    /// Entries after `after_seq`, oldest first.
+    fn audit(&self, after_seq: i64, limit: usize) -> Result<Vec<AuditRecord>>;
 }
 
 #[cfg(test)]

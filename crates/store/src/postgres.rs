@@ -163,6 +163,31 @@ CREATE TABLE agents (
          EXECUTE FUNCTION cordon_notify_work();",
     // 4: snapshots kept in the store, by digest.
     "CREATE TABLE snapshots (digest TEXT PRIMARY KEY, archive BYTEA NOT NULL);",
+    // 5: the server's tokens and its append-only audit log.
+    "CREATE TABLE tokens (
+         id TEXT PRIMARY KEY,
+         hash TEXT NOT NULL,
+         subject TEXT NOT NULL,
+         role TEXT NOT NULL,
+         applications TEXT NOT NULL,
+         created_at BIGINT NOT NULL,
+         created_by TEXT NOT NULL,
+         expires_at BIGINT,
+         revoked_at BIGINT
+     );
+     CREATE TABLE audit (
+         seq BIGSERIAL PRIMARY KEY,
+         at BIGINT NOT NULL,
+         subject TEXT NOT NULL,
+         action TEXT NOT NULL,
+         target TEXT NOT NULL,
+         client TEXT NOT NULL,
+         outcome TEXT NOT NULL
+     );
+     CREATE FUNCTION cordon_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+     CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit
+         FOR EACH STATEMENT EXECUTE FUNCTION cordon_audit_append_only();",
 ];
 
 const STAGE_COLUMNS: &str =
@@ -171,6 +196,20 @@ const METADATA_UPSERT: &str = "INSERT INTO metadata (deployment, stage, key, val
      ON CONFLICT (deployment, stage, key) DO UPDATE SET value = excluded.value";
 const BLOB_UPSERT: &str = "INSERT INTO blobs (application, plugin, key, value) VALUES ($1, $2, $3, $4)
      ON CONFLICT (application, plugin, key) DO UPDATE SET value = excluded.value";
+
+fn token_row(r: &Row) -> Result<TokenRecord> {
+    Ok(TokenRecord {
+        id: r.get(0),
+        hash: r.get(1),
+        subject: r.get(2),
+        role: r.get(3),
+        applications: from_json_column("token applications", r.get(4))?,
+        created_at: r.get::<_, i64>(5) as u64,
+        created_by: r.get(6),
+        expires_at: opt_u64(r.get(7)),
+        revoked_at: opt_u64(r.get(8)),
+    })
+}
 
 /// The PostgreSQL-backed [`StateStore`].
 pub struct PostgresStore {
@@ -1079,6 +1118,79 @@ impl StateStore for PostgresStore {
                 .collect()
         })
     }
+
+    fn token_insert(&self, t: &TokenRecord) -> Result<()> {
+        let (pool, t) = (self.pool.clone(), t.clone());
+        self.run(async move {
+            let (created, expires, revoked) = (t.created_at as i64, opt_i64(t.expires_at), opt_i64(t.revoked_at));
+            client(&pool)
+                .await?
+                .execute(
+                    &format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+                    &[&t.id, &t.hash, &t.subject, &t.role, &json_column(&t.applications), &created, &t.created_by, &expires, &revoked],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
+        let (pool, id) = (self.pool.clone(), id.to_string());
+        self.run(async move {
+            let row = client(&pool).await?.query_opt(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = $1"), &[&id]).await?;
+            row.as_ref().map(token_row).transpose()
+        })
+    }
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let rows = client(&pool).await?.query(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"), &[]).await?;
+            rows.iter().map(token_row).collect()
+        })
+    }
+    fn token_revoke(&self, id: &str, at: u64) -> Result<bool> {
+        let (pool, id) = (self.pool.clone(), id.to_string());
+        self.run(async move {
+            let n = client(&pool)
+                .await?
+                .execute("UPDATE tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL", &[&id, &(at as i64)])
+                .await?;
+            Ok(n == 1)
+        })
+    }
+    fn audit_append(&self, e: &AuditRecord) -> Result<()> {
+        let (pool, e) = (self.pool.clone(), e.clone());
+        self.run(async move {
+            client(&pool)
+                .await?
+                .execute(
+                    "INSERT INTO audit (at, subject, action, target, client, outcome) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&(e.at as i64), &text(&e.subject), &text(&e.action), &text(&e.target), &text(&e.client), &text(&e.outcome)],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+    fn audit(&self, after_seq: i64, limit: usize) -> Result<Vec<AuditRecord>> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let rows = client(&pool)
+                .await?
+                .query(&format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2"), &[&after_seq, &(limit as i64)])
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| AuditRecord {
+                    seq: r.get(0),
+                    at: r.get::<_, i64>(1) as u64,
+                    subject: r.get(2),
+                    action: r.get(3),
+                    target: r.get(4),
+                    client: r.get(5),
+                    outcome: r.get(6),
+                })
+                .collect())
+        })
+    }
 }
 
 #[cfg(test)]
@@ -1111,5 +1223,20 @@ mod tests {
         let fence = writer.claim("d1", "a", Duration::from_secs(30)).unwrap().unwrap();
         writer.set_deployment_status(&fence, DeploymentStatus::Failure, "", 2).unwrap();
         assert!(woken(&listener, &wake, Duration::from_secs(10)), "a finished deployment woke nobody");
+    }
+
+    /// The audit log cannot be edited, shortened or emptied, even with SQL.
+    #[test]
+    fn the_audit_log_is_append_only() {
+        let url = crate::test_cluster::Cluster::shared().database();
+        let store = PostgresStore::open(&url, None, "the test database").unwrap();
+        let entry = AuditRecord { seq: 0, at: 1, subject: "a".into(), action: "cancel".into(), target: "t".into(), client: "c".into(), outcome: "ok".into() };
+        store.audit_append(&entry).unwrap();
+        for sql in ["UPDATE audit SET outcome = 'forbidden'", "DELETE FROM audit", "TRUNCATE audit"] {
+            let pool = store.pool.clone();
+            let err = store.run(async move { Ok(client(&pool).await?.execute(sql, &[]).await?) }).unwrap_err();
+            assert!(format!("{err:#}").contains("append-only"), "{sql}: {err:#}");
+        }
+        assert_eq!(store.audit(0, 10).unwrap().len(), 1);
     }
 }

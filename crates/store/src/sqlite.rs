@@ -50,6 +50,29 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE agents ADD COLUMN plugins TEXT NOT NULL DEFAULT '[]';",
     // 6: snapshots kept in the store, by digest.
     "CREATE TABLE snapshots (digest TEXT PRIMARY KEY, archive BLOB NOT NULL);",
+    // 7: the server's tokens and its append-only audit log.
+    "CREATE TABLE tokens (
+         id TEXT PRIMARY KEY,
+         hash TEXT NOT NULL,
+         subject TEXT NOT NULL,
+         role TEXT NOT NULL,
+         applications TEXT NOT NULL,
+         created_at INTEGER NOT NULL,
+         created_by TEXT NOT NULL,
+         expires_at INTEGER,
+         revoked_at INTEGER
+     );
+     CREATE TABLE audit (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         at INTEGER NOT NULL,
+         subject TEXT NOT NULL,
+         action TEXT NOT NULL,
+         target TEXT NOT NULL,
+         client TEXT NOT NULL,
+         outcome TEXT NOT NULL
+     );
+     CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;",
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -277,6 +300,26 @@ fn finish_agent((mut beat, [labels, stages, plugins]): (AgentBeat, [String; 3]))
     beat.stages = from_json_column("agent stages", &stages)?;
     beat.plugins = from_json_column("agent plugins", &plugins)?;
     Ok(beat)
+}
+
+fn token_row(r: &Row<'_>) -> rusqlite::Result<(TokenRecord, String)> {
+    let token = TokenRecord {
+        id: r.get(0)?,
+        hash: r.get(1)?,
+        subject: r.get(2)?,
+        role: r.get(3)?,
+        applications: Vec::new(),
+        created_at: r.get(5)?,
+        created_by: r.get(6)?,
+        expires_at: r.get(7)?,
+        revoked_at: r.get(8)?,
+    };
+    Ok((token, r.get(4)?))
+}
+
+fn finish_token((mut token, applications): (TokenRecord, String)) -> Result<TokenRecord> {
+    token.applications = from_json_column("token applications", &applications)?;
+    Ok(token)
 }
 
 fn stage_row(r: &Row<'_>) -> rusqlite::Result<(StageRecord, String, String)> {
@@ -706,6 +749,49 @@ impl StateStore for SqliteStore {
         rows.map(|r| finish_agent(r?)).collect()
     }
 
+    fn token_insert(&self, t: &TokenRecord) -> Result<()> {
+        self.conn().execute(
+            &format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+            params![t.id, t.hash, t.subject, t.role, json_column(&t.applications), t.created_at, t.created_by, t.expires_at, t.revoked_at],
+        )?;
+        Ok(())
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
+        let conn = self.conn();
+        let row = conn.query_row(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1"), [id], token_row).optional()?;
+        row.map(finish_token).transpose()
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"))?;
+        let rows = stmt.query_map([], token_row)?;
+        rows.map(|r| finish_token(r?)).collect()
+    }
+
+    fn token_revoke(&self, id: &str, at: u64) -> Result<bool> {
+        let n = self.conn().execute("UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL", params![id, at])?;
+        Ok(n == 1)
+    }
+
+    fn audit_append(&self, e: &AuditRecord) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO audit (at, subject, action, target, client, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![e.at, text(&e.subject), text(&e.action), text(&e.target), text(&e.client), text(&e.outcome)],
+        )?;
+        Ok(())
+    }
+
+    fn audit(&self, after_seq: i64, limit: usize) -> Result<Vec<AuditRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
+        let rows = stmt.query_map(params![after_seq, limit as i64], |r| {
+            Ok(AuditRecord { seq: r.get(0)?, at: r.get(1)?, subject: r.get(2)?, action: r.get(3)?, target: r.get(4)?, client: r.get(5)?, outcome: r.get(6)? })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn answer_command(&self, fence: &Fence, stage: &str, id: &str, answer: &Answer) -> Result<()> {
         let (verdict, reason) = answer.columns();
         self.fenced(fence, "answer_command", |tx| {
@@ -758,5 +844,19 @@ mod tests {
         SqliteStore::open(&path).unwrap().conn().pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         let err = SqliteStore::open(&path).err().unwrap().to_string();
         assert!(err.contains(&format!("schema version {}", SCHEMA_VERSION + 1)) && err.contains("matching cordon release"), "{err}");
+    }
+
+    /// The audit log cannot be edited or shortened, even with SQL.
+    #[test]
+    fn the_audit_log_is_append_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        let entry = AuditRecord { seq: 0, at: 1, subject: "a".into(), action: "cancel".into(), target: "t".into(), client: "c".into(), outcome: "ok".into() };
+        store.audit_append(&entry).unwrap();
+        for sql in ["UPDATE audit SET outcome = 'forbidden'", "DELETE FROM audit"] {
+            let err = store.conn().execute(sql, []).unwrap_err().to_string();
+            assert!(err.contains("append-only"), "{sql}: {err}");
+        }
+        assert_eq!(store.audit(0, 10).unwrap().len(), 1);
     }
 }
