@@ -49,9 +49,7 @@ pub struct Host {
     pub offer: AgentBeat,
 }
 
-/// The environment variable naming a shared PostgreSQL state database; it
-/// wins over the agent config's `state.postgres.url`.
-pub const DATABASE_URL_ENV: &str = "CORDON_DATABASE_URL";
+pub use cordon_store::DATABASE_URL_ENV;
 
 /// How long a claim lasts when the config does not say.
 const DEFAULT_LEASE: Duration = Duration::from_secs(15);
@@ -64,25 +62,12 @@ pub fn is_shared(config: &AgentConfig) -> bool {
 
 /// Opens the shared PostgreSQL database `config` (or the environment) names, if any.
 fn open_postgres(config: &AgentConfig) -> Result<Option<PostgresStore>> {
-    let file = config.source.display();
-    let postgres = config.state.postgres.as_ref();
-    let (url, source) = match (std::env::var(DATABASE_URL_ENV), postgres) {
-        (Ok(url), _) if !url.is_empty() => (url, format!("${DATABASE_URL_ENV}")),
-        (_, None) => return Ok(None),
-        (_, Some(p)) => match &p.url {
-            Some(url) => (url.clone(), format!("{file}: state.postgres.url")),
-            None => anyhow::bail!("{file}: state.postgres needs `url: postgres://USER@HOST:PORT/DATABASE` (or set ${DATABASE_URL_ENV})"),
-        },
-    };
-    let password = match postgres.and_then(|p| p.password_file.as_ref()) {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("{file}: cannot read state.postgres.password-file {}", path.display()))?;
-            Some(text.trim_end_matches(['\n', '\r']).to_string())
-        }
-        None => None,
-    };
-    PostgresStore::open(&url, password.as_deref(), &source).map(Some)
+    let file = config.source.display().to_string();
+    PostgresStore::open_configured(config.state.postgres.as_ref().map(|p| cordon_store::postgres::Configured {
+        file: &file,
+        url: p.url.as_deref(),
+        password_file: p.password_file.as_deref(),
+    }))
 }
 
 /// Opens the state store `config` names: the shared PostgreSQL database,

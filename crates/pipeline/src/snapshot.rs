@@ -25,9 +25,7 @@ use sha2::{Digest, Sha256};
 
 /// How a stored snapshot's reference starts.
 const STORED: &str = "sha256:";
-/// Largest snapshot archive a shared store keeps (it is one row, read
-/// whole by each agent that runs it).
-pub const MAX_STORED: usize = 128 << 20;
+pub use cordon_store::MAX_SNAPSHOT as MAX_STORED;
 
 /// The snapshots directory of a state directory: local snapshots, and
 /// stored ones fetched here.

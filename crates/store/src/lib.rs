@@ -37,7 +37,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-pub use postgres::PostgresStore;
+pub use postgres::{DATABASE_URL_ENV, PostgresStore};
+
+/// Largest snapshot archive a shared store keeps (it is one row, read
+/// whole by each agent that runs it).
+pub const MAX_SNAPSHOT: usize = 128 << 20;
 pub use sqlite::SqliteStore;
 
 /// The state database inside a state directory.
@@ -61,7 +65,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// Lifecycle of a deployment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeploymentStatus {
     /// Waiting for the agent (or for an earlier deployment of the same app).
@@ -80,7 +84,7 @@ impl DeploymentStatus {
 }
 
 /// Lifecycle of a stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum StageStatus {
     NotStarted,
@@ -155,7 +159,7 @@ text_enum!(StageStatus {
 /// plugins define and the plugins themselves), since plugins and grants
 /// are per agent: a deployment goes only to an agent that meets its
 /// [`Requirements`].
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AgentBeat {
     /// `HOST/PID`: one process (the lease owner).
     pub id: String,
@@ -176,7 +180,7 @@ pub struct AgentBeat {
 /// application asks for (`agents:` in `app.cordon.yaml`), the stages of
 /// its pipeline and the plugins it names settings for (its planners).
 /// Fixed when the deployment is queued, so every agent decides the same.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Requirements {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -208,7 +212,7 @@ fn from_json_column<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> R
 }
 
 /// A deployment as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeploymentRecord {
     pub id: String,
     pub application: String,
@@ -251,7 +255,7 @@ impl DeploymentRecord {
 }
 
 /// A stage of a planned deployment, as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StageRecord {
     pub deployment: String,
     pub id: String,
@@ -277,7 +281,7 @@ pub struct StageRecord {
 }
 
 /// One stage log line.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LogRecord {
     pub seq: i64,
     pub deployment: String,
@@ -288,7 +292,7 @@ pub struct LogRecord {
 }
 
 /// A command an operator addressed to a deployment or one of its stages.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CommandRecord {
     pub id: String,
     pub deployment: String,
@@ -303,7 +307,7 @@ pub struct CommandRecord {
 }
 
 /// A stage's answer to a command addressed to it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Answer {
     Accepted,
@@ -330,7 +334,7 @@ impl Answer {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum CommandKind {
     Approve,
@@ -352,7 +356,7 @@ text_enum!(CommandKind {
 
 /// How much one scope of metadata or blobs may hold: entries, and bytes of
 /// keys and values together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Quota {
     pub entries: u64,
     pub bytes: u64,
@@ -367,7 +371,7 @@ impl Quota {
 }
 
 /// An application known to the agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApplicationRecord {
     pub name: String,
     /// Directory the app config was read from.
@@ -380,7 +384,7 @@ pub struct ApplicationRecord {
 
 /// An API token as stored: never the secret, only its SHA-256. What the
 /// role and the application patterns allow is the server's to decide.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TokenRecord {
     /// Public and unique (`tok-` and 12 hex digits): names the token in
     /// listings, revocations and the audit log.
@@ -399,7 +403,7 @@ pub struct TokenRecord {
 }
 
 /// One attempt at a state-changing request, allowed or refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AuditRecord {
     /// Order of recording; assigned by the store.
     pub seq: i64,
@@ -454,7 +458,7 @@ fn exact<'a>(what: &str, s: &'a str) -> Result<&'a str> {
 /// (a higher epoch), such a write is refused with [`Fenced`], so an agent
 /// that was frozen or cut off past its lease cannot overwrite its
 /// successor's work.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Fence {
     pub deployment: String,
     pub epoch: i64,
@@ -466,7 +470,7 @@ pub struct Fence {
 pub struct Fenced(pub Fence);
 
 /// A write refused because its lease was stale.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RefusedWrite {
     /// The stale lease's epoch.
     pub epoch: i64,
@@ -488,6 +492,12 @@ pub fn is_fenced(error: &anyhow::Error) -> bool {
 pub trait StateStore: Send + Sync {
     /// Where the state is, for messages (never a credential).
     fn describe(&self) -> String;
+    /// Whether a `cordon server` stands between this caller and the
+    /// database: the server decides who may do what, and a person's
+    /// command never runs a deployment itself.
+    fn through_server(&self) -> bool {
+        false
+    }
 
     // Applications.
     fn upsert_application(&self, name: &str, dir: &str) -> Result<()>;

@@ -211,6 +211,19 @@ fn token_row(r: &Row) -> Result<TokenRecord> {
     })
 }
 
+/// The environment variable naming a shared PostgreSQL state database; it
+/// wins over a config's `state.postgres.url`.
+pub const DATABASE_URL_ENV: &str = "CORDON_DATABASE_URL";
+
+/// The settings of a config's `state.postgres` section, for
+/// [`PostgresStore::open_configured`].
+pub struct Configured<'a> {
+    /// The config file, for messages.
+    pub file: &'a str,
+    pub url: Option<&'a str>,
+    pub password_file: Option<&'a std::path::Path>,
+}
+
 /// The PostgreSQL-backed [`StateStore`].
 pub struct PostgresStore {
     pool: Pool,
@@ -285,6 +298,29 @@ impl PostgresStore {
             .run(async move { migrate(&pool).await })
             .with_context(|| format!("cannot open the state database {} ({source})", store.describe))?;
         Ok(store)
+    }
+
+    /// The shared database `$CORDON_DATABASE_URL` or else `configured`
+    /// (a config's `state.postgres`) names, if any; the password from its
+    /// `password-file` when given.
+    pub fn open_configured(configured: Option<Configured>) -> Result<Option<Self>> {
+        let (url, source) = match (std::env::var(DATABASE_URL_ENV), &configured) {
+            (Ok(url), _) if !url.is_empty() => (url, format!("${DATABASE_URL_ENV}")),
+            (_, None) => return Ok(None),
+            (_, Some(c)) => match c.url {
+                Some(url) => (url.to_string(), format!("{}: state.postgres.url", c.file)),
+                None => anyhow::bail!("{}: state.postgres needs `url: postgres://USER@HOST:PORT/DATABASE` (or set ${DATABASE_URL_ENV})", c.file),
+            },
+        };
+        let password = match configured.as_ref().and_then(|c| c.password_file.map(|p| (c.file, p))) {
+            Some((file, path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("{file}: cannot read state.postgres.password-file {}", path.display()))?;
+                Some(text.trim_end_matches(['\n', '\r']).to_string())
+            }
+            None => None,
+        };
+        Self::open(&url, password.as_deref(), &source).map(Some)
     }
 
     /// Runs `work` on the store's runtime and waits for it, at most
