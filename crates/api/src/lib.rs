@@ -14,7 +14,7 @@
 //! Authentication is a bearer token ([`Token`]); what each method asks of
 //! its caller is [`Access`], decided by the method alone.
 
-mod client;
+pub mod client;
 mod token;
 
 use serde::{Deserialize, Serialize};

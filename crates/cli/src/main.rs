@@ -26,6 +26,14 @@ struct Cli {
     /// Agent config (plugins, grants, state directory).
     #[arg(long, global = true, env = "CORDON_CONFIG", default_value = "cordon.yaml")]
     config: PathBuf,
+    /// A `cordon server` to act through instead of the state database
+    /// (comma-separated replicas; https://, or http:// on loopback).
+    #[arg(long, global = true, env = "CORDON_SERVER")]
+    server: Option<String>,
+    /// The file holding your token for --server (else $CORDON_TOKEN, or
+    /// the credentials file `cordon login` wrote).
+    #[arg(long = "token-file", global = true, env = "CORDON_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,6 +83,15 @@ enum Command {
     Upload(upload::Upload),
     /// Print a shell completion script.
     Completions(completions::Completions),
+    /// Serve the authenticated API for people and agents.
+    Server(server::Server),
+    /// Make, list or revoke the server's tokens.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// The server's audit log.
+    Audit(audit::Audit),
+    /// Keep a token for --server in the credentials file.
+    Login(login::Login),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +100,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // The state store is opened deep in the pipeline from the environment
+    // (like $CORDON_DATABASE_URL); the flags win over it.
+    for (var, value) in [(cordon_api::SERVER_ENV, cli.server.as_deref().map(std::ffi::OsStr::new)), (cordon_api::TOKEN_FILE_ENV, cli.token_file.as_deref().map(|p| p.as_os_str()))] {
+        if let Some(value) = value {
+            // SAFETY: no other thread exists yet.
+            unsafe { std::env::set_var(var, value) };
+        }
+    }
     if !matches!(cli.command, Command::Agent(_)) {
         // Like every Unix filter: when the reader goes away (`cordon status
         // | head`), stop quietly instead of failing on a broken pipe. The
@@ -128,5 +153,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Migrate(c) => c.run(config).await,
         Command::Upload(c) => c.run(config),
         Command::Completions(c) => c.run(Cli::command()),
+        Command::Server(c) => c.run().await,
+        Command::Token(c) => c.run(config),
+        Command::Audit(c) => c.run(config),
+        Command::Login(c) => c.run(cli.server.as_deref()),
     }
 }

@@ -57,7 +57,8 @@ const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 /// Whether `config` (or the environment) puts the state in a shared
 /// PostgreSQL database rather than the embedded SQLite one.
 pub fn is_shared(config: &AgentConfig) -> bool {
-    config.state.postgres.is_some() || std::env::var(DATABASE_URL_ENV).is_ok_and(|url| !url.is_empty())
+    config.state.postgres.is_some()
+        || [DATABASE_URL_ENV, cordon_api::SERVER_ENV].iter().any(|var| std::env::var(var).is_ok_and(|url| !url.is_empty()))
 }
 
 /// Opens the shared PostgreSQL database `config` (or the environment) names, if any.
@@ -75,6 +76,9 @@ fn open_postgres(config: &AgentConfig) -> Result<Option<PostgresStore>> {
 /// missing SQLite database is an error (commands that only read or send
 /// commands have nothing to act on).
 fn open_state(config: &AgentConfig, create: bool) -> Result<Arc<dyn StateStore>> {
+    if let Some(store) = open_server()? {
+        return Ok(store);
+    }
     if let Some(store) = open_postgres(config)? {
         return Ok(Arc::new(store));
     }
@@ -83,6 +87,15 @@ fn open_state(config: &AgentConfig, create: bool) -> Result<Arc<dyn StateStore>>
         anyhow::bail!("no state at {}: nothing was deployed with {} yet", db.display(), config.source.display());
     }
     Ok(Arc::new(SqliteStore::open(&db)?))
+}
+
+/// The `cordon server` the environment names (`CORDON_SERVER`, with a
+/// token), if any: it wins over the config's own state.
+pub fn open_server() -> Result<Option<Arc<dyn StateStore>>> {
+    match cordon_api::Server::from_env()? {
+        Some(server) => Ok(Some(Arc::new(cordon_api::RemoteStore::open(&server)?))),
+        None => Ok(None),
+    }
 }
 
 /// Opens the state store named by the agent config, without loading

@@ -41,6 +41,7 @@ pub fn handle(store: &dyn StateStore, name: &str, auth: Option<&str>, body: &[u8
         } else {
             serde_json::from_slice(body).map_err(|e| Refusal::bad(&format!("{name}: the body is not JSON ({e}); send the arguments as a JSON object")))?
         };
+        storable("", &args).map_err(|e| Refusal::bad(&format!("{name}: {e}")))?;
         let call = Call::parse(name, args).map_err(|e| Refusal::bad(&format!("{name}: {e}")))?;
         target = target_of(&call);
         allow(&caller, access, &call)?;
@@ -51,6 +52,26 @@ pub fn handle(store: &dyn StateStore, name: &str, auth: Option<&str>, body: &[u8
         audit(store, &subject, name, &target, client, outcome.as_ref().err());
     }
     outcome
+}
+
+/// Free-text fields: the store keeps a NUL in them as U+FFFD.
+const FREE_TEXT: &[&str] = &["text", "reason", "message"];
+
+/// Checks, before any field is read, what no store column can hold: a
+/// number above `i64::MAX` (times, sizes and counts are stored signed),
+/// or a NUL outside free text (PostgreSQL text cannot hold it).
+fn storable(field: &str, value: &Value) -> Result<(), String> {
+    match value {
+        Value::Number(n) if n.as_i64().is_none() && n.as_u64().is_some() => {
+            Err(format!("`{field}` is {n}; numbers above {} are not accepted", i64::MAX))
+        }
+        Value::String(s) if s.contains('\0') && !FREE_TEXT.contains(&field) => {
+            Err(format!("`{field}` contains a NUL character; the state store cannot keep it"))
+        }
+        Value::Array(items) => items.iter().try_for_each(|v| storable(field, v)),
+        Value::Object(map) => map.iter().try_for_each(|(k, v)| if k.contains('\0') { Err("a field name contains a NUL character".into()) } else { storable(k, v) }),
+        _ => Ok(()),
+    }
 }
 
 /// Records one attempt in the audit log (an audit entry that cannot be
@@ -215,9 +236,14 @@ impl Gate<'_> {
                     return Err(Refusal::new(404, code::NOT_FOUND, &format!("no application `{}`; record it first (upsert_application)", deployment.application)));
                 }
                 deployment.created_at = now_ms();
+                deployment.trigger = with_commander(&deployment.trigger, &caller.subject)?;
                 json!(store.insert_deployment(&deployment).map_err(s)?)
             }
-            Deployment { id } => json!(Some(self.deployment(&id)?)),
+            Deployment { id } => match store.deployment(&id).map_err(s)? {
+                // Callers ask to learn whether an id is free.
+                None => json!(null),
+                Some(_) => json!(Some(self.deployment(&id)?)),
+            },
             Deployments { application, limit } => {
                 if let Some(app) = &application {
                     self.application(app)?;
@@ -390,6 +416,14 @@ impl Gate<'_> {
         };
         Ok(out)
     }
+}
+
+/// The trigger (JSON) with the authenticated subject as its commander.
+fn with_commander(trigger: &str, subject: &str) -> Result<String, Refusal> {
+    let mut value: Value = serde_json::from_str(trigger).map_err(|e| Refusal::bad(&format!("insert_deployment: `trigger` is not JSON ({e})")))?;
+    let Some(object) = value.as_object_mut() else { return Err(Refusal::bad("insert_deployment: `trigger` is not a JSON object")) };
+    object.insert("commander".into(), json!(subject));
+    Ok(value.to_string())
 }
 
 fn ttl(ms: u64) -> Result<Duration, Refusal> {

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use cordon_pipeline::{agent, labels_text, open_store};
-use cordon_runtime::plugin::AgentConfig;
+use cordon_pipeline::{agent, labels_text};
 use cordon_store::now_ms;
 
 use crate::print::{ago, escape};
@@ -28,7 +27,7 @@ pub struct Agents {
 
 impl Agents {
     pub fn run(self, config_path: &Path) -> Result<ExitCode> {
-        let store = open_store(&AgentConfig::load(config_path)?)?;
+        let store = super::state(config_path)?;
         let now = now_ms();
         let mut out = std::io::stdout().lock();
         writeln!(out, "{:<20} {:<28} {:<6} {:>9}  {:<24} STAGES", "NAME", "ID", "STATE", "BEAT", "LABELS")?;

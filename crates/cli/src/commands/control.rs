@@ -7,13 +7,12 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use cordon_pipeline::{control, open_store};
-use cordon_runtime::plugin::AgentConfig;
+use cordon_pipeline::control;
 use cordon_store::{Answer, CommandKind};
 
 use crate::print::escape;
 
-use super::trigger::default_user;
+use super::trigger::commander;
 
 /// Approve a stage that waits for approval, and wait for its answer.
 ///
@@ -24,9 +23,9 @@ use super::trigger::default_user;
 pub struct Approve {
     deployment: String,
     stage: String,
-    /// Who approves.
-    #[arg(long = "as", default_value_t = default_user())]
-    commander: String,
+    /// Who (default: $USER); refused against a server, which records your token's subject.
+    #[arg(long = "as")]
+    commander: Option<String>,
     /// How long to wait for the stage's answer.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     wait: Duration,
@@ -37,22 +36,25 @@ pub struct Approve {
 pub struct Skip {
     deployment: String,
     stage: String,
-    #[arg(long = "as", default_value_t = default_user())]
-    commander: String,
+    /// Who (default: $USER); refused against a server, which records your token's subject.
+    #[arg(long = "as")]
+    commander: Option<String>,
 }
 
 /// Cancel a deployment; rollback runs if the application enables it.
 #[derive(clap::Args)]
 pub struct Cancel {
     deployment: String,
-    #[arg(long = "as", default_value_t = default_user())]
-    commander: String,
+    /// Who (default: $USER); refused against a server, which records your token's subject.
+    #[arg(long = "as")]
+    commander: Option<String>,
 }
 
 impl Approve {
     pub fn run(self, config: &Path) -> Result<ExitCode> {
-        let store = open_store(&AgentConfig::load(config)?)?;
-        let sent = control::send(store.as_ref(), &self.deployment, Some(&self.stage), CommandKind::Approve, &self.commander)?;
+        let store = super::state(config)?;
+        let who = commander(store.as_ref(), self.commander)?;
+        let sent = control::send(store.as_ref(), &self.deployment, Some(&self.stage), CommandKind::Approve, &who)?;
         match control::await_answer(store.as_ref(), &sent, self.wait)? {
             Some(Answer::Accepted) => {
                 println!("{sent}: accepted");
@@ -78,18 +80,19 @@ impl Approve {
 
 impl Skip {
     pub fn run(self, config: &Path) -> Result<ExitCode> {
-        send(config, &self.deployment, Some(&self.stage), CommandKind::Skip, &self.commander)
+        send(config, &self.deployment, Some(&self.stage), CommandKind::Skip, self.commander)
     }
 }
 
 impl Cancel {
     pub fn run(self, config: &Path) -> Result<ExitCode> {
-        send(config, &self.deployment, None, CommandKind::Cancel, &self.commander)
+        send(config, &self.deployment, None, CommandKind::Cancel, self.commander)
     }
 }
 
-fn send(config: &Path, id: &str, stage: Option<&str>, kind: CommandKind, commander: &str) -> Result<ExitCode> {
-    let store = open_store(&AgentConfig::load(config)?)?;
-    println!("{}", control::send(store.as_ref(), id, stage, kind, commander)?);
+fn send(config: &Path, id: &str, stage: Option<&str>, kind: CommandKind, given: Option<String>) -> Result<ExitCode> {
+    let store = super::state(config)?;
+    let who = commander(store.as_ref(), given)?;
+    println!("{}", control::send(store.as_ref(), id, stage, kind, &who)?);
     Ok(ExitCode::SUCCESS)
 }

@@ -12,12 +12,11 @@ use clap::Subcommand;
 
 use cordon_pipeline::config::AppConfig;
 use cordon_pipeline::snapshot::SourceLock;
-use cordon_pipeline::{self as pipeline, Host, control, open_store};
-use cordon_runtime::plugin::AgentConfig;
+use cordon_pipeline::{self as pipeline, Host, control};
 use cordon_runtime::runner;
 use cordon_runtime::sandbox::fs::{RUNNING, SCRATCH, TARGET};
 
-use super::trigger::default_user;
+use super::trigger::commander;
 use crate::print::{PrintSink, escape};
 
 #[derive(Subcommand)]
@@ -25,14 +24,16 @@ pub enum DebugCommand {
     /// Resume the paused stage as a success (a stage paused before it runs, runs).
     Continue {
         deployment: String,
-        #[arg(long = "as", default_value_t = default_user())]
-        commander: String,
+        /// Who (default: $USER); refused against a server, which records your token's subject.
+        #[arg(long = "as")]
+        commander: Option<String>,
     },
     /// Resume the paused stage as a failure; rollback follows as usual.
     FailContinue {
         deployment: String,
-        #[arg(long = "as", default_value_t = default_user())]
-        commander: String,
+        /// Who (default: $USER); refused against a server, which records your token's subject.
+        #[arg(long = "as")]
+        commander: Option<String>,
     },
     /// Run the paused stage once, verbosely, and leave it paused.
     Run { deployment: String },
@@ -40,13 +41,14 @@ pub enum DebugCommand {
 
 impl DebugCommand {
     pub async fn run(self, config: &Path) -> Result<ExitCode> {
-        let (deployment, fail, commander) = match self {
+        let (deployment, fail, given) = match self {
             DebugCommand::Run { deployment } => return run_paused(config, &deployment).await,
             DebugCommand::Continue { deployment, commander } => (deployment, false, commander),
             DebugCommand::FailContinue { deployment, commander } => (deployment, true, commander),
         };
-        let store = open_store(&AgentConfig::load(config)?)?;
-        println!("{}", control::resume(store.as_ref(), &deployment, fail, &commander)?);
+        let store = super::state(config)?;
+        let who = commander(store.as_ref(), given)?;
+        println!("{}", control::resume(store.as_ref(), &deployment, fail, &who)?);
         Ok(ExitCode::SUCCESS)
     }
 }

@@ -28,15 +28,16 @@ impl Deploy {
     pub async fn run(self, config_path: &Path) -> Result<ExitCode> {
         let config = super::load_with_plugins(config_path).await?;
         let host = Arc::new(Host::open(&config).await?);
-        let record = pipeline::trigger(&host, &self.app_dir, self.trigger.info())?;
+        let record = pipeline::trigger(&host, &self.app_dir, self.trigger.info(host.store.as_ref())?)?;
         let id = record.id.clone();
         println!("deployment {id} of {} queued", record.application);
         // With no agent alive, this command runs the deployment itself: on
         // the embedded database that is when no agent holds the state
         // directory; on a shared one, when no live agent may run it and
-        // this process may.
+        // this process may (never through a server: people do not hold leases).
         let nobody = if host.shared { agent::nobody_runs(host.store.as_ref(), &record)? } else { None };
-        let alone = !host.shared || (nobody.is_some() && record.requires.unmet_by(&host.offer).is_empty());
+        let may_run = !host.store.through_server() && record.requires.unmet_by(&host.offer).is_empty();
+        let alone = !host.shared || (nobody.is_some() && may_run);
         let lock = if alone { AgentLock::try_acquire(&config.state_dir)? } else { None };
         let state = if host.shared { host.store.describe() } else { config.state_dir.display().to_string() };
         if self.detach {

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use cordon_pipeline::{control, open_store};
-use cordon_runtime::plugin::AgentConfig;
+use cordon_pipeline::control;
 
 use crate::follow;
 use crate::print::escape;
@@ -27,7 +26,7 @@ pub struct Logs {
 
 impl Logs {
     pub async fn run(self, config_path: &Path) -> Result<ExitCode> {
-        let store = open_store(&AgentConfig::load(config_path)?)?;
+        let store = super::state(config_path)?;
         let id = self.deployment.as_str();
         control::deployment(store.as_ref(), id)?;
         let stage_id = match &self.stage {

@@ -31,7 +31,7 @@ impl Plan {
         let config = super::load_with_plugins(config_path).await?;
         let host = Host::open(&config).await?;
         let app = AppConfig::load(&self.app_dir)?;
-        let trigger = self.trigger.info();
+        let trigger = self.trigger.info(host.store.as_ref())?;
         let running = host.running_source(&app.name)?.map(|(_, dir)| dir);
         let changed = pipeline::snapshot::changed_files(running.as_deref(), &self.app_dir)?;
         let scratch = tempfile::tempdir()?;

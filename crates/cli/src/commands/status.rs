@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use cordon_pipeline::agent::{self, Stale};
-use cordon_pipeline::{control, open_store};
-use cordon_runtime::plugin::AgentConfig;
+use cordon_pipeline::control;
 use cordon_store::{DeploymentRecord, StateStore};
 
 use crate::follow;
@@ -40,7 +39,7 @@ fn agent_of(store: &dyn StateStore, d: &DeploymentRecord) -> Result<String> {
 
 impl Status {
     pub fn run(self, config_path: &Path) -> Result<ExitCode> {
-        let store = open_store(&AgentConfig::load(config_path)?)?;
+        let store = super::state(config_path)?;
         let mut out = std::io::stdout().lock();
         match self.deployment.as_deref() {
             None => {

@@ -2,6 +2,7 @@
 
 use cordon_pipeline::debug::Breakpoints;
 use cordon_pipeline::plan::{Strategy, TriggerInfo};
+use cordon_store::StateStore;
 
 #[derive(clap::Args, Clone)]
 pub struct TriggerArgs {
@@ -14,9 +15,10 @@ pub struct TriggerArgs {
     /// Commit hash, for the record.
     #[arg(long, default_value = "")]
     commit: String,
-    /// Who triggers the deployment.
-    #[arg(long = "as", default_value_t = default_user())]
-    commander: String,
+    /// Who triggers the deployment (default: $USER); refused against a
+    /// server, which records the token's subject.
+    #[arg(long = "as")]
+    commander: Option<String>,
     /// Pause before this stage runs (id or name; repeatable).
     #[arg(long = "break-before", value_name = "STAGE")]
     break_before: Vec<String>,
@@ -35,11 +37,12 @@ enum SyncArg {
 }
 
 impl TriggerArgs {
-    pub fn info(&self) -> TriggerInfo {
-        TriggerInfo {
+    /// The trigger, recorded in `store`.
+    pub fn info(&self, store: &dyn StateStore) -> anyhow::Result<TriggerInfo> {
+        Ok(TriggerInfo {
             commit_hash: self.commit.clone(),
             commit_message: self.message.clone(),
-            commander: self.commander.clone(),
+            commander: commander(store, self.commander.clone())?,
             sync: self.sync.map(|s| match s {
                 SyncArg::Quick => Strategy::QuickSync,
                 SyncArg::Pipeline => Strategy::PipelineSync,
@@ -49,11 +52,18 @@ impl TriggerArgs {
                 break_after: self.break_after.clone(),
                 break_on_failure: self.break_on_failure,
             },
-        }
+        })
     }
 }
 
-/// Who runs a command unless `--as` says otherwise.
-pub fn default_user() -> String {
-    std::env::var("USER").unwrap_or_else(|_| "operator".to_string())
+/// Who runs a command: `--as` (`given`), else `$USER`. Against a server
+/// the token says who, so `--as` is refused there rather than ignored.
+pub fn commander(store: &dyn StateStore, given: Option<String>) -> anyhow::Result<String> {
+    match given {
+        Some(_) if store.through_server() => {
+            anyhow::bail!("--as is refused against a server: it records the subject of your token; drop --as")
+        }
+        Some(name) => Ok(name),
+        None => Ok(std::env::var("USER").unwrap_or_else(|_| "operator".to_string())),
+    }
 }

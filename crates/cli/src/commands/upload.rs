@@ -7,12 +7,12 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 
 use cordon_pipeline::debug::upload::{self, Mode, Source};
-use cordon_pipeline::{control, open_store, snapshot};
+use cordon_pipeline::{control, snapshot};
 use cordon_runtime::plugin::AgentConfig;
 use cordon_runtime::sandbox::fs::TARGET;
 use cordon_store::CommandKind;
 
-use super::trigger::default_user;
+use super::trigger::commander;
 
 /// Upload a local directory into the source of a paused deployment.
 #[derive(clap::Args)]
@@ -35,14 +35,26 @@ pub struct Upload {
     /// Resume the deployment after the upload.
     #[arg(long = "continue")]
     resume: bool,
-    #[arg(long = "as", default_value_t = default_user())]
-    commander: String,
+    /// Who (default: $USER); refused against a server, which records your token's subject.
+    #[arg(long = "as")]
+    commander: Option<String>,
 }
 
 impl Upload {
     pub fn run(self, config_path: &Path) -> Result<ExitCode> {
-        let config = AgentConfig::load(config_path)?;
-        let store = open_store(&config)?;
+        let store = super::state(config_path)?;
+        // Where stored snapshots are fetched and local uploads are ordered:
+        // the agent config's state directory, or (a person's machine, with
+        // only a server) a directory of this command's own.
+        let scratch;
+        let snapshots = match AgentConfig::load(config_path) {
+            Ok(config) => snapshot::dir(&config.state_dir),
+            Err(_) if store.through_server() => {
+                scratch = tempfile::tempdir().context("cannot make a scratch directory for the upload")?;
+                scratch.path().to_path_buf()
+            }
+            Err(e) => return Err(e),
+        };
         let id = self.deployment.as_str();
         let mode = if self.delete { Mode::Mirror } else { Mode::Merge };
         let waiting = || eprintln!("waiting for the running stages of {id} (or another upload) to finish…");
@@ -56,7 +68,7 @@ impl Upload {
         };
         let limits = upload::Limits::default();
         let request = upload::Request { source, to: &self.to, mode, limits: &limits };
-        let (summary, stage) = upload::into_deployment(store.as_ref(), &snapshot::dir(&config.state_dir), id, request, waiting)?;
+        let (summary, stage) = upload::into_deployment(store.as_ref(), &snapshots, id, request, waiting)?;
         println!(
             "uploaded {} files ({} bytes) into {TARGET}/{} of deployment {id}, paused at {}",
             summary.files,
@@ -65,7 +77,8 @@ impl Upload {
             stage.id
         );
         if self.resume {
-            println!("{}", control::send(store.as_ref(), id, None, CommandKind::DebugContinue, &self.commander)?);
+            let who = commander(store.as_ref(), self.commander)?;
+            println!("{}", control::send(store.as_ref(), id, None, CommandKind::DebugContinue, &who)?);
         }
         Ok(ExitCode::SUCCESS)
     }
