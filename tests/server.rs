@@ -431,3 +431,232 @@ async fn the_api_is_described_and_health_needs_no_token() {
     let (status, body) = api.send(reqwest::Method::GET, "/api/v1/deployment", None, vec![]).await;
     assert_eq!((status, body["error"]["code"].as_str()), (405, Some("method_not_allowed")));
 }
+
+/// A `cordon server` process; its URL read from what it prints.
+struct Replica {
+    url: String,
+    process: AgentProcess,
+}
+
+fn start_replica(config: &Path) -> Replica {
+    let mut child = Command::new(cordon_bin())
+        .args(["server", "--server-config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    expect_line(&lines, "listening on", Duration::from_secs(30), &mut seen);
+    let line = seen.iter().find(|l| l.contains("listening on")).unwrap();
+    let url = line.split_whitespace().find(|w| w.starts_with("http")).unwrap().to_string();
+    std::thread::spawn(move || for line in lines { eprintln!("server: {line}") });
+    Replica { url, process: AgentProcess(child) }
+}
+
+/// A certificate authority and a server certificate for 127.0.0.1 it
+/// signed: (CA file, certificate file, key file).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+    let files = (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&files.0, ca.pem()).unwrap();
+    std::fs::write(&files.1, cert.pem()).unwrap();
+    std::fs::write(&files.2, key.serialize_pem()).unwrap();
+    files
+}
+
+/// `cordon` with `args` through the servers `servers`, as the holder of
+/// `token` (a file), with `config` for the plugins.
+fn cordon_through(config: &Path, servers: &str, token: &Path, ca: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(cordon_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("CORDON_SERVER", servers)
+        .env("CORDON_TOKEN_FILE", token)
+        .env("CORDON_CA_FILE", ca)
+        .env_remove("CORDON_TOKEN")
+        .output()
+        .unwrap()
+}
+
+/// Two replicas on one PostgreSQL, one over TLS; two agents with agent
+/// tokens, each connected to a different replica first; people deploy,
+/// approve, upload and continue through them with their own tokens. The
+/// replica everyone started on is killed mid-deployment: agents and
+/// commands move to the other, and nothing is lost. The authenticated
+/// subjects are recorded, `--as` is refused, a role or an application
+/// out of reach is refused, a revoked token stops working at once, and
+/// the audit log says who did what.
+#[test]
+fn people_and_agents_work_through_two_replicas_and_survive_losing_one() {
+    let url = Cluster::shared().database();
+    let world = World::with_plugins(&plugin_entry("approval", "executor", ""));
+    let dir = world.dir.path();
+    let (ca, cert, key) = certificates(dir);
+    let state = format!("state: {{ postgres: {{ url: \"{url}\" }} }}\n");
+    let tls_config = dir.join("s1.yaml");
+    std::fs::write(&tls_config, format!("listen: 127.0.0.1:0\ntls: {{ cert: {}, key: {} }}\n{state}", cert.display(), key.display())).unwrap();
+    let plain_config = dir.join("s2.yaml");
+    std::fs::write(&plain_config, format!("listen: 127.0.0.1:0\nplain-http: true\n{state}")).unwrap();
+
+    // Tokens, made on the database directly (the first admin's way in).
+    let make = |subject: &str, role: &str, apps: &str| -> PathBuf {
+        let out = Command::new(cordon_bin())
+            .args(["token", "create", "--server-config"])
+            .arg(&tls_config)
+            .args(["--subject", subject, "--role", role, "--applications", apps])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let file = dir.join(format!("{subject}.token"));
+        std::fs::write(&file, &out.stdout).unwrap();
+        file
+    };
+    let (admin, dana, alice, vic) = (make("root", "admin", "*"), make("dana", "deployer", "srv*"), make("alice", "approver", "*"), make("vic", "viewer", "*"));
+    let agent_tokens = [make("agent-a", "agent", "*"), make("agent-b", "agent", "*")];
+
+    let mut s1 = start_replica(&tls_config);
+    let s2 = start_replica(&plain_config);
+    assert!(s1.url.starts_with("https://") && s2.url.starts_with("http://"), "{} {}", s1.url, s2.url);
+    let both = format!("{},{}", s1.url, s2.url);
+
+    // Agents: their own state directories, no database credentials.
+    let agents: Vec<AgentProcess> = agent_tokens
+        .iter()
+        .enumerate()
+        .map(|(i, token)| {
+            let text = std::fs::read_to_string(&world.config).unwrap();
+            let config = dir.join(format!("agent{i}.yaml"));
+            let own = text.lines().map(|l| if l.starts_with("state-dir:") { format!("state-dir: {}", dir.join(format!("agent{i}")).display()) } else { l.to_string() });
+            std::fs::write(&config, own.collect::<Vec<_>>().join("\n") + "\n").unwrap();
+            let servers = if i == 0 { both.clone() } else { format!("{},{}", s2.url, s1.url) };
+            let log = std::fs::File::create(dir.join(format!("agent{i}.log"))).unwrap();
+            let child = Command::new(cordon_bin())
+                .arg("--config")
+                .arg(&config)
+                .arg("agent")
+                .env("CORDON_SERVER", servers)
+                .env("CORDON_TOKEN_FILE", token)
+                .env("CORDON_CA_FILE", &ca)
+                .env("CORDON_LOG", "info")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            AgentProcess(child)
+        })
+        .collect();
+
+    let app = world.app(
+        "srv",
+        "name: srv\npipeline:\n  stages:\n    - { id: first, name: STEP, with: { marker: /marks/first } }\n    - { id: gate, name: WAIT_APPROVAL, with: { approvers: [alice] } }\n    - { id: last, name: STEP, with: { marker: /marks/last } }\n",
+    );
+    let db = PostgresStore::open(&url, None, "the test database").unwrap();
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let started = Instant::now();
+        while !done() {
+            assert!(started.elapsed() < Duration::from_secs(60), "{what} did not happen within 60s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // dana deploys and follows through the replicas (the TLS one first).
+    let mut deploy = Command::new(cordon_bin())
+        .arg("--config")
+        .arg(&world.config)
+        .args(["deploy", app.to_str().unwrap()])
+        .env("CORDON_SERVER", &both)
+        .env("CORDON_TOKEN_FILE", &dana)
+        .env("CORDON_CA_FILE", &ca)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out_lines = lines_of(deploy.stdout.take().unwrap());
+    let err_lines = lines_of(deploy.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| expect_line(&out_lines, "queued", Duration::from_secs(60), &mut seen))).is_err() {
+        std::thread::sleep(Duration::from_millis(500));
+        panic!("deploy queued nothing: {:?}", err_lines.try_iter().collect::<Vec<_>>());
+    }
+    let id = seen.iter().find(|l| l.contains("queued")).unwrap().split_whitespace().nth(1).unwrap().to_string();
+    until("the gate to wait", &|| db.stages(&id).unwrap().iter().any(|s| s.id == "gate" && s.status == StageStatus::Running));
+
+    // The replica everyone started on dies mid-deployment.
+    drop(std::mem::replace(&mut s1.process, AgentProcess(Command::new("true").spawn().unwrap())));
+
+    let refused = cordon_through(&world.config, &both, &alice, &ca, &["approve", &id, "gate", "--as", "bob"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--as is refused against a server"), "{}", String::from_utf8_lossy(&refused.stderr));
+    let viewer = cordon_through(&world.config, &both, &vic, &ca, &["approve", &id, "gate"]);
+    assert_eq!(viewer.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&viewer.stderr).contains("vic has role viewer; this needs approver"), "{}", String::from_utf8_lossy(&viewer.stderr));
+    let approved = cordon_through(&world.config, &both, &alice, &ca, &["approve", &id, "gate"]);
+    assert!(approved.status.success(), "{}{}", String::from_utf8_lossy(&approved.stdout), String::from_utf8_lossy(&approved.stderr));
+    assert!(String::from_utf8_lossy(&approved.stdout).contains("accepted"));
+    let status = deploy.wait().unwrap();
+    let errs: Vec<String> = err_lines.try_iter().collect();
+    assert!(status.success(), "deploy failed: {seen:?} {errs:?}");
+
+    let record = db.deployment(&id).unwrap().unwrap();
+    assert_eq!(record.status, DeploymentStatus::Success, "{}", record.reason);
+    assert!(record.trigger.contains("\"commander\":\"dana\""), "{}", record.trigger);
+    let approvals = db.commands(&id, Some("gate")).unwrap();
+    assert_eq!(approvals.iter().map(|c| c.commander.as_str()).collect::<Vec<_>>(), ["alice"], "{approvals:?}");
+    assert_eq!(world.marks("first").len() + world.marks("last").len(), 2, "each stage ran once");
+    let owners: Vec<String> = db.agents().unwrap().into_iter().map(|a| a.id).collect();
+    assert!(owners.iter().all(|o| o.starts_with("agent-a:") || o.starts_with("agent-b:")), "{owners:?}");
+
+    // A viewer reads; a deployer cannot reach an application outside its patterns.
+    let listed = cordon_through(&world.config, &s2.url, &vic, &ca, &["status", &id]);
+    assert!(listed.status.success() && String::from_utf8_lossy(&listed.stdout).contains("gate"), "{}", String::from_utf8_lossy(&listed.stderr));
+    let other = world.app("other", "name: other\npipeline:\n  stages:\n    - { name: STEP, with: { marker: /marks/other } }\n");
+    let out = cordon_through(&world.config, &s2.url, &dana, &ca, &["deploy", other.to_str().unwrap(), "--detach"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not reach application `other`"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Upload into a paused deployment through the server, then continue.
+    let out = cordon_through(&world.config, &s2.url, &dana, &ca, &["deploy", app.to_str().unwrap(), "--break-before", "last", "--detach"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let second = String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_string();
+    until("the second deployment to pause or wait", &|| db.stages(&second).unwrap().iter().any(|s| s.id == "gate" && s.status == StageStatus::Running));
+    assert!(cordon_through(&world.config, &s2.url, &alice, &ca, &["approve", &second, "gate"]).status.success());
+    until("the breakpoint", &|| db.stages(&second).unwrap().iter().any(|s| s.id == "last" && s.status == StageStatus::Paused));
+    let upload = dir.join("upload");
+    std::fs::create_dir_all(&upload).unwrap();
+    std::fs::write(upload.join("extra.txt"), "uploaded\n").unwrap();
+    let before = db.deployment(&second).unwrap().unwrap().target_snapshot;
+    let out = cordon_through(&world.config, &s2.url, &dana, &ca, &["upload", &second, upload.to_str().unwrap(), "--to", "extra", "--continue"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    until("the second deployment to finish", &|| db.deployment(&second).unwrap().unwrap().status.is_final());
+    let done = db.deployment(&second).unwrap().unwrap();
+    assert_eq!(done.status, DeploymentStatus::Success, "{}", done.reason);
+    assert_ne!(done.target_snapshot, before, "the upload moved the deployment to a new snapshot");
+
+    // Revocation takes effect at once; the audit log names who did what.
+    let revoke_id = Token::parse(&std::fs::read_to_string(&vic).unwrap()).unwrap().id;
+    let out = cordon_through(&world.config, &s2.url, &admin, &ca, &["token", "revoke", &revoke_id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cordon_through(&world.config, &s2.url, &vic, &ca, &["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was revoked"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cordon_through(&world.config, &s2.url, &dana, &ca, &["audit"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs admin"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cordon_through(&world.config, &s2.url, &admin, &ca, &["audit", "--json", "--limit", "10000"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let audit: Vec<AuditRecord> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let has = |subject: &str, action: &str, outcome: &str| audit.iter().any(|e| e.subject == subject && e.action == action && e.outcome == outcome);
+    assert!(has("dana", "insert_deployment", "ok") && has("alice", "add_command", "ok") && has("vic", "add_command", "forbidden"));
+    assert!(has("dana", "upsert_application", "forbidden") && has("root", "token_revoke", "ok"), "{audit:#?}");
+    assert!(audit.iter().any(|e| e.subject == "-" && e.outcome == "unauthenticated"), "the revoked token's attempt: {audit:#?}");
+    assert!(has("agent-a", "claim", "ok") || has("agent-b", "claim", "ok"));
+    drop(agents);
+}

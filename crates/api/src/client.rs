@@ -297,6 +297,12 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
+/// A limit as the API takes it (`usize::MAX`, "all", is above what JSON
+/// numbers the server accepts; it caps listings anyway).
+fn wire(limit: usize) -> usize {
+    limit.min(i64::MAX as usize)
+}
+
 fn s(text: &str) -> String {
     text.to_string()
 }
@@ -324,7 +330,7 @@ impl StateStore for RemoteStore {
         self.call(Call::Deployment { id: s(id) })
     }
     fn deployments(&self, application: Option<&str>, limit: usize) -> Result<Vec<DeploymentRecord>> {
-        self.call(Call::Deployments { application: application.map(s), limit })
+        self.call(Call::Deployments { application: application.map(s), limit: wire(limit) })
     }
     fn unfinished_deployments(&self) -> Result<Vec<DeploymentRecord>> {
         self.call(Call::UnfinishedDeployments {})
@@ -389,7 +395,7 @@ impl StateStore for RemoteStore {
         self.call(Call::AppendLogs { fence: fence.clone(), lines: lines.to_vec() })
     }
     fn logs(&self, deployment: &str, stage: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<LogRecord>> {
-        self.call(Call::Logs { deployment: s(deployment), stage: stage.map(s), after_seq, limit, wait_ms: 0 })
+        self.call(Call::Logs { deployment: s(deployment), stage: stage.map(s), after_seq, limit: wire(limit), wait_ms: 0 })
     }
     fn metadata_get(&self, deployment: &str, stage: &str, key: &str) -> Result<Option<String>> {
         self.call(Call::MetadataGet { deployment: s(deployment), stage: s(stage), key: s(key) })
@@ -445,6 +451,6 @@ impl StateStore for RemoteStore {
         bail!("{}: the audit log is written by the server alone", self.describe)
     }
     fn audit(&self, after_seq: i64, limit: usize) -> Result<Vec<AuditRecord>> {
-        self.call(Call::Audit { after_seq, limit })
+        self.call(Call::Audit { after_seq, limit: wire(limit) })
     }
 }
