@@ -16,9 +16,10 @@ CORDON := target/debug/cordon
 # benchmark start their own servers on loopback ports), and for the OCI
 # tests and benchmark a registry (CNCF distribution), skopeo as an
 # independent client and htpasswd for a registry that needs a login, and
-# PostgreSQL 15 for the many-agent tests (each starts its own cluster).
+# PostgreSQL 15 for the many-agent tests (each starts its own cluster), and
+# wrk, the HTTP load generator of the server benchmark.
 APT_PACKAGES := protobuf-compiler:protoc etcd-server:etcd docker-registry:docker-registry skopeo:skopeo apache2-utils:htpasswd \
-	postgresql-15:/usr/lib/postgresql/15/bin/initdb
+	postgresql-15:/usr/lib/postgresql/15/bin/initdb wrk:wrk
 
 toolchain:
 	@rustup target list --installed | grep -qx '$(GUEST_TARGET)' || rustup target add $(GUEST_TARGET)

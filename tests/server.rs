@@ -304,7 +304,7 @@ impl Rng {
         for _ in 0..self.next() % 4 {
             s.push_str(pieces[(self.next() % pieces.len() as u64) as usize]);
         }
-        if self.next() % 20 == 0 {
+        if self.next().is_multiple_of(20) {
             s.push_str(&"x".repeat(100_000));
         }
         s
@@ -323,7 +323,7 @@ impl Rng {
     /// `value` with its leaves replaced by random values of the same
     /// kind (sometimes of another kind).
     fn mutate(&mut self, value: &Value) -> Value {
-        if self.next() % 12 == 0 {
+        if self.next().is_multiple_of(12) {
             return [json!(null), json!(true), json!([]), json!({}), json!("x"), json!(1.5)][(self.next() % 6) as usize].clone();
         }
         match value {
@@ -400,7 +400,7 @@ async fn malformed_and_random_requests_get_no_5xx_and_malformed_ones_change_noth
         for &(method, ..) in METHODS {
             for round in 0..25 {
                 let token = &tokens[round % tokens.len()];
-                let app = if rng.next() % 2 == 0 { "in" } else { "out" };
+                let app = if rng.next().is_multiple_of(2) { "in" } else { "out" };
                 let args = rng.mutate(&example(method, app, round));
                 let (status, answer) = api.post(method, Some(token), &args).await;
                 assert!(status < 500, "{backend}: {method} {args}: {status} {answer}");
