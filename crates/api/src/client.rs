@@ -192,7 +192,8 @@ impl RemoteStore {
     /// Calls `call` and reads its result.
     fn call<T: DeserializeOwned>(&self, call: Call) -> Result<T> {
         let repeatable = !matches!(call, Call::InsertDeployment { .. } | Call::AddCommand { .. } | Call::Claim { .. } | Call::TokenInsert { .. } | Call::AppendLogs { .. });
-        let fence = fence_of(&call);
+        // To report a refusal as fenced as the store would: as [`Fenced`].
+        let fence = call.fence().cloned();
         let name = call.name();
         let body = serde_json::to_vec(&call.args()).expect("calls serialise");
         match self.send(Method::POST, &format!("{PREFIX}/{name}"), body, repeatable) {
@@ -270,27 +271,6 @@ fn error_text(e: &reqwest::Error) -> String {
         source = s.source();
     }
     text
-}
-
-/// The lease a write carries, to report it as [`Fenced`] when refused so.
-fn fence_of(call: &Call) -> Option<Fence> {
-    use Call::*;
-    match call {
-        SavePlan { fence, .. }
-        | SetDeploymentStatus { fence, .. }
-        | CompleteSuccess { fence, .. }
-        | Release { fence }
-        | StartStage { fence, .. }
-        | TransitionStage { fence, .. }
-        | ResetRunningStages { fence }
-        | AppendLogs { fence, .. }
-        | MetadataPut { fence, .. }
-        | MetadataPutWithin { fence, .. }
-        | BlobPutWithin { fence, .. }
-        | BlobDelete { fence, .. }
-        | AnswerCommand { fence, .. } => Some(fence.clone()),
-        _ => None,
-    }
 }
 
 fn ms(d: Duration) -> u64 {

@@ -173,6 +173,27 @@ impl Call {
         value["args"].take()
     }
 
+    /// The lease a write of an agent carries, if it is one.
+    pub fn fence(&self) -> Option<&Fence> {
+        use Call::*;
+        match self {
+            SavePlan { fence, .. }
+            | SetDeploymentStatus { fence, .. }
+            | CompleteSuccess { fence, .. }
+            | Release { fence }
+            | StartStage { fence, .. }
+            | TransitionStage { fence, .. }
+            | ResetRunningStages { fence }
+            | AppendLogs { fence, .. }
+            | MetadataPut { fence, .. }
+            | MetadataPutWithin { fence, .. }
+            | BlobPutWithin { fence, .. }
+            | BlobDelete { fence, .. }
+            | AnswerCommand { fence, .. } => Some(fence),
+            _ => None,
+        }
+    }
+
     /// The call of method `name` with arguments `args` (a request's path
     /// and body); the error names the field and what was wrong with it.
     pub fn parse(name: &str, args: serde_json::Value) -> Result<Call, serde_json::Error> {

@@ -94,6 +94,9 @@ pub fn audit(store: &dyn StateStore, subject: &str, action: &str, target: &str, 
 /// What a call is aimed at, for the audit log.
 fn target_of(call: &Call) -> String {
     use Call::*;
+    if let Some(fence) = call.fence() {
+        return format!("deployment {}", fence.deployment);
+    }
     match call {
         Application { name } | UpsertApplication { name, .. } => format!("application {name}"),
         BlobGet { application, .. } => format!("application {application}"),
@@ -110,19 +113,6 @@ fn target_of(call: &Call) -> String {
         | MetadataEntries { deployment, .. }
         | Commands { deployment, .. } => format!("deployment {deployment}"),
         AddCommand { command } => format!("deployment {}", command.deployment),
-        SavePlan { fence, .. }
-        | SetDeploymentStatus { fence, .. }
-        | CompleteSuccess { fence, .. }
-        | Release { fence }
-        | StartStage { fence, .. }
-        | TransitionStage { fence, .. }
-        | ResetRunningStages { fence }
-        | AppendLogs { fence, .. }
-        | MetadataPut { fence, .. }
-        | MetadataPutWithin { fence, .. }
-        | BlobPutWithin { fence, .. }
-        | BlobDelete { fence, .. }
-        | AnswerCommand { fence, .. } => format!("deployment {}", fence.deployment),
         TokenInsert { token } => format!("token {}", token.id),
         TokenRevoke { id } => format!("token {id}"),
         Heartbeat { beat } => format!("agent {}", beat.id),
