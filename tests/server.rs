@@ -271,7 +271,12 @@ async fn every_role_on_every_method_in_and_out_of_reach() {
         // Snapshots: reachable ones are served; others look absent; storing needs deployer.
         let d_in = store.deployment("d-in").unwrap().unwrap().target_snapshot;
         let d_out = store.deployment("d-out").unwrap().unwrap().target_snapshot;
-        for (role, _, token) in &tokens {
+        for (role, subject, token) in &tokens {
+            let before = api.last_seq();
+            let (status, _) = api.send(reqwest::Method::GET, "/api/v1/snapshots/sha256:nothex", Some(token), vec![]).await;
+            assert_eq!(status, 400, "{role}: a reference that is no digest");
+            let entries = api.audit_after(before);
+            assert_eq!(entries.iter().map(|e| (e.subject.as_str(), e.outcome.as_str())).collect::<Vec<_>>(), [(subject.as_str(), "bad_request")]);
             let (status, _) = api.send(reqwest::Method::GET, &format!("/api/v1/snapshots/{d_in}"), Some(token), vec![]).await;
             assert_eq!(status, 200, "{role} reads an in-reach snapshot");
             let (status, _) = api.send(reqwest::Method::GET, &format!("/api/v1/snapshots/{d_out}"), Some(token), vec![]).await;

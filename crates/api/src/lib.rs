@@ -24,7 +24,7 @@ use cordon_store::{
 };
 
 pub use client::{CA_FILE_ENV, RemoteStore, SERVER_ENV, Server, TOKEN_ENV, TOKEN_FILE_ENV};
-pub use token::{Role, Token};
+pub use token::{Role, Token, check_record, patterns};
 
 /// Where every method lives: `POST {PREFIX}/<method>`.
 pub const PREFIX: &str = "/api/v1";
@@ -234,6 +234,8 @@ pub mod code {
     pub const TOO_LARGE: &str = "too_large";
     /// 503: the state store did not answer.
     pub const UNAVAILABLE: &str = "unavailable";
+    /// 500: the state store failed otherwise, or the handler stopped.
+    pub const INTERNAL: &str = "internal";
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use globset::{Glob, GlobSet, GlobSetBuilder};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
@@ -94,7 +95,7 @@ impl Token {
         let text = text.trim();
         let shape = "a token looks like cordon_tok-<12 hex digits>_<43 characters>; copy it whole from `cordon token create`";
         let Some((id, secret)) = text.strip_prefix("cordon_").and_then(|rest| rest.split_once('_')) else { bail!("not a cordon token: {shape}") };
-        let id_ok = id.strip_prefix("tok-").is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+        let id_ok = is_token_id(id);
         let secret_ok = URL_SAFE_NO_PAD.decode(secret).is_ok_and(|bytes| bytes.len() == 32);
         if !id_ok || !secret_ok {
             bail!("not a cordon token: {shape}");
@@ -118,6 +119,40 @@ impl Token {
     pub fn reveal(&self) -> String {
         format!("cordon_{}_{}", self.id, self.secret)
     }
+}
+
+/// A token id: `tok-` and 12 hex digits.
+fn is_token_id(id: &str) -> bool {
+    id.strip_prefix("tok-").is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The matcher of a token's application patterns (`*` wildcards).
+pub fn patterns(applications: &[String]) -> Result<GlobSet> {
+    let mut set = GlobSetBuilder::new();
+    for p in applications {
+        set.add(Glob::new(p).map_err(|e| anyhow!("application pattern `{p}`: {e}"))?);
+    }
+    Ok(set.build()?)
+}
+
+/// Checks a token record before it is stored, wherever it is made (the
+/// command line on the database, or the server); each error names the
+/// field and the fix.
+pub fn check_record(t: &TokenRecord) -> Result<()> {
+    let hash_ok = t.hash.len() == 64 && t.hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if !is_token_id(&t.id) || !hash_ok {
+        bail!("`id` is tok- and 12 hex digits and `hash` 64 lowercase hex digits; make tokens with `cordon token create`");
+    }
+    // `:` separates an agent's subject from its process in lease owners.
+    if t.subject.is_empty() || t.subject.len() > 128 || t.subject.chars().any(|c| c.is_control() || c == ':') {
+        bail!("`subject` is 1-128 characters, no control characters or `:`");
+    }
+    t.role.parse::<Role>().map_err(|e| anyhow!("`role`: {e}"))?;
+    if t.applications.is_empty() {
+        bail!("`applications` is empty; give name patterns, `*` for every application");
+    }
+    patterns(&t.applications).map_err(|e| anyhow!("`applications`: {e}"))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -147,6 +182,36 @@ mod tests {
         let err = Token::parse(&wrong).unwrap_err().to_string();
         assert!(!err.contains(&wrong[20..]) && err.contains("cordon token create"), "{err}");
         assert!(!format!("{token:?}").contains(&token.reveal()[25..]));
+    }
+
+    /// Every field a stored token could be wrong in is named.
+    #[test]
+    fn token_records_are_checked_field_by_field() {
+        let token = Token::generate().unwrap();
+        let good = TokenRecord {
+            id: token.id.clone(),
+            hash: token.hash(),
+            subject: "alice".into(),
+            role: "approver".into(),
+            applications: vec!["web-*".into()],
+            created_at: 0,
+            created_by: String::new(),
+            expires_at: None,
+            revoked_at: None,
+        };
+        check_record(&good).unwrap();
+        let bad: [(&str, TokenRecord); 6] = [
+            ("`id`", TokenRecord { id: "tok-xyz".into(), ..good.clone() }),
+            ("`hash`", TokenRecord { hash: "AB".repeat(32), ..good.clone() }),
+            ("`subject`", TokenRecord { subject: "prod:h/1".into(), ..good.clone() }),
+            ("`role`", TokenRecord { role: "root".into(), ..good.clone() }),
+            ("`applications` is empty", TokenRecord { applications: vec![], ..good.clone() }),
+            ("`applications`: application pattern `[`", TokenRecord { applications: vec!["[".into()], ..good.clone() }),
+        ];
+        for (field, record) in bad {
+            let err = check_record(&record).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

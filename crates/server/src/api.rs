@@ -20,7 +20,7 @@ use cordon_api::{Access, Call, MAX_WAIT_MS, Role, code};
 use cordon_store::{AuditRecord, DeploymentRecord, DeploymentStatus, StateStore, is_safe_name, now_ms};
 
 use crate::Refusal;
-use crate::auth::{Caller, authenticate, patterns};
+use crate::auth::{Caller, authenticate};
 
 /// Largest `limit` a listing may ask for.
 const MAX_LIMIT: usize = 10_000;
@@ -156,12 +156,23 @@ impl Gate<'_> {
     /// Deployment `id`, if the caller reaches it: its application is in
     /// reach, and an agent holds its lease.
     fn deployment(&self, id: &str) -> Result<DeploymentRecord, Refusal> {
-        let d = self.store.deployment(id).map_err(Refusal::store)?.ok_or_else(|| Refusal::new(404, code::NOT_FOUND, &format!("no deployment `{id}`")))?;
-        self.application(&d.application)?;
-        if self.caller.role == Role::Agent && !self.holds(id)? {
-            return Err(Refusal::forbidden(&format!("agent {} does not hold deployment `{id}`", self.caller.subject)));
-        }
+        let d = self.record(id)?;
+        self.reach(&d)?;
         Ok(d)
+    }
+
+    /// Deployment `id` as stored (404 if there is none), not yet checked.
+    fn record(&self, id: &str) -> Result<DeploymentRecord, Refusal> {
+        self.store.deployment(id).map_err(Refusal::store)?.ok_or_else(|| Refusal::new(404, code::NOT_FOUND, &format!("no deployment `{id}`")))
+    }
+
+    /// Whether the caller reaches `d` (see [`Gate::deployment`]).
+    fn reach(&self, d: &DeploymentRecord) -> Result<(), Refusal> {
+        self.application(&d.application)?;
+        if self.caller.role == Role::Agent && !self.holds(&d.id)? {
+            return Err(Refusal::forbidden(&format!("agent {} does not hold deployment `{}`", self.caller.subject, d.id)));
+        }
+        Ok(())
     }
 
     fn holds(&self, id: &str) -> Result<bool, Refusal> {
@@ -232,7 +243,10 @@ impl Gate<'_> {
             Deployment { id } => match store.deployment(&id).map_err(s)? {
                 // Callers ask to learn whether an id is free.
                 None => json!(null),
-                Some(_) => json!(Some(self.deployment(&id)?)),
+                Some(d) => {
+                    self.reach(&d)?;
+                    json!(d)
+                }
             },
             Deployments { application, limit } => {
                 if let Some(app) = &application {
@@ -266,8 +280,8 @@ impl Gate<'_> {
                 json!(all.into_iter().filter(|d| caller.reaches(&d.application)).collect::<Vec<_>>())
             }
             Claim { deployment, agent, ttl_ms } => {
-                let d = store.deployment(&deployment).map_err(s)?.ok_or_else(|| Refusal::new(404, code::NOT_FOUND, &format!("no deployment `{deployment}`")))?;
-                self.application(&d.application)?;
+                // Not yet held: only its application must be within reach.
+                self.application(&self.record(&deployment)?.application)?;
                 json!(store.claim(&deployment, &caller.agent_id(&agent), ttl(ttl_ms)?).map_err(s)?)
             }
             Renew { agent, fences, ttl_ms } => json!(store.renew(&caller.agent_id(&agent), &fences, ttl(ttl_ms)?).map_err(s)?),
@@ -387,7 +401,7 @@ impl Gate<'_> {
             }
             Agents {} => json!(store.agents().map_err(s)?),
             TokenInsert { mut token } => {
-                check_token(&token)?;
+                cordon_api::check_record(&token).map_err(|e| Refusal::bad(&format!("token_insert: {e}")))?;
                 if store.token(&token.id).map_err(s)?.is_some() {
                     return Err(Refusal::new(409, code::CONFLICT, &format!("token `{}` exists already", token.id)));
                 }
@@ -461,23 +475,6 @@ fn check_queued(d: &DeploymentRecord) -> Result<(), Refusal> {
     if !d.running_snapshot.is_empty() {
         check_reference("deployment.running_snapshot", &d.running_snapshot)?;
     }
-    Ok(())
-}
-
-fn check_token(t: &cordon_store::TokenRecord) -> Result<(), Refusal> {
-    let id_ok = t.id.strip_prefix("tok-").is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-    let hash_ok = t.hash.len() == 64 && t.hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    if !id_ok || !hash_ok {
-        return Err(Refusal::bad("token_insert: `id` is tok- and 12 hex digits and `hash` 64 lowercase hex digits; make tokens with `cordon token create`"));
-    }
-    if t.subject.is_empty() || t.subject.len() > 128 || t.subject.chars().any(|c| c.is_control() || c == ':') {
-        return Err(Refusal::bad("token_insert: `subject` is 1-128 characters, no control characters or `:`"));
-    }
-    t.role.parse::<Role>().map_err(|e| Refusal::bad(&format!("token_insert: `role`: {e}")))?;
-    if t.applications.is_empty() {
-        return Err(Refusal::bad("token_insert: `applications` is empty; give name patterns, `*` for every application"));
-    }
-    patterns(&t.applications).map_err(|e| Refusal::bad(&format!("token_insert: `applications`: {e}")))?;
     Ok(())
 }
 

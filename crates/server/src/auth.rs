@@ -9,10 +9,9 @@
 //! lease under its own subject ([`Caller::agent_id`]), so one agent's
 //! token cannot pass for another's.
 
-use anyhow::Result;
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 
-use cordon_api::{Role, Token, code};
+use cordon_api::{Role, Token, code, patterns};
 use cordon_store::{StateStore, now_ms};
 
 use crate::Refusal;
@@ -41,15 +40,6 @@ impl Caller {
     pub fn holds(&self, owner: Option<&str>) -> bool {
         self.role == Role::Agent && owner.is_some_and(|o| o.strip_prefix(&self.subject).is_some_and(|rest| rest.starts_with(':')))
     }
-}
-
-/// The matcher of a token's application patterns.
-pub fn patterns(applications: &[String]) -> Result<GlobSet> {
-    let mut set = GlobSetBuilder::new();
-    for p in applications {
-        set.add(Glob::new(p).map_err(|e| anyhow::anyhow!("application pattern `{p}`: {e}"))?);
-    }
-    Ok(set.build()?)
 }
 
 /// The caller behind `header` (the `Authorization` header's value).

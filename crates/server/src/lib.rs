@@ -77,7 +77,7 @@ impl Refusal {
             Refusal::new(409, code::FENCED, &e.to_string())
         } else {
             tracing::error!("state store: {e:#}");
-            Refusal::new(500, "internal", &format!("the state store failed: {e:#}"))
+            Refusal::new(500, code::INTERNAL, &format!("the state store failed: {e:#}"))
         }
     }
 }
@@ -135,7 +135,7 @@ async fn body(body: Body, limit: usize) -> Result<axum::body::Bytes, Refusal> {
 
 /// Runs `work` (store calls block) off the async threads.
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Refusal> + Send + 'static) -> Result<T, Refusal> {
-    tokio::task::spawn_blocking(work).await.unwrap_or_else(|_| Err(Refusal::new(500, "internal", "the request's handler stopped")))
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|_| Err(Refusal::new(500, code::INTERNAL, "the request's handler stopped")))
 }
 
 async fn call(
@@ -171,8 +171,10 @@ async fn call(
 async fn snapshot_get(State(s): State<Arc<Shared>>, Path(reference): Path<String>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
     let (auth, store) = (bearer(&headers), s.store.clone());
     let out = blocking(move || {
+        let mut subject = "-".to_string();
         let outcome = (|| {
             let caller = auth::authenticate(store.as_ref(), auth.as_deref())?;
+            subject = caller.subject.clone();
             api::check_reference("reference", &reference)?;
             let gate = api::Gate { store: store.as_ref(), caller: &caller };
             if !gate.may_read_snapshot(&reference)? {
@@ -183,7 +185,7 @@ async fn snapshot_get(State(s): State<Arc<Shared>>, Path(reference): Path<String
         if let Err(refusal) = &outcome
             && refusal.status != 404
         {
-            api::audit(store.as_ref(), "-", "snapshot_get", &format!("snapshot {reference}"), &peer.to_string(), Some(refusal));
+            api::audit(store.as_ref(), &subject, "snapshot_get", &format!("snapshot {reference}"), &peer.to_string(), Some(refusal));
         }
         outcome
     })

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use cordon_api::{Role, Token};
 use cordon_store::{StateStore, TokenRecord, now_ms};
@@ -74,17 +74,9 @@ impl TokenCommand {
             TokenCommand::Create { subject, role, applications, expires, direct } => {
                 let role: Role = role.parse()?;
                 let applications: Vec<String> = applications.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
-                if applications.is_empty() {
-                    bail!("--applications names no pattern; give `*` for every application");
-                }
-                cordon_server::auth::patterns(&applications).map_err(|e| anyhow::anyhow!("--applications: {e}"))?;
-                if subject.is_empty() || subject.contains(':') || subject.chars().any(char::is_control) {
-                    bail!("--subject `{}`: give a name without `:` or control characters", escape(&subject));
-                }
-                let store = direct.store(config_path)?;
                 let token = Token::generate()?;
                 let now = now_ms();
-                store.token_insert(&TokenRecord {
+                let record = TokenRecord {
                     id: token.id.clone(),
                     hash: token.hash(),
                     subject: subject.clone(),
@@ -94,7 +86,9 @@ impl TokenCommand {
                     created_by: std::env::var("USER").unwrap_or_else(|_| "operator".into()),
                     expires_at: expires.map(|d| now + d.as_millis() as u64),
                     revoked_at: None,
-                })?;
+                };
+                cordon_api::check_record(&record).with_context(|| format!("token for --subject `{}` refused", escape(&subject)))?;
+                direct.store(config_path)?.token_insert(&record)?;
                 eprintln!("token {} for {subject} ({role}); it is shown once — keep it in a file of mode 0600:", token.id);
                 println!("{}", token.reveal());
                 Ok(ExitCode::SUCCESS)
