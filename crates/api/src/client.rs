@@ -194,8 +194,8 @@ impl RemoteStore {
         let repeatable = !matches!(call, Call::InsertDeployment { .. } | Call::AddCommand { .. } | Call::Claim { .. } | Call::TokenInsert { .. } | Call::AppendLogs { .. });
         // To report a refusal as fenced as the store would: as [`Fenced`].
         let fence = call.fence().cloned();
-        let name = call.name();
-        let body = serde_json::to_vec(&call.args()).expect("calls serialise");
+        let (name, args) = call.parts();
+        let body = serde_json::to_vec(&args).expect("calls serialise");
         match self.send(Method::POST, &format!("{PREFIX}/{name}"), body, repeatable) {
             Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("{}: unreadable answer to {name}", self.describe)),
             Err(e) => match (e.downcast_ref::<ApiError>(), fence) {

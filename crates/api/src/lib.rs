@@ -161,16 +161,12 @@ pub fn method(name: &str) -> Option<(Access, bool)> {
 }
 
 impl Call {
-    /// The method's name, as in the path.
-    pub fn name(&self) -> String {
-        let value = serde_json::to_value(self).expect("calls serialise");
-        value["method"].as_str().expect("every call has a method").to_string()
-    }
-
-    /// The arguments, as the request body.
-    pub fn args(&self) -> serde_json::Value {
+    /// The method's name (the path) and its arguments (the body), from
+    /// one serialisation of the call.
+    pub fn parts(&self) -> (String, serde_json::Value) {
         let mut value = serde_json::to_value(self).expect("calls serialise");
-        value["args"].take()
+        let name = value["method"].as_str().expect("every call has a method").to_string();
+        (name, value["args"].take())
     }
 
     /// The lease a write of an agent carries, if it is one.
@@ -255,7 +251,8 @@ mod tests {
         assert_eq!(names, table);
 
         let call = Call::Logs { deployment: "d1".into(), stage: None, after_seq: 3, limit: 10, wait_ms: 0 };
-        let back = Call::parse(&call.name(), call.args()).unwrap();
+        let (name, args) = call.parts();
+        let back = Call::parse(&name, args).unwrap();
         assert_eq!(format!("{back:?}"), format!("{call:?}"));
         let err = Call::parse("deployment", serde_json::json!({"idd": "x"})).unwrap_err().to_string();
         assert!(err.contains("idd") || err.contains("`id`"), "{err}");
