@@ -60,14 +60,17 @@ lint: toolchain
 
 # The SDK's own tests and doc examples run natively: wit-bindgen's bindings
 # compile on any target, so every example in the SDK docs is built.
-# The pipeline end-to-end tests run twice: on the embedded SQLite state
-# and on PostgreSQL (CORDON_TEST_STATE=postgres: each test world gets a
-# fresh database of a throwaway cluster).
+# The pipeline end-to-end tests run three times: on the embedded SQLite
+# state, on PostgreSQL (CORDON_TEST_STATE=postgres: each test world gets a
+# fresh database of a throwaway cluster), and through two `cordon server`
+# replicas on such a database (CORDON_TEST_STATE=server: people and agents
+# with their own tokens; one test kills a replica mid-deployment).
 PIPELINE_TESTS := --test pipeline --test debug --test plugins --test cli
 
 test: guests host lint
 	$(CARGO) test --workspace
 	CORDON_TEST_STATE=postgres $(CARGO) test -p cordon-tests $(PIPELINE_TESTS)
+	CORDON_TEST_STATE=server $(CARGO) test -p cordon-tests $(PIPELINE_TESTS)
 	cd guests && $(CARGO) test -p cordon-sdk -p cordon-sdk-deployment
 
 bench: guests host

@@ -14,7 +14,7 @@ use cordon_pipeline::debug::upload::{self, Limits, Mode};
 use cordon_pipeline::Host;
 use cordon_pipeline::plan::TriggerInfo;
 use cordon_store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, StageStatus};
-use cordon_tests::{World, cordon_bin, plugin_entry, serve_until_idle, start_agent};
+use cordon_tests::{World, plugin_entry, serve_until_idle, start_agent};
 
 fn breaking(bp: Breakpoints) -> TriggerInfo {
     TriggerInfo { commander: "dev".into(), breakpoints: bp, ..Default::default() }
@@ -86,7 +86,7 @@ async fn break_before_then_continue_or_fail_continue() {
     serving.await.unwrap();
     let record = finished(&host, &d);
     assert_eq!(record.status, DeploymentStatus::Failure);
-    assert!(record.reason.contains("failed at its breakpoint by dev, without running"), "{}", record.reason);
+    assert!(record.reason.contains(&format!("failed at its breakpoint by {}, without running", world.recorded_as("dev"))), "{}", record.reason);
     assert!(world.marks("bf-two").is_empty());
 }
 
@@ -109,7 +109,7 @@ async fn break_after_and_on_failure() {
     let record = finished(&host, &d);
     assert_eq!(record.status, DeploymentStatus::Success, "continue after a failure resumes as success");
     let two = host.store.stages(&d).unwrap().into_iter().find(|s| s.id == "two").unwrap();
-    assert!(two.message.contains("failing on purpose (failed, then continued as a success by dev)"), "{}", two.message);
+    assert!(two.message.contains(&format!("failing on purpose (failed, then continued as a success by {})", world.recorded_as("dev"))), "{}", two.message);
 }
 
 #[tokio::test]
@@ -173,10 +173,6 @@ async fn a_paused_stage_stays_paused_across_an_agent_restart() {
     assert_eq!(world.marks("rs-two").len(), 1);
 }
 
-fn cordon(world: &World, args: &[&str]) -> std::process::Output {
-    Command::new(cordon_bin()).arg("--config").arg(&world.config).args(args).output().unwrap()
-}
-
 fn text(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -187,7 +183,7 @@ async fn debug_run_shows_everything_and_leaves_the_stage_paused() {
     let host = world.host().await;
     let (d, serving) = start(&world, &host, "dr", &two("dr", "success"), Breakpoints { break_before: vec!["two".into()], ..Default::default() }).await;
     until("the breakpoint", || status_of(&host, &d, "two") == StageStatus::Paused).await;
-    let out = cordon(&world, &["debug", "run", &d]);
+    let out = world.cordon(&["debug", "run", &d]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     for part in ["plugin:   step (world executor", "options:  {\"marker\":\"/marks/dr-two\"", "/source", "read-only", "/scratch", "/marks", "secrets:  token", "not recorded; the stage stays paused"] {
@@ -195,11 +191,11 @@ async fn debug_run_shows_everything_and_leaves_the_stage_paused() {
     }
     assert_eq!(world.marks("dr-two").len(), 1, "debug run executes the stage once");
     assert_eq!(status_of(&host, &d, "two"), StageStatus::Paused);
-    let out = cordon(&world, &["debug", "continue", &d]);
+    let out = world.cordon(&["debug", "continue", &d]);
     assert!(out.status.success(), "{}", text(&out));
     serving.await.unwrap();
     assert_eq!(world.marks("dr-two").len(), 2);
-    let out = cordon(&world, &["debug", "continue", &d]);
+    let out = world.cordon(&["debug", "continue", &d]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("has no paused stage"), "{}", text(&out));
 }
@@ -404,7 +400,7 @@ async fn the_inner_loop_from_the_readme() {
     let app = world.app("site", "name: site\nplugins:\n  files: { target: /www }\n");
     std::fs::write(app.join("index.html"), "committed version").unwrap();
     let _agent = start_agent(&world);
-    let out = cordon(&world, &["deploy", app.to_str().unwrap(), "--break-before", "FILES_SYNC", "--detach"]);
+    let out = world.cordon(&["deploy", app.to_str().unwrap(), "--break-before", "FILES_SYNC", "--detach"]);
     assert!(out.status.success(), "{}", text(&out));
     let host = world.host().await;
     until("the breakpoint", || host.store.stages("site-1").unwrap().iter().any(|s| s.status == StageStatus::Paused)).await;
@@ -415,7 +411,7 @@ async fn the_inner_loop_from_the_readme() {
     std::fs::write(local.join("index.html"), "edited locally").unwrap();
     std::fs::write(local.join("debug.log"), "noise").unwrap();
     std::fs::write(local.join(".gitignore"), "*.log\n").unwrap();
-    let out = cordon(&world, &["upload", "site-1", local.to_str().unwrap(), "--continue"]);
+    let out = world.cordon(&["upload", "site-1", local.to_str().unwrap(), "--continue"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("uploaded 2 files"), "{}", text(&out));
     until("the deployment", || host.store.deployment("site-1").unwrap().unwrap().status.is_final()).await;
@@ -424,7 +420,7 @@ async fn the_inner_loop_from_the_readme() {
     assert_eq!(std::fs::read_to_string(served.join("index.html")).unwrap(), "edited locally");
     assert!(!served.join("debug.log").exists(), ".gitignore was not honoured");
     // Without a paused stage, uploads are refused.
-    let out = cordon(&world, &["upload", "site-1", local.to_str().unwrap()]);
+    let out = world.cordon(&["upload", "site-1", local.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("has no paused stage"), "{}", text(&out));
 }
@@ -501,10 +497,8 @@ fn local_dir(world: &World, name: &str, files: &[(&str, &str)]) -> PathBuf {
 }
 
 fn spawn_cordon(world: &World, args: &[&str]) -> std::process::Child {
-    Command::new(cordon_bin())
-        .arg("--config")
-        .arg(&world.config)
-        .args(args)
+    world
+        .command(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -530,7 +524,7 @@ async fn uploads_wait_for_readers_and_for_each_other() {
     let paused_with_reader = |d: &str| status_of(&host, d, "gate") == StageStatus::Paused && status_of(&host, d, "reader") == StageStatus::Running;
 
     // Two uploads while the reader runs: both wait, both land.
-    let out = cordon(&world, &["deploy", app.to_str().unwrap(), "--break-before", "gate", "--detach"]);
+    let out = world.cordon(&["deploy", app.to_str().unwrap(), "--break-before", "gate", "--detach"]);
     assert!(out.status.success(), "{}", text(&out));
     until("gate paused, reader running", || paused_with_reader("up-1")).await;
     let one = local_dir(&world, "one", &[("data.txt", "v2"), ("a.txt", "a")]);
@@ -548,11 +542,11 @@ async fn uploads_wait_for_readers_and_for_each_other() {
 
     // An upload that would leave an invalid app config changes nothing.
     let bad = local_dir(&world, "bad", &[("app.cordon.yaml", "name: up\npipeline: [oops\n")]);
-    let out = cordon(&world, &["upload", "up-1", bad.to_str().unwrap()]);
+    let out = world.cordon(&["upload", "up-1", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("invalid application config; nothing was changed"), "{}", text(&out));
     assert_eq!(snapshot(&source), files);
-    let out = cordon(&world, &["debug", "continue", "up-1"]);
+    let out = world.cordon(&["debug", "continue", "up-1"]);
     assert!(out.status.success(), "{}", text(&out));
     until("up-1", || finished(&host, "up-1").status.is_final()).await;
     assert_eq!(finished(&host, "up-1").status, DeploymentStatus::Success);
@@ -560,12 +554,12 @@ async fn uploads_wait_for_readers_and_for_each_other() {
 
     // `debug continue` while an upload waits: the gate runs on the source it
     // was paused with; the upload, finding it resumed, changes nothing.
-    let out = cordon(&world, &["deploy", app.to_str().unwrap(), "--break-before", "gate", "--detach"]);
+    let out = world.cordon(&["deploy", app.to_str().unwrap(), "--break-before", "gate", "--detach"]);
     assert!(out.status.success(), "{}", text(&out));
     until("gate paused, reader running", || paused_with_reader("up-2")).await;
     let late = local_dir(&world, "late", &[("data.txt", "late")]);
     let upload = spawn_cordon(&world, &["upload", "up-2", late.to_str().unwrap()]);
-    let out = cordon(&world, &["debug", "continue", "up-2"]);
+    let out = world.cordon(&["debug", "continue", "up-2"]);
     assert!(out.status.success(), "{}", text(&out));
     let out = upload.wait_with_output().unwrap();
     until("up-2", || finished(&host, "up-2").status.is_final()).await;

@@ -4,7 +4,6 @@
 //! and many concurrent deployments.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,7 @@ use cordon_pipeline::Host;
 use cordon_pipeline::plan::{self, PlanInput, Strategy, TriggerInfo};
 use cordon_runtime::sandbox::output::NullSink;
 use cordon_store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, StageStatus};
-use cordon_tests::{TOKEN_VALUE, World, beside_a_neighbour, cordon_bin, deploy, expect_line, lines_of, serve_until_idle, start_agent};
+use cordon_tests::{TOKEN_VALUE, World, beside_a_neighbour, deploy, expect_line, lines_of, serve_until_idle, start_agent, start_agent_with};
 
 fn message(m: &str) -> TriggerInfo {
     TriggerInfo { commit_message: m.into(), commander: "test".into(), ..Default::default() }
@@ -322,10 +321,6 @@ async fn skip_rules_and_secret_masking() {
     assert!(!text.contains(TOKEN_VALUE), "the secret leaked into the stored log:\n{text}");
 }
 
-fn cordon(world: &World, args: &[&str]) -> std::process::Output {
-    Command::new(cordon_bin()).arg("--config").arg(&world.config).args(args).output().unwrap()
-}
-
 // Two threads: the agent runs while the test waits for `cordon approve`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approve_and_skip_from_a_second_process() {
@@ -343,26 +338,27 @@ async fn approve_and_skip_from_a_second_process() {
     });
     wait_for_stage(&host, &d.id, "gate", StageStatus::Running).await;
     // Approving a stage that is not running yet, or as nobody, is refused.
-    let out = cordon(&world, &["approve", &d.id, "soak", "--as", "alice"]);
+    let out = world.cordon(&["approve", &d.id, "soak", "--as", "alice"]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not waiting for an approval"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = cordon(&world, &["approve", &d.id, "gate", "--as", ""]);
+    let out = world.cordon(&["approve", &d.id, "gate", "--as", ""]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--as is empty"), "{}", String::from_utf8_lossy(&out.stderr));
+    let refusal = if world.replicas.is_some() { "--as is refused against a server" } else { "--as is empty" };
+    assert!(String::from_utf8_lossy(&out.stderr).contains(refusal), "{}", String::from_utf8_lossy(&out.stderr));
     // A refusal fails the command with the plugin's reason, secrets masked.
-    let out = cordon(&world, &["approve", &d.id, "gate", "--as", "alice"]);
+    let out = world.cordon(&["approve", &d.id, "gate", "--as", "alice"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("refused the approval by alice: not yet (secret ***)") && !stderr.contains(TOKEN_VALUE), "{stderr}");
-    let out = cordon(&world, &["approve", &d.id, "gate", "--as", "alice"]);
+    let out = world.cordon(&["approve", &d.id, "gate", "--as", "alice"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).ends_with("as alice: accepted\n"), "{out:?}");
     wait_for_stage(&host, &d.id, "soak", StageStatus::Running).await;
     // A stage name shared by several stages is refused: ask for the id.
-    let out = cordon(&world, &["skip", &d.id, "STEP", "--as", "bob"]);
+    let out = world.cordon(&["skip", &d.id, "STEP", "--as", "bob"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("names several stages"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = cordon(&world, &["skip", &d.id, "soak", "--as", "bob"]);
+    let out = world.cordon(&["skip", &d.id, "soak", "--as", "bob"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serving.await.unwrap();
     let d = host.store.deployment(&d.id).unwrap().unwrap();
@@ -372,7 +368,7 @@ async fn approve_and_skip_from_a_second_process() {
     assert_eq!((s[1].status, s[1].message.as_str()), (StageStatus::Skipped, "skipped by bob"));
     assert_eq!(s[2].status, StageStatus::Success);
     // Commands for a finished deployment are refused with a clear error.
-    let out = cordon(&world, &["cancel", &d.id]);
+    let out = world.cordon(&["cancel", &d.id]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already ended"));
 }
@@ -384,13 +380,13 @@ async fn logs_follow_exits_with_the_outcome_and_status_has_a_header() {
     let app = world.app("lf", "name: lf\npipeline:\n  stages:\n    - { name: STEP, with: { status: failure } }\n");
     let d = deploy(&host, &world.dir.path().join("state"), &app, message("")).await;
     assert_eq!(d.status, DeploymentStatus::Failure, "{d:?}");
-    assert_eq!(cordon(&world, &["logs", &d.id, "--follow"]).status.code(), Some(1), "following a failed deployment");
-    assert_eq!(cordon(&world, &["logs", &d.id]).status.code(), Some(0), "printing the log worked");
-    let out = cordon(&world, &["status"]);
+    assert_eq!(world.cordon(&["logs", &d.id, "--follow"]).status.code(), Some(1), "following a failed deployment");
+    assert_eq!(world.cordon(&["logs", &d.id]).status.code(), Some(0), "printing the log worked");
+    let out = world.cordon(&["status"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("DEPLOYMENT") && stdout.contains(&d.id), "{stdout}");
     // `-m` is `--message`.
-    let out = cordon(&world, &["deploy", app.to_str().unwrap(), "--detach", "-m", "fix: typo"]);
+    let out = world.cordon(&["deploy", app.to_str().unwrap(), "--detach", "-m", "fix: typo"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let queued = host.store.deployments(Some("lf"), 1).unwrap().remove(0);
     assert!(queued.trigger.contains("fix: typo"), "{}", queued.trigger);
@@ -404,9 +400,10 @@ async fn sigkill_during_a_stage_then_resume_without_duplicates() {
         "kill",
         "name: kill\npipeline:\n  stages:\n    - { name: STEP, with: { marker: /marks/one } }\n    - { name: STEP, with: { marker: /marks/two, sleep_ms: 3000 } }\n    - { name: STEP, with: { marker: /marks/three } }\n",
     );
-    let out = cordon(&world, &["deploy", app.to_str().unwrap(), "--detach"]);
+    let out = world.cordon(&["deploy", app.to_str().unwrap(), "--detach"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no agent is running"), "queued silently: {}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("warning:") && said.contains("`cordon agent`"), "queued silently: {said}");
     let id = "kill-1";
     let mut agent = start_agent(&world);
     wait_for_stage(&host, id, "s1-STEP", StageStatus::Running).await;
@@ -414,6 +411,17 @@ async fn sigkill_during_a_stage_then_resume_without_duplicates() {
     agent.0.wait().unwrap();
     assert_eq!(host.store.deployment(id).unwrap().unwrap().status, DeploymentStatus::Running);
     let _agent = start_agent(&world);
+    if let Some(replicas) = &world.replicas {
+        // Through a server, the replica the agent and this test talk to
+        // first dies while the interrupted stage runs again: both move on
+        // to the other one.
+        let started = Instant::now();
+        while !host.store.stages(id).unwrap().iter().any(|s| s.id == "s1-STEP" && s.attempts == 2) {
+            assert!(started.elapsed() < Duration::from_secs(30), "the interrupted stage did not start again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        replicas.kill(0);
+    }
     let started = Instant::now();
     while !host.store.deployment(id).unwrap().unwrap().status.is_final() {
         assert!(started.elapsed() < Duration::from_secs(30), "the resumed deployment did not finish");
@@ -426,6 +434,11 @@ async fn sigkill_during_a_stage_then_resume_without_duplicates() {
     assert_eq!(world.marks("three").len(), 1);
     let s = stages(&host, id);
     assert_eq!(s.iter().map(|s| s.attempts).collect::<Vec<_>>(), vec![1, 2, 1]);
+    if let Some(replicas) = &world.replicas {
+        let audit = replicas.audit();
+        let did = |subject: &str, action: &str| audit.iter().any(|e| e.subject == subject && e.action == action && e.outcome == "ok" && e.target.contains(id));
+        assert!(did(cordon_tests::replicas::PERSON, "insert_deployment") && did("agent", "complete_success"), "{audit:#?}");
+    }
     assert!(s.iter().all(|s| s.status == StageStatus::Success));
 }
 
@@ -465,16 +478,14 @@ async fn a_relative_config_path_stores_absolute_paths() {
     std::fs::write(world.dir.path().join("rel.yaml"), yaml.replace(&format!("state-dir: {}", state.display()), "state-dir: state")).unwrap();
     world.app("rel", "name: rel\npipeline:\n  stages:\n    - { name: STEP }\n");
     // Queued from the config's directory with a relative path…
-    let out = Command::new(cordon_bin()).current_dir(world.dir.path()).args(["--config", "rel.yaml", "deploy", "apps/rel", "--detach"]).output().unwrap();
+    let out = world.bare_command().current_dir(world.dir.path()).args(["--config", "rel.yaml", "deploy", "apps/rel", "--detach"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let host = world.host().await;
     let d = host.store.deployment("rel-1").unwrap().unwrap();
     let source = host.source(&d.target_snapshot).unwrap();
     assert!(source.is_absolute() && source.starts_with(&state), "{}", source.display());
     // …and run by an agent started elsewhere.
-    let _agent = cordon_tests::AgentProcess(
-        Command::new(cordon_bin()).current_dir("/").arg("--config").arg(world.dir.path().join("rel.yaml")).arg("agent").spawn().unwrap(),
-    );
+    let _agent = start_agent_with(&world, &world.dir.path().join("rel.yaml"), Some(Path::new("/")));
     let started = Instant::now();
     while !host.store.deployment("rel-1").unwrap().unwrap().status.is_final() {
         assert!(started.elapsed() < Duration::from_secs(30), "the deployment did not finish");
@@ -496,12 +507,8 @@ async fn concurrent_deploys_of_one_application_each_get_their_own_snapshot() {
     std::fs::write(snapshots.join(".upload-killed/.owner"), "").unwrap();
     let children: Vec<_> = (0..PROCESSES)
         .map(|_| {
-            let (config, app) = (world.config.clone(), app.clone());
-            std::thread::spawn(move || {
-                (0..EACH)
-                    .map(|_| Command::new(cordon_bin()).arg("--config").arg(&config).args(["deploy", app.to_str().unwrap(), "--detach"]).output().unwrap())
-                    .collect::<Vec<_>>()
-            })
+            let commands: Vec<_> = (0..EACH).map(|_| world.command(&["deploy", app.to_str().unwrap(), "--detach"])).collect();
+            std::thread::spawn(move || commands.into_iter().map(|mut c| c.output().unwrap()).collect::<Vec<_>>())
         })
         .collect();
     for child in children {
@@ -534,10 +541,8 @@ fn a_follower_says_when_the_agent_is_gone() {
         assert!(started.elapsed() < Duration::from_secs(30), "the agent never reported");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut follower = Command::new(cordon_bin())
-        .arg("--config")
-        .arg(&world.config)
-        .args(["deploy", app.to_str().unwrap()])
+    let mut follower = world
+        .command(&["deploy", app.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -86,8 +86,7 @@ async fn wait_in_python_checks_its_options() {
 
 /// `cordon approve` in another process, as an operator runs it.
 async fn approve(world: &World, deployment: &str, who: &str) -> std::process::Output {
-    let mut command = std::process::Command::new(cordon_tests::cordon_bin());
-    command.arg("--config").arg(&world.config).args(["approve", deployment, "gate", "--as", who]);
+    let mut command = world.command(&["approve", deployment, "gate", "--as", who]);
     tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
 }
 
@@ -332,12 +331,7 @@ async fn files_readers_never_see_a_partial_tree_while_the_agent_is_killed_at_the
         let content = format!("round {round}");
         let files: Vec<(String, &str)> = (0..FILES).map(|i| (format!("f{i:03}.txt"), content.as_str())).collect();
         write_site(&app, "1", &files.iter().map(|(n, c)| (n.as_str(), *c)).collect::<Vec<_>>());
-        let out = std::process::Command::new(cordon_tests::cordon_bin())
-            .arg("--config")
-            .arg(&world.config)
-            .args(["deploy", app.to_str().unwrap(), "--detach"])
-            .output()
-            .unwrap();
+        let out = world.cordon(&["deploy", app.to_str().unwrap(), "--detach"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let id = format!("site-{round}");
         let before = std::fs::read_link(&current).ok();

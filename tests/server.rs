@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use cordon_api::{Access, METHODS, Role, Token};
 use cordon_store::test_cluster::Cluster;
 use cordon_store::*;
+use cordon_tests::replicas::{insert_token, start_replica};
 use cordon_tests::{AgentProcess, World, cordon_bin, expect_line, lines_of, plugin_entry};
 
 /// A server of this process on a loopback port, over `store`.
@@ -78,25 +79,6 @@ impl Api {
 
 fn digest(c: char) -> String {
     format!("sha256:{}", c.to_string().repeat(64))
-}
-
-/// A token of `role` for `subject` reaching `applications`, stored.
-fn token(store: &dyn StateStore, subject: &str, role: &str, applications: &[&str], expires_at: Option<u64>) -> String {
-    let token = Token::generate().unwrap();
-    store
-        .token_insert(&TokenRecord {
-            id: token.id.clone(),
-            hash: token.hash(),
-            subject: subject.into(),
-            role: role.into(),
-            applications: applications.iter().map(|a| a.to_string()).collect(),
-            created_at: now_ms(),
-            created_by: "test".into(),
-            expires_at,
-            revoked_at: None,
-        })
-        .unwrap();
-    token.reveal()
 }
 
 /// Two applications, `in` and `out`, each with a planned deployment
@@ -210,7 +192,7 @@ async fn every_role_on_every_method_in_and_out_of_reach() {
             .iter()
             .map(|&role| {
                 let subject = if role == Role::Agent { "ag".to_string() } else { format!("{role}-person") };
-                (role, subject.clone(), token(store.as_ref(), &subject, role.as_str(), &["in"], None))
+                (role, subject.clone(), insert_token(store.as_ref(), &subject, role.as_str(), &["in"], None))
             })
             .collect();
         let mut n = 0;
@@ -249,9 +231,9 @@ async fn every_role_on_every_method_in_and_out_of_reach() {
         assert!(store.tokens().unwrap().iter().all(|t| t.created_by != "forged"));
 
         // Tokens that prove nobody: 401 for every method, audited, and nothing done.
-        let revoked = token(store.as_ref(), "gone", "admin", &["*"], None);
+        let revoked = insert_token(store.as_ref(), "gone", "admin", &["*"], None);
         assert!(store.token_revoke(&Token::parse(&revoked).unwrap().id, now_ms()).unwrap());
-        let expired = token(store.as_ref(), "late", "admin", &["*"], Some(now_ms() - 1));
+        let expired = insert_token(store.as_ref(), "late", "admin", &["*"], Some(now_ms() - 1));
         let forged = format!("{}x", &tokens[3].2[..tokens[3].2.len() - 1]);
         let commands = store.commands("d-in", None).unwrap().len();
         for &(method, ..) in METHODS {
@@ -369,7 +351,7 @@ async fn malformed_and_random_requests_get_no_5xx_and_malformed_ones_change_noth
         fixture(store.as_ref());
         let api = start(store.clone(), dir).await;
         let tokens: Vec<String> =
-            ["admin", "deployer", "agent"].iter().map(|role| token(store.as_ref(), if *role == "agent" { "ag" } else { role }, role, &["*"], None)).collect();
+            ["admin", "deployer", "agent"].iter().map(|role| insert_token(store.as_ref(), if *role == "agent" { "ag" } else { role }, role, &["*"], None)).collect();
         let before = state_of(store.as_ref());
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         let malformed: Vec<Vec<u8>> = vec![
@@ -435,29 +417,6 @@ async fn the_api_is_described_and_health_needs_no_token() {
     assert_eq!(api.send(reqwest::Method::GET, "/readyz", None, vec![]).await.0, 200);
     let (status, body) = api.send(reqwest::Method::GET, "/api/v1/deployment", None, vec![]).await;
     assert_eq!((status, body["error"]["code"].as_str()), (405, Some("method_not_allowed")));
-}
-
-/// A `cordon server` process; its URL read from what it prints.
-struct Replica {
-    url: String,
-    process: AgentProcess,
-}
-
-fn start_replica(config: &Path) -> Replica {
-    let mut child = Command::new(cordon_bin())
-        .args(["server", "--server-config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = lines_of(child.stderr.take().unwrap());
-    let mut seen = Vec::new();
-    expect_line(&lines, "listening on", Duration::from_secs(30), &mut seen);
-    let line = seen.iter().find(|l| l.contains("listening on")).unwrap();
-    let url = line.split_whitespace().find(|w| w.starts_with("http")).unwrap().to_string();
-    std::thread::spawn(move || for line in lines { eprintln!("server: {line}") });
-    Replica { url, process: AgentProcess(child) }
 }
 
 /// A certificate authority and a server certificate for 127.0.0.1 it

@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,8 +27,8 @@ use cordon_pipeline::plan::TriggerInfo;
 use cordon_runtime::plugin::AgentConfig;
 use cordon_store::lock::AgentLock;
 use cordon_store::test_cluster::Cluster;
-use cordon_store::{DeploymentStatus, PostgresStore, StateStore, TokenRecord, now_ms};
-use cordon_tests::{AgentProcess, cordon_bin, engine, expect_line, guest, lines_of, sha256_file};
+use cordon_store::{DeploymentStatus, PostgresStore, StateStore};
+use cordon_tests::{engine, guest, sha256_file};
 
 const RUNS: usize = 3;
 const STAGES: usize = 300;
@@ -39,20 +39,7 @@ fn median(mut samples: Vec<f64>) -> f64 {
 }
 
 fn token(store: &dyn StateStore, subject: &str, role: &str) -> Token {
-    let token = Token::generate().unwrap();
-    let record = TokenRecord {
-        id: token.id.clone(),
-        hash: token.hash(),
-        subject: subject.into(),
-        role: role.into(),
-        applications: vec!["*".into()],
-        created_at: now_ms(),
-        created_by: "bench".into(),
-        expires_at: None,
-        revoked_at: None,
-    };
-    store.token_insert(&record).unwrap();
-    token
+    Token::parse(&cordon_tests::replicas::insert_token(store, subject, role, &["*"], None)).unwrap()
 }
 
 /// An agent config with the `noop` plugin on database `url`, and an
@@ -149,12 +136,8 @@ fn main() {
         // A server process under wrk's load.
         let server_config = dir.path().join("server.yaml");
         std::fs::write(&server_config, format!("listen: 127.0.0.1:0\nplain-http: true\nstate: {{ postgres: {{ url: \"{url}\" }} }}\n")).unwrap();
-        let mut child = Command::new(cordon_bin()).args(["server", "--server-config"]).arg(&server_config).stderr(Stdio::piped()).spawn().unwrap();
-        let lines = lines_of(child.stderr.take().unwrap());
-        let _server = AgentProcess(child);
-        let mut seen = Vec::new();
-        expect_line(&lines, "listening on", std::time::Duration::from_secs(30), &mut seen);
-        let base = seen.iter().find_map(|l| l.split_whitespace().find(|w| w.starts_with("http://"))).unwrap().to_string();
+        let server = cordon_tests::replicas::start_replica(&server_config);
+        let base = server.url.clone();
         let id = store.deployments(None, 1).unwrap()[0].id.clone();
         status.push(wrk(dir.path(), &format!("{base}/api/v1/deployment"), &viewer.reveal(), Some(&format!("{{\"id\": \"{id}\"}}"))));
         health.push(wrk(dir.path(), &format!("{base}/healthz"), "", None));

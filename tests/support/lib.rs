@@ -20,6 +20,9 @@ use cordon_runtime::sandbox::{MemoryServices, RunDirs};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod replicas;
+pub use replicas::Replicas;
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -212,21 +215,20 @@ pub fn cordon_bin() -> PathBuf {
 
 /// Set to `postgres` to run the pipeline tests on PostgreSQL: every
 /// [`World`] then gets a fresh database of this process's test cluster,
-/// with short leases (`make test` runs those tests both ways).
+/// with short leases; set to `server` to run them, on such a database,
+/// through two `cordon server` replicas (`make test` runs those tests all
+/// three ways).
 pub const STATE_ENV: &str = "CORDON_TEST_STATE";
 
-/// Whether this run's worlds share state on PostgreSQL.
+/// Whether this run's worlds share state on PostgreSQL (directly or
+/// through a server).
 pub fn on_postgres() -> bool {
-    std::env::var(STATE_ENV).as_deref() == Ok("postgres")
+    matches!(std::env::var(STATE_ENV).as_deref(), Ok("postgres" | "server"))
 }
 
-/// The `state:` entry of a world's agent config: none on SQLite.
-fn shared_state() -> String {
-    if on_postgres() {
-        format!("state: {{ postgres: {{ url: \"{}\", lease: 1s }} }}\n", cordon_store::test_cluster::Cluster::shared().database())
-    } else {
-        String::new()
-    }
+/// Whether this run's worlds are reached through `cordon server`.
+pub fn on_server() -> bool {
+    std::env::var(STATE_ENV).as_deref() == Ok("server")
 }
 
 /// A state directory with an agent config naming the pipeline test guests
@@ -236,6 +238,8 @@ pub struct World {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub marks: PathBuf,
+    /// The servers between the world and its database, on a server run.
+    pub replicas: Option<Replicas>,
 }
 
 pub const TOKEN_VALUE: &str = "tok-3141592653";
@@ -272,7 +276,9 @@ impl World {
         std::fs::create_dir_all(&marks).unwrap();
         let secret = dir.path().join("token.txt");
         std::fs::write(&secret, format!("{TOKEN_VALUE}\n")).unwrap();
-        let mut yaml = format!("state-dir: {}\n{}plugins:\n", dir.path().join("state").display(), shared_state());
+        let database = on_postgres().then(|| cordon_store::test_cluster::Cluster::shared().database());
+        let shared = database.as_ref().map(|url| format!("state: {{ postgres: {{ url: \"{url}\", lease: 1s }} }}\n")).unwrap_or_default();
+        let mut yaml = format!("state-dir: {}\n{shared}plugins:\n", dir.path().join("state").display());
         for &(name, world) in base {
             let file = guest(name);
             yaml.push_str(&format!(
@@ -286,15 +292,60 @@ impl World {
         yaml.push_str(&extra);
         let config = dir.path().join("agent.yaml");
         std::fs::write(&config, yaml).unwrap();
-        World { dir, config, marks }
+        let replicas = database.filter(|_| on_server()).map(|url| Replicas::start(dir.path(), &url));
+        World { dir, config, marks, replicas }
     }
 
     pub fn agent_config(&self) -> AgentConfig {
         AgentConfig::load(&self.config).unwrap()
     }
 
+    /// A host on the world's config; on a server run, its store is the
+    /// replicas' (queueing as a person, running as the agent).
     pub async fn host(&self) -> Arc<Host> {
-        Arc::new(Host::open_with(engine().clone(), &self.agent_config()).await.unwrap())
+        let mut host = Host::open_with(engine().clone(), &self.agent_config()).await.unwrap();
+        if let Some(replicas) = &self.replicas {
+            host.store = Arc::new(replicas.split());
+        }
+        Arc::new(host)
+    }
+
+    /// `cordon ARGS` as a person, without `--config`; on a server run
+    /// through the replicas as [`replicas::PERSON`].
+    pub fn bare_command(&self) -> std::process::Command {
+        let mut command = std::process::Command::new(cordon_bin());
+        if let Some(replicas) = &self.replicas {
+            replicas.as_person(&mut command, replicas::PERSON);
+        }
+        command
+    }
+
+    /// `cordon --config WORLD ARGS` as a person. On a server run, where
+    /// `--as` is refused, `--as NAME` becomes NAME's own token.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = self.bare_command();
+        command.arg("--config").arg(&self.config);
+        match (&self.replicas, args.iter().position(|a| *a == "--as")) {
+            (Some(replicas), Some(at)) if args.get(at + 1).is_some_and(|name| !name.is_empty()) => {
+                replicas.as_person(&mut command, args[at + 1]);
+                command.args(&args[..at]).args(&args[at + 2..]);
+            }
+            _ => {
+                command.args(args);
+            }
+        }
+        command
+    }
+
+    /// The commander a command sent through this world's host in the name
+    /// of `given` is recorded as: a server records its caller instead.
+    pub fn recorded_as<'a>(&self, given: &'a str) -> &'a str {
+        if self.replicas.is_some() { replicas::PERSON } else { given }
+    }
+
+    /// Runs [`World::command`] to its end.
+    pub fn cordon(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().unwrap()
     }
 
     /// Writes an application directory with `yaml` as its config.
@@ -426,9 +477,23 @@ impl Drop for AgentProcess {
     }
 }
 
-/// Starts `cordon agent` on the world's config.
+/// Starts `cordon agent` on the world's config (through the replicas on
+/// a server run).
 pub fn start_agent(world: &World) -> AgentProcess {
-    AgentProcess(std::process::Command::new(cordon_bin()).arg("--config").arg(&world.config).arg("agent").spawn().unwrap())
+    start_agent_with(world, &world.config, None)
+}
+
+/// Starts `cordon agent --config CONFIG` for `world`, in `dir` if given.
+pub fn start_agent_with(world: &World, config: &Path, dir: Option<&Path>) -> AgentProcess {
+    let mut command = std::process::Command::new(cordon_bin());
+    command.arg("--config").arg(config).arg("agent");
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    if let Some(replicas) = &world.replicas {
+        replicas.as_agent(&mut command);
+    }
+    AgentProcess(command.spawn().unwrap())
 }
 
 /// A single-member etcd server on loopback ports, stopped when dropped.

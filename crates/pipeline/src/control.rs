@@ -116,7 +116,12 @@ pub fn send(store: &dyn StateStore, id: &str, stage: Option<&str>, kind: Command
         answer: None,
     };
     store.add_command(&record)?;
-    Ok(Sent { id: record.id, deployment: record.deployment, stage: record.stage, kind, commander: record.commander })
+    // A server records its caller's subject instead of the name sent.
+    let commander = match store.through_server() {
+        true => store.commands(id, None)?.into_iter().find(|c| c.id == record.id).map_or(record.commander, |c| c.commander),
+        false => record.commander,
+    };
+    Ok(Sent { id: record.id, deployment: record.deployment, stage: record.stage, kind, commander })
 }
 
 /// Waits up to `within` for the stage's answer to `sent` (an approval's

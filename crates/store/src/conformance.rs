@@ -85,6 +85,7 @@ fn tokens_and_the_audit_log(open: Open) {
     assert_eq!(all.iter().map(|e| e.outcome.as_str()).collect::<Vec<_>>(), ["ok", "forbidden", "ok"]);
     assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
     assert_eq!(store.audit(all[0].seq, 1).unwrap(), all[1..2]);
+    assert_eq!(store.audit(0, usize::MAX).unwrap(), all, "no limit");
 }
 
 /// Snapshots are kept by reference, once; a deployment's target moves to

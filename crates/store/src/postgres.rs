@@ -465,6 +465,11 @@ async fn record_refusal(pool: &Pool, fence: &Fence, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A `LIMIT` for `limit` rows (`usize::MAX`, "all", would wrap negative).
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
 fn opt_u64(v: Option<i64>) -> Option<u64> {
     v.map(|v| v as u64)
 }
@@ -608,7 +613,7 @@ impl StateStore for PostgresStore {
 
     fn deployments(&self, application: Option<&str>, limit: usize) -> Result<Vec<DeploymentRecord>> {
         let (pool, application) = (self.pool.clone(), application.map(str::to_string));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let limit = sql_limit(limit);
         self.run(async move {
             let rows = client(&pool)
                 .await?
@@ -890,7 +895,7 @@ impl StateStore for PostgresStore {
 
     fn logs(&self, deployment: &str, stage: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<LogRecord>> {
         let (pool, deployment, stage) = (self.pool.clone(), deployment.to_string(), stage.map(str::to_string));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let limit = sql_limit(limit);
         self.run(async move {
             let rows = client(&pool)
                 .await?
@@ -1211,7 +1216,7 @@ impl StateStore for PostgresStore {
         self.run(async move {
             let rows = client(&pool)
                 .await?
-                .query(&format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2"), &[&after_seq, &(limit as i64)])
+                .query(&format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2"), &[&after_seq, &sql_limit(limit)])
                 .await?;
             Ok(rows
                 .iter()

@@ -41,8 +41,10 @@ impl Deploy {
         let lock = if alone { AgentLock::try_acquire(&config.state_dir)? } else { None };
         let state = if host.shared { host.store.describe() } else { config.state_dir.display().to_string() };
         if self.detach {
-            if lock.is_some() {
-                eprintln!("warning: no agent is running on {state}; {id} waits until `cordon agent` starts");
+            match (&lock, &nobody) {
+                (Some(_), _) => eprintln!("warning: no agent is running on {state}; {id} waits until `cordon agent` starts"),
+                (None, Some(why)) => eprintln!("warning: {id} waits on {state}: {why}"),
+                (None, None) => {}
             }
             return Ok(ExitCode::SUCCESS);
         }
