@@ -209,6 +209,36 @@ async fn breakpoints_must_name_a_stage() {
     assert!(format!("{err:#}").contains("breakpoint `nope` (--break) names no stage of the pipeline (stages: one)"), "{err:#}");
 }
 
+/// A quick sync leaves the configured pipeline out: `plan` and the
+/// follower of `deploy` say which stages and why, and a breakpoint on one
+/// of them fails the deployment before any stage runs, naming the
+/// strategy, instead of never pausing.
+#[tokio::test]
+async fn a_quick_sync_says_what_it_leaves_out_and_refuses_breakpoints_there() {
+    let world = World::new();
+    let host = world.host().await;
+    let app = world.app("qs", "name: qs\npipeline:\n  stages:\n    - { id: canary, name: TD_ROLLOUT }\nplugins:\n  test-deploy: { vote: quick }\n");
+    let dir = app.to_str().unwrap().to_string();
+    let out = world.cordon(&["plan", &dir]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("strategy:    quick-sync") && said.contains("leaves out the configured stage(s) canary (deploy with --sync pipeline to run them)"), "{said}");
+
+    let _agent = start_agent(&world);
+    let out = world.cordon(&["deploy", &dir]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("strategy: quick-sync (") && said.contains("leaves out the configured stage(s) canary"), "{said}");
+
+    let out = world.cordon(&["deploy", &dir, "--break-before", "canary"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("breakpoint `canary` (--break) names no stage this deployment runs: the strategy is quick-sync"), "{said}");
+    let failed = host.store.deployments(Some("qs"), 1).unwrap().remove(0);
+    assert_eq!(failed.status, DeploymentStatus::Failure);
+    assert!(host.store.stages(&failed.id).unwrap().is_empty(), "no stage may run");
+}
+
 // ---- upload ----
 
 /// Every file, directory and link under `dir`, with contents or targets.

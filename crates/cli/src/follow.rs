@@ -13,6 +13,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use cordon_store::{DeploymentRecord, DeploymentStatus, StageRecord, StageStatus, StateStore, now_ms};
 
 use cordon_pipeline::agent;
+use cordon_pipeline::plan::PlanSummary;
 
 use crate::print::escape;
 
@@ -59,6 +60,7 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
     // the first look waits until a runner started with us had time to beat.
     let mut next_look = std::time::Instant::now() + 2 * agent::HEARTBEAT;
     let mut stale: Option<agent::Stale> = None;
+    let mut strategy_shown = false;
     // Above the live view on a terminal, a plain line otherwise.
     let say = |line: String| -> Result<()> {
         if tty {
@@ -75,6 +77,12 @@ pub async fn follow(store: &dyn StateStore, id: &str) -> Result<DeploymentRecord
                 say(format!("deployment {id}: {}", deployment.status))?;
             }
             last_status = Some(deployment.status);
+        }
+        // The strategy, once planned: a quick sync says which configured
+        // stages it leaves out.
+        if !strategy_shown && let Ok(plan) = serde_json::from_str::<PlanSummary>(&deployment.plan) {
+            say(format!("strategy: {} ({})", plan.strategy.as_str(), escape(&plan.summary)))?;
+            strategy_shown = true;
         }
         if !deployment.status.is_final() && std::time::Instant::now() >= next_look {
             next_look = std::time::Instant::now() + LOOK;

@@ -262,6 +262,8 @@ pub async fn plan(input: &PlanInput<'_>) -> Result<Planned> {
         Strategy::QuickSync => quick_sync_stages(input, &planners).await?,
         Strategy::PipelineSync => pipeline_sync_stages(input).await?,
     };
+    let summary = with_left_out(app, strategy, summary, &stages);
+    check_planned_breakpoints(input, strategy, &summary, &stages)?;
     let summary = PlanSummary {
         strategy,
         summary,
@@ -271,6 +273,37 @@ pub async fn plan(input: &PlanInput<'_>) -> Result<Planned> {
         timeout_ms: app.deployment_timeout().as_millis() as u64,
     };
     Ok(Planned { summary, stages })
+}
+
+/// `why` (the strategy's reason), plus the configured stages the plan
+/// leaves out: a quick sync skips the pipeline, approvals included, and
+/// people must not learn that only from what did not happen.
+fn with_left_out(app: &AppConfig, strategy: Strategy, why: String, stages: &[StageRecord]) -> String {
+    let left: Vec<&str> = app.stages().iter().map(|s| s.key()).filter(|key| !stages.iter().any(|p| p.id == *key || p.name == *key)).collect();
+    if left.is_empty() {
+        return why;
+    }
+    let fix = match strategy {
+        Strategy::QuickSync => " (deploy with --sync pipeline to run them)",
+        Strategy::PipelineSync => "",
+    };
+    format!("{why}; it leaves out the configured stage(s) {}{fix}", left.join(", "))
+}
+
+/// Every breakpoint (`--break-*` and the application's `debug:`) must name
+/// a stage of the plan: one on a stage the strategy leaves out would never
+/// pause, and the deployment would run straight through.
+fn check_planned_breakpoints(input: &PlanInput<'_>, strategy: Strategy, why: &str, stages: &[StageRecord]) -> Result<()> {
+    let from_app = input.app.debug.clone().unwrap_or_default();
+    for (source, reference) in input.trigger.breakpoints.references().map(|r| ("--break", r)).chain(from_app.references().map(|r| ("debug", r))) {
+        if !stages.iter().any(|s| s.id == *reference || s.name == *reference) {
+            bail!(
+                "breakpoint `{reference}` ({source}) names no stage this deployment runs: the strategy is {} ({why}); deploy with --sync pipeline to run the configured pipeline, or drop the breakpoint",
+                strategy.as_str()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A planner plans only stages it defines itself (besides the configured
