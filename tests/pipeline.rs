@@ -11,7 +11,7 @@ use cordon_pipeline::Host;
 use cordon_pipeline::plan::{self, PlanInput, Strategy, TriggerInfo};
 use cordon_runtime::sandbox::output::NullSink;
 use cordon_store::{CommandKind, CommandRecord, DeploymentRecord, DeploymentStatus, StageStatus};
-use cordon_tests::{TOKEN_VALUE, World, beside_a_neighbour, deploy, expect_line, lines_of, serve_until_idle, start_agent, start_agent_with};
+use cordon_tests::{AgentProcess, TOKEN_VALUE, World, agent_command, beside_a_neighbour, deploy, expect_line, lines_of, serve_until_idle, signal, start_agent};
 
 fn message(m: &str) -> TriggerInfo {
     TriggerInfo { commit_message: m.into(), commander: "test".into(), ..Default::default() }
@@ -442,6 +442,72 @@ async fn sigkill_during_a_stage_then_resume_without_duplicates() {
     assert!(s.iter().all(|s| s.status == StageStatus::Success));
 }
 
+/// Waits up to `within` for `child` to exit.
+fn exits_within(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(started.elapsed() < within, "the agent did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM stops an agent gracefully: it claims nothing more and lets a
+/// running deployment finish within `--grace`; one that does not finish
+/// in time is handed over (interrupted, its lease ended so it is
+/// claimable at once) and resumed by the next agent. Its diagnostics are
+/// JSON lines when asked.
+#[tokio::test]
+async fn sigterm_lets_deployments_finish_then_hands_over_the_rest() {
+    let world = World::new();
+    let host = world.host().await;
+    let short = world.app("short", "name: short\npipeline:\n  stages:\n    - { name: STEP, with: { marker: /marks/short, sleep_ms: 1500 } }\n");
+    let long = world.app("long", "name: long\npipeline:\n  stages:\n    - { name: STEP, with: { marker: /marks/long, sleep_ms: 8000 } }\n");
+
+    let short_id = cordon_pipeline::trigger(&host, &short, message("")).unwrap().id;
+    let mut agent = AgentProcess(
+        agent_command(&world, &world.config)
+            .args(["--grace", "20s"])
+            .env("CORDON_LOG_FORMAT", "json")
+            .env("CORDON_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (out, err) = (lines_of(agent.0.stdout.take().unwrap()), lines_of(agent.0.stderr.take().unwrap()));
+    wait_for_stage(&host, &short_id, "s0-STEP", StageStatus::Running).await;
+    assert!(signal(&agent.0, "-TERM"));
+    let mut said = Vec::new();
+    expect_line(&out, "agent stopping: claiming nothing more", Duration::from_secs(10), &mut said);
+    let long_id = cordon_pipeline::trigger(&host, &long, message("")).unwrap().id;
+    assert!(exits_within(&mut agent.0, Duration::from_secs(30)).success());
+    assert_eq!(host.store.deployment(&short_id).unwrap().unwrap().status, DeploymentStatus::Success, "the running deployment finished");
+    assert!(world.marks("long").is_empty(), "a stopping agent claimed a deployment");
+    said.extend(out.iter());
+    assert_eq!(said.last().map(String::as_str), Some("agent stopped"), "{said:?}");
+    let logs: Vec<serde_json::Value> = err.iter().map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"))).collect();
+    assert!(logs.iter().any(|l| l["level"] == "INFO" && l["fields"]["message"].as_str().is_some_and(|m| m.contains(&format!("deployment {short_id} finished")))), "{logs:?}");
+
+    // Too long for the grace: handed over, and resumed by the next agent.
+    let mut agent = AgentProcess(agent_command(&world, &world.config).args(["--grace", "300ms"]).stdout(std::process::Stdio::null()).spawn().unwrap());
+    wait_for_stage(&host, &long_id, "s0-STEP", StageStatus::Running).await;
+    assert!(signal(&agent.0, "-TERM"));
+    assert!(exits_within(&mut agent.0, Duration::from_secs(4)).success(), "the agent waited for the stage instead of handing it over");
+    assert!(host.store.claimable().unwrap().iter().any(|d| d.id == long_id), "the handed-over deployment's lease did not end");
+    let _agent = start_agent(&world);
+    let started = Instant::now();
+    while !host.store.deployment(&long_id).unwrap().unwrap().status.is_final() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the handed-over deployment did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(host.store.deployment(&long_id).unwrap().unwrap().status, DeploymentStatus::Success);
+    assert_eq!(stages(&host, &long_id)[0].attempts, 2, "the interrupted stage ran again");
+    assert_eq!(world.marks("long").len(), 2);
+}
+
 #[tokio::test]
 async fn twenty_concurrent_deployments_across_ten_applications() {
     let world = World::new();
@@ -485,7 +551,7 @@ async fn a_relative_config_path_stores_absolute_paths() {
     let source = host.source(&d.target_snapshot).unwrap();
     assert!(source.is_absolute() && source.starts_with(&state), "{}", source.display());
     // …and run by an agent started elsewhere.
-    let _agent = start_agent_with(&world, &world.dir.path().join("rel.yaml"), Some(Path::new("/")));
+    let _agent = AgentProcess(agent_command(&world, &world.dir.path().join("rel.yaml")).current_dir("/").spawn().unwrap());
     let started = Instant::now();
     while !host.store.deployment("rel-1").unwrap().unwrap().status.is_final() {
         assert!(started.elapsed() < Duration::from_secs(30), "the deployment did not finish");

@@ -480,20 +480,18 @@ impl Drop for AgentProcess {
 /// Starts `cordon agent` on the world's config (through the replicas on
 /// a server run).
 pub fn start_agent(world: &World) -> AgentProcess {
-    start_agent_with(world, &world.config, None)
+    AgentProcess(agent_command(world, &world.config).spawn().unwrap())
 }
 
-/// Starts `cordon agent --config CONFIG` for `world`, in `dir` if given.
-pub fn start_agent_with(world: &World, config: &Path, dir: Option<&Path>) -> AgentProcess {
+/// `cordon --config CONFIG agent` for `world` (through its replicas on a
+/// server run); more arguments may follow.
+pub fn agent_command(world: &World, config: &Path) -> std::process::Command {
     let mut command = std::process::Command::new(cordon_bin());
     command.arg("--config").arg(config).arg("agent");
-    if let Some(dir) = dir {
-        command.current_dir(dir);
-    }
     if let Some(replicas) = &world.replicas {
         replicas.as_agent(&mut command);
     }
-    AgentProcess(command.spawn().unwrap())
+    command
 }
 
 /// A single-member etcd server on loopback ports, stopped when dropped.

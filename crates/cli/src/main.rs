@@ -34,6 +34,10 @@ struct Cli {
     /// the credentials file `cordon login` wrote).
     #[arg(long = "token-file", global = true, env = "CORDON_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// How diagnostics on stderr are written: `text`, or `json` (one
+    /// object per line, for a log collector). Their level: $CORDON_LOG.
+    #[arg(long = "log-format", global = true, env = "CORDON_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,12 +98,21 @@ enum Command {
     Login(login::Login),
 }
 
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     // The state store is opened deep in the pipeline from the environment
     // (like $CORDON_DATABASE_URL); the flags win over it.
     for (var, value) in [(cordon_api::SERVER_ENV, cli.server.as_deref().map(std::ffi::OsStr::new)), (cordon_api::TOKEN_FILE_ENV, cli.token_file.as_deref().map(|p| p.as_os_str()))] {

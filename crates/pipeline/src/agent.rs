@@ -116,6 +116,20 @@ impl Beat {
     }
 }
 
+/// Interrupts the deployments still running and ends their leases, for
+/// another agent to resume them without waiting for the leases to expire.
+async fn hand_over(host: &Host, mut running: JoinSet<Result<DeploymentStatus>>, held: HashMap<tokio::task::Id, Held>) -> Result<()> {
+    running.abort_all();
+    while running.join_next().await.is_some() {}
+    for Held { fence, .. } in held.into_values() {
+        match host.store.release(&fence) {
+            Ok(()) => tracing::warn!("deployment {}: handed over (its running stages run again where it resumes)", fence.deployment),
+            Err(e) => tracing::warn!("deployment {}: cannot end its lease ({e:#}); it resumes once the lease expires", fence.deployment),
+        }
+    }
+    Ok(())
+}
+
 /// Which deployments an agent loop serves.
 #[derive(Debug, Clone, Default)]
 pub struct ServeScope {
@@ -125,6 +139,14 @@ pub struct ServeScope {
     pub until: Option<String>,
     /// Return once no deployment is left unfinished.
     pub until_idle: bool,
+    /// Becomes true when the agent is asked to stop (SIGTERM): it claims
+    /// nothing more, gives its running deployments [`ServeScope::grace`]
+    /// to finish, then hands the rest over — interrupts them and ends
+    /// their leases, so another agent (or the next start) resumes them at
+    /// once, re-running the stages that were interrupted, as after a crash.
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
+    /// How long running deployments may go on once stopping.
+    pub grace: Duration,
 }
 
 /// A deployment this agent runs: its lease and its task.
@@ -168,7 +190,24 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
     let wake = host.store.wake();
     // Often enough to renew leases in time, whatever wakes the loop.
     let poll = if wake.is_some() { FALLBACK_POLL } else { POLL }.min(renew_every(host.lease));
+    let mut stop = scope.stop.clone();
+    // When the running deployments are handed over, once stopping.
+    let mut handover: Option<tokio::time::Instant> = None;
     loop {
+        if handover.is_none() && stop.as_ref().is_some_and(|s| *s.borrow()) {
+            handover = Some(tokio::time::Instant::now() + scope.grace);
+            if !held.is_empty() {
+                tracing::warn!("stopping: claiming nothing more; {} running deployment(s) get {} to finish", held.len(), humantime::format_duration(scope.grace));
+            }
+        }
+        if let Some(at) = handover {
+            if running.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= at {
+                return hand_over(&host, running, held).await;
+            }
+        }
         beat.renew(host.store.as_ref())?;
         if renewed.elapsed() >= renew_every(host.lease) {
             renewed = std::time::Instant::now();
@@ -187,7 +226,7 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
         if scope.until_idle && running.is_empty() && host.store.unfinished_deployments()?.is_empty() {
             return Ok(());
         }
-        let claimable = if held.len() < host.max_deployments { host.store.claimable()? } else { Vec::new() };
+        let claimable = if handover.is_none() && held.len() < host.max_deployments { host.store.claimable()? } else { Vec::new() };
         for d in claimable {
             if held.len() >= host.max_deployments {
                 break;
@@ -208,10 +247,20 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
                 None => std::future::pending().await,
             }
         };
+        let asked_to_stop = async {
+            match stop.as_mut() {
+                Some(stop) if handover.is_none() => {
+                    let _ = stop.wait_for(|stopping| *stopping).await;
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        let nap = handover.map_or(poll, |at| poll.min(at.saturating_duration_since(tokio::time::Instant::now())));
         let finished = tokio::select! {
             Some(joined) = running.join_next_with_id() => Some(joined),
             () = notified => None,
-            _ = tokio::time::sleep(poll) => None,
+            () = asked_to_stop => None,
+            _ = tokio::time::sleep(nap) => None,
         };
         let Some(joined) = finished else { continue };
         let (task, result) = match joined {

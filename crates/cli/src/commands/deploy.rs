@@ -50,7 +50,7 @@ impl Deploy {
         }
         let runner = match lock {
             Some(lock) => {
-                let scope = agent::ServeScope { application: Some(record.application.clone()), until: Some(id.clone()), until_idle: false };
+                let scope = agent::ServeScope { application: Some(record.application.clone()), until: Some(id.clone()), ..Default::default() };
                 let host = host.clone();
                 Some(tokio::spawn(async move { agent::serve(host, &lock, scope).await }))
             }
