@@ -66,6 +66,20 @@ fn stage_run_exits_with_the_stage_status() {
     assert!(text(&out).contains("hostile guest panicked on purpose"));
 }
 
+/// A plugin's I/O error carries WASI's number (ENOENT is 44 there, 2 on
+/// Linux): the stage's message names it and says that paths are the
+/// plugin's own.
+#[test]
+fn wasi_error_numbers_are_said_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "step");
+    let out = cordon(&["--config", &cfg, "stage", "run", "--plugin", "step", "--stage", "STEP", "--with", r#"{"read": "/srv/www/index.html"}"#]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("read /srv/www/index.html: No such file or directory (WASI ENOENT; paths are the plugin's own"), "{t}");
+    assert!(!t.contains("os error"), "{t}");
+}
+
 /// Guest-chosen control bytes — an OSC title sequence, a carriage return
 /// that would overwrite the line with a fake `cordon |` line, a screen
 /// clear — reach the terminal only escaped, from log lines, stderr and the

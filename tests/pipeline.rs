@@ -392,6 +392,36 @@ async fn logs_follow_exits_with_the_outcome_and_status_has_a_header() {
     assert!(queued.trigger.contains("fix: typo"), "{}", queued.trigger);
 }
 
+/// Each line `output` printed, parsed as JSON.
+fn json_lines(output: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"))).collect()
+}
+
+/// `--json` on the listings: one object per line, fields as stored.
+#[tokio::test]
+async fn status_logs_agents_and_plan_print_json() {
+    let world = World::new();
+    let host = world.host().await;
+    let app = world.app("js", "name: js\npipeline:\n  stages:\n    - { id: only, name: STEP, with: { log: \"\\u001b[2Jhello\" } }\n");
+    let d = deploy(&host, &world.dir.path().join("state"), &app, message("")).await;
+    assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+
+    let listed = json_lines(&world.cordon(&["status", "--json"]));
+    assert_eq!((listed.len(), listed[0]["deployment"]["id"].as_str(), listed[0]["deployment"]["status"].as_str()), (1, Some(d.id.as_str()), Some("success")), "{listed:?}");
+    let one = json_lines(&world.cordon(&["status", &d.id, "--json"]));
+    assert_eq!((one.len(), one[0]["stages"][0]["id"].as_str(), one[0]["stages"][0]["status"].as_str()), (1, Some("only"), Some("success")), "{one:?}");
+    let logs = json_lines(&world.cordon(&["logs", &d.id, "--json"]));
+    assert!(logs.iter().any(|l| l["stage"] == "only" && l["text"].as_str().is_some_and(|t| t.ends_with("\u{1b}[2Jhello"))), "{logs:?}");
+    let raw = world.cordon(&["logs", &d.id, "--json"]).stdout;
+    assert!(!raw.contains(&0x1b), "a control character reached the terminal raw");
+    let agents = json_lines(&world.cordon(&["agents", "--json"]));
+    assert!(agents.iter().all(|a| a["agent"]["id"].is_string() && (a["state"] == "alive" || a["state"] == "gone")), "{agents:?}");
+    let plan = json_lines(&world.cordon(&["plan", app.to_str().unwrap(), "--json"]));
+    assert_eq!((plan[0]["application"].as_str(), plan[0]["plan"]["strategy"].is_string(), plan[0]["stages"][0]["id"].as_str()), (Some("js"), true, Some("only")), "{plan:?}");
+}
+
 #[tokio::test]
 async fn sigkill_during_a_stage_then_resume_without_duplicates() {
     let world = World::new();

@@ -13,6 +13,7 @@
 pub mod admission;
 pub mod call;
 pub mod engine;
+pub mod errno;
 pub mod files;
 pub mod plugin;
 pub mod runner;

@@ -136,7 +136,7 @@ pub async fn execute_stage(engine: &Engine, plugin: &Plugin, call: StageCall) ->
             Outcome { status, message }
         }
     };
-    Outcome { message: run.log().mask(&outcome.message), ..outcome }
+    Outcome { message: run.log().mask(&crate::errno::explain(&outcome.message)), ..outcome }
 }
 
 /// Where a run's directories appear inside the sandbox.

@@ -11,7 +11,7 @@ use anyhow::Result;
 use cordon_pipeline::{agent, labels_text};
 use cordon_store::now_ms;
 
-use crate::print::{ago, escape};
+use crate::print::{ago, escape, json_line};
 
 /// Agents silent longer than this are left out unless `--all` is given:
 /// every agent process leaves a row, and old ones would drown the live.
@@ -23,6 +23,9 @@ pub struct Agents {
     /// Also list agents silent for more than a day.
     #[arg(long)]
     all: bool,
+    /// One JSON object per line (the heartbeat, and `state`).
+    #[arg(long)]
+    json: bool,
 }
 
 impl Agents {
@@ -30,13 +33,19 @@ impl Agents {
         let store = super::state(config_path)?;
         let now = now_ms();
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{:<20} {:<28} {:<6} {:>9}  {:<24} STAGES", "NAME", "ID", "STATE", "BEAT", "LABELS")?;
+        if !self.json {
+            writeln!(out, "{:<20} {:<28} {:<6} {:>9}  {:<24} STAGES", "NAME", "ID", "STATE", "BEAT", "LABELS")?;
+        }
         for beat in store.agents()? {
             let silent = agent::silence(&beat, now);
             if silent > GONE_FOR && !self.all {
                 continue;
             }
             let state = if silent < agent::STALE { "alive" } else { "gone" };
+            if self.json {
+                json_line(&mut out, &serde_json::json!({ "agent": beat, "state": state }))?;
+                continue;
+            }
             let stages = if beat.stages.is_empty() { "none".to_string() } else { beat.stages.join(", ") };
             writeln!(
                 out,

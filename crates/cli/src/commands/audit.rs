@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::print::escape;
+use crate::print::{escape, json_line};
 
 use super::token::Direct;
 
@@ -36,7 +36,7 @@ impl Audit {
         }
         for e in entries {
             if self.json {
-                writeln!(out, "{}", serde_json::to_string(&e)?)?;
+                json_line(&mut out, &e)?;
                 continue;
             }
             let time = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.at));

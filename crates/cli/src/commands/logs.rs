@@ -9,7 +9,7 @@ use anyhow::Result;
 use cordon_pipeline::control;
 
 use crate::follow;
-use crate::print::escape;
+use crate::print::{escape, json_line};
 
 /// A deployment's stage logs.
 #[derive(clap::Args)]
@@ -22,6 +22,9 @@ pub struct Logs {
     /// it succeeded, 1 if not.
     #[arg(long, short)]
     follow: bool,
+    /// One JSON object per line (stage, source, time, text).
+    #[arg(long)]
+    json: bool,
 }
 
 impl Logs {
@@ -39,6 +42,10 @@ impl Logs {
             let lines = store.logs(id, stage_id.as_deref(), after, 10_000)?;
             for l in &lines {
                 after = l.seq;
+                if self.json {
+                    json_line(&mut std::io::stdout().lock(), l)?;
+                    continue;
+                }
                 let stage = if l.stage.is_empty() { "plan" } else { &l.stage };
                 println!("{stage} | {}: {}", l.source, escape(&l.text));
             }

@@ -16,7 +16,7 @@ use cordon_store::{DeploymentRecord, now_ms};
 
 use super::trigger::TriggerArgs;
 use crate::follow;
-use crate::print::escape;
+use crate::print::{escape, json_line};
 
 /// Show the strategy, stages, DAG and versions a deployment would get; runs no stage.
 #[derive(clap::Args)]
@@ -24,6 +24,9 @@ pub struct Plan {
     app_dir: PathBuf,
     #[command(flatten)]
     trigger: TriggerArgs,
+    /// One JSON object: application, running source, plan and stages.
+    #[arg(long)]
+    json: bool,
 }
 
 impl Plan {
@@ -50,6 +53,11 @@ impl Plan {
         };
         let planned = pipeline::plan::plan(&input).await?;
         let mut out = std::io::stdout().lock();
+        if self.json {
+            let value = serde_json::json!({ "application": app.name, "running": running, "plan": planned.summary, "stages": planned.stages });
+            json_line(&mut out, &value)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         writeln!(out, "application: {}", app.name)?;
         writeln!(out, "strategy:    {} ({})", planned.summary.strategy.as_str(), escape(&planned.summary.summary))?;
         writeln!(out, "running:     {}", running.map_or("none (first deployment)".to_string(), |p| p.display().to_string()))?;

@@ -11,12 +11,15 @@ use cordon_pipeline::control;
 use cordon_store::{DeploymentRecord, StateStore};
 
 use crate::follow;
-use crate::print::{ago, escape};
+use crate::print::{ago, escape, json_line};
 
 /// Recent deployments, or one deployment's stages.
 #[derive(clap::Args)]
 pub struct Status {
     deployment: Option<String>,
+    /// JSON: one deployment per line, or one object with the stages.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The agent that runs (or last ran) a deployment: `HOST/PID`; for an
@@ -43,14 +46,25 @@ impl Status {
         let mut out = std::io::stdout().lock();
         match self.deployment.as_deref() {
             None => {
-                writeln!(out, "{:<24} {:<14} {:<12} {:>8}  {:<20} REASON", "DEPLOYMENT", "APPLICATION", "STATUS", "CREATED", "AGENT")?;
+                if !self.json {
+                    writeln!(out, "{:<24} {:<14} {:<12} {:>8}  {:<20} REASON", "DEPLOYMENT", "APPLICATION", "STATUS", "CREATED", "AGENT")?;
+                }
                 for d in store.deployments(None, 20)? {
                     let agent = agent_of(store.as_ref(), &d)?;
+                    if self.json {
+                        json_line(&mut out, &serde_json::json!({ "deployment": d, "agent": agent }))?;
+                        continue;
+                    }
                     writeln!(out, "{:<24} {:<14} {:<12} {:>8}  {:<20} {}", d.id, d.application, d.status.as_str(), ago(d.created_at), agent, escape(&d.reason))?;
                 }
             }
             Some(id) => {
                 let d = control::deployment(store.as_ref(), id)?;
+                if self.json {
+                    let agent = agent_of(store.as_ref(), &d)?;
+                    json_line(&mut out, &serde_json::json!({ "deployment": d, "agent": agent, "stages": store.stages(id)? }))?;
+                    return Ok(ExitCode::SUCCESS);
+                }
                 let reason = if d.reason.is_empty() { String::new() } else { format!(" ({})", escape(&d.reason)) };
                 writeln!(out, "deployment {} of {}: {}{reason}; agent {}", d.id, d.application, d.status, agent_of(store.as_ref(), &d)?)?;
                 for s in store.stages(id)? {
