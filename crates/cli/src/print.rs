@@ -56,7 +56,6 @@ impl LogSink for PrintSink {
     }
 }
 
-/// Checks that a flag's value is JSON.
 /// Writes `value` as one line of JSON (`--json` output: control
 /// characters arrive escaped, so no terminal escaping is needed).
 pub fn json_line(out: &mut impl Write, value: &impl serde::Serialize) -> Result<()> {
@@ -64,6 +63,7 @@ pub fn json_line(out: &mut impl Write, value: &impl serde::Serialize) -> Result<
     Ok(())
 }
 
+/// Checks that a flag's value is JSON.
 pub fn check_json(flag: &str, value: &str) -> Result<()> {
     if let Err(e) = serde_json::from_str::<serde_json::Value>(value) {
         bail!("{flag} {value:?} is not valid JSON ({e})");
