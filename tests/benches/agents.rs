@@ -25,17 +25,12 @@ use cordon_runtime::plugin::AgentConfig;
 use cordon_store::lock::AgentLock;
 use cordon_store::test_cluster::Cluster;
 use cordon_store::{DeploymentStatus, StageStatus};
-use cordon_tests::{AgentProcess, cordon_bin, engine, guest, sha256_file};
+use cordon_tests::{AgentProcess, cordon_bin, engine, guest, median, sha256_file};
 
 const RUNS: usize = 3;
 const OVERHEAD_STAGES: usize = 300;
 const DEPLOYMENTS: usize = 60;
 const STAGES_PER_DEPLOYMENT: usize = 5;
-
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
 
 /// An agent config with the `noop` plugin; on `url` when given.
 fn config(dir: &Path, name: &str, url: Option<&str>) -> PathBuf {

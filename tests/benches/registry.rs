@@ -13,14 +13,9 @@ use sha2::{Digest, Sha256};
 
 use cordon_registry::{Publish, fetch, push};
 use cordon_runtime::plugin::artifact::{Cached, OciReference};
-use cordon_tests::{RegistryServer, guest};
+use cordon_tests::{RegistryServer, guest, median};
 
 const RUNS: usize = 15;
-
-fn median(mut samples: Vec<Duration>) -> f64 {
-    samples.sort();
-    samples[samples.len() / 2].as_secs_f64() * 1e3
-}
 
 fn local_read(path: &std::path::Path) -> String {
     hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
@@ -58,7 +53,8 @@ fn main() {
         assert_eq!(local_read(&file), sha);
         local.push(start.elapsed());
     }
-    let (cold, warm, local) = (median(cold), median(warm), median(local));
+    let ms = |samples: Vec<Duration>| median(samples).as_secs_f64() * 1e3;
+    let (cold, warm, local) = (ms(cold), ms(warm), ms(local));
     let size = std::fs::metadata(&file).unwrap().len();
     println!("oci_pull: {size}-byte component: cold pull {cold:.3} ms, start from the cache {warm:.3} ms, local read {local:.3} ms");
     report("oci_pull", cold, local);

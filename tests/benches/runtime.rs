@@ -23,16 +23,12 @@ use cordon_runtime::runner::{self, Deployment, Stage, StageCall, Status, Trigger
 use cordon_runtime::sandbox::output::NullSink;
 use cordon_runtime::sandbox::{MemoryServices, RunDirs};
 use sha2::{Digest, Sha256};
+use cordon_tests::median;
 
 fn guest(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/target/wasm32-wasip2/release").join(format!("{name}.wasm"));
     assert!(path.exists(), "{} is missing: run `make guests`", path.display());
     path
-}
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
 }
 
 fn report(name: &str, value: f64, unit: &str, baseline: f64, ratio: f64) {

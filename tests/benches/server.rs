@@ -28,15 +28,10 @@ use cordon_runtime::plugin::AgentConfig;
 use cordon_store::lock::AgentLock;
 use cordon_store::test_cluster::Cluster;
 use cordon_store::{DeploymentStatus, PostgresStore, StateStore};
-use cordon_tests::{engine, guest, sha256_file};
+use cordon_tests::{engine, guest, median, sha256_file};
 
 const RUNS: usize = 3;
 const STAGES: usize = 300;
-
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
 
 fn token(store: &dyn StateStore, subject: &str, role: &str) -> Token {
     Token::parse(&cordon_tests::replicas::insert_token(store, subject, role, &["*"], None)).unwrap()

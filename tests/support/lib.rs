@@ -206,6 +206,13 @@ impl Server {
     }
 }
 
+/// The middle of a benchmark's samples (the runs are noisy: benchmarks
+/// report medians).
+pub fn median<T: PartialOrd + Copy>(mut samples: Vec<T>) -> T {
+    samples.sort_by(|a, b| a.partial_cmp(b).expect("samples are comparable"));
+    samples[samples.len() / 2]
+}
+
 /// The `cordon` binary (built by `make test` before the tests run).
 pub fn cordon_bin() -> PathBuf {
     let path = root().join("target/debug/cordon");
