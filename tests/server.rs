@@ -88,7 +88,7 @@ fn fixture(store: &dyn StateStore) {
     for app in ["in", "out"] {
         store.upsert_application(app, "/apps").unwrap();
         let archive = format!("archive of {app}").into_bytes();
-        let reference = format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&archive)));
+        let reference = snapshot_reference(&archive);
         store.snapshot_put(&reference, &archive).unwrap();
         let id = format!("d-{app}");
         store.insert_deployment(&DeploymentRecord::queued(&id, app, "{}".into(), reference, 1)).unwrap();
@@ -264,7 +264,7 @@ async fn every_role_on_every_method_in_and_out_of_reach() {
             let (status, _) = api.send(reqwest::Method::GET, &format!("/api/v1/snapshots/{d_out}"), Some(token), vec![]).await;
             assert_eq!(status, 404, "{role} cannot see an out-of-reach snapshot");
             let archive = format!("new by {role}").into_bytes();
-            let reference = format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&archive)));
+            let reference = snapshot_reference(&archive);
             let (status, _) = api.send(reqwest::Method::PUT, &format!("/api/v1/snapshots/{reference}"), Some(token), archive).await;
             assert_eq!(status, if role.includes(Role::Deployer) { 200 } else { 403 }, "{role} stores a snapshot");
             let (status, body) = api.send(reqwest::Method::PUT, &format!("/api/v1/snapshots/{}", digest('d')), Some(token), b"other".to_vec()).await;

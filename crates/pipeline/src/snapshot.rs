@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use cordon_store::StateStore;
 use cordon_store::lock::{Staging, open_lock_file, place, staging};
-use sha2::{Digest, Sha256};
 
 /// How a stored snapshot's reference starts.
 const STORED: &str = "sha256:";
@@ -71,7 +70,7 @@ pub fn store(store: &dyn StateStore, tree: &Path, source: &Path) -> Result<Strin
             source.display()
         ),
     };
-    let reference = format!("{STORED}{:x}", Sha256::digest(&archive));
+    let reference = cordon_store::snapshot_reference(&archive);
     store.snapshot_put(&reference, &archive)?;
     Ok(reference)
 }
@@ -82,7 +81,7 @@ pub fn store(store: &dyn StateStore, tree: &Path, source: &Path) -> Result<Strin
 /// rename) and read-only from then on.
 pub fn local(store: &dyn StateStore, reference: &str, snapshots: &Path) -> Result<PathBuf> {
     let Some(hex) = reference.strip_prefix(STORED) else { return Ok(PathBuf::from(reference)) };
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !cordon_store::is_snapshot_reference(reference) {
         bail!("the state store names a snapshot {reference:?} that is not a sha256 digest");
     }
     let dest = snapshots.join(format!("sha256-{hex}"));
@@ -90,7 +89,7 @@ pub fn local(store: &dyn StateStore, reference: &str, snapshots: &Path) -> Resul
         return Ok(dest);
     }
     let archive = store.snapshot_get(reference)?.with_context(|| format!("snapshot {reference} is missing from the state store"))?;
-    if format!("{:x}", Sha256::digest(&archive)) != hex {
+    if cordon_store::snapshot_reference(&archive) != reference {
         bail!("snapshot {reference} in the state store does not match its digest; it was altered");
     }
     std::fs::create_dir_all(snapshots).with_context(|| format!("cannot create {}", snapshots.display()))?;

@@ -346,12 +346,10 @@ impl Gate<'_> {
             }
             MetadataPut { fence, stage, key, value } => {
                 self.deployment(&fence.deployment)?;
-                no_nul(&[("key", &key), ("value", &value)])?;
                 json!(store.metadata_put(&fence, &stage, &key, &value).map_err(s)?)
             }
             MetadataPutWithin { fence, stage, key, value, quota } => {
                 self.deployment(&fence.deployment)?;
-                no_nul(&[("key", &key), ("value", &value)])?;
                 json!(store.metadata_put_within(&fence, &stage, &key, &value, quota).map_err(s)?)
             }
             MetadataEntries { deployment, stage } => {
@@ -365,14 +363,12 @@ impl Gate<'_> {
             BlobPutWithin { fence, application, plugin, key, value, quota } => {
                 let d = self.deployment(&fence.deployment)?;
                 same_application(&d, &application)?;
-                no_nul(&[("key", &key)])?;
                 let value = STANDARD.decode(&value).map_err(|e| Refusal::bad(&format!("blob_put_within: `value` is not standard base64 ({e})")))?;
                 json!(store.blob_put_within(&fence, &application, &plugin, &key, &value, quota).map_err(s)?)
             }
             BlobDelete { fence, application, plugin, key } => {
                 let d = self.deployment(&fence.deployment)?;
                 same_application(&d, &application)?;
-                no_nul(&[("key", &key)])?;
                 json!(store.blob_delete(&fence, &application, &plugin, &key).map_err(s)?)
             }
             AddCommand { mut command } => {
@@ -438,13 +434,6 @@ fn ttl(ms: u64) -> Result<Duration, Refusal> {
     }
 }
 
-fn no_nul(fields: &[(&str, &str)]) -> Result<(), Refusal> {
-    match fields.iter().find(|(_, v)| v.contains('\0')) {
-        Some((field, _)) => Err(Refusal::bad(&format!("`{field}` contains a NUL character; the state store cannot keep it"))),
-        None => Ok(()),
-    }
-}
-
 fn same_application(d: &DeploymentRecord, application: &str) -> Result<(), Refusal> {
     if d.application == application {
         Ok(())
@@ -455,8 +444,7 @@ fn same_application(d: &DeploymentRecord, application: &str) -> Result<(), Refus
 
 /// A stored snapshot's reference: `sha256:` and 64 hex digits.
 pub fn check_reference(field: &str, reference: &str) -> Result<(), Refusal> {
-    let ok = reference.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
-    if ok {
+    if cordon_store::is_snapshot_reference(reference) {
         Ok(())
     } else {
         Err(Refusal::bad(&format!("`{field}` must be a stored snapshot's reference, sha256: and 64 lowercase hex digits (upload the archive first)")))

@@ -62,8 +62,8 @@ pub fn authenticate(store: &dyn StateStore, header: Option<&str>) -> Result<Call
     if record.expires_at.is_some_and(|at| at <= now_ms()) {
         return Err(unauthenticated(&format!("token {} has expired; ask an admin for a new one", record.id)));
     }
-    let role: Role = record.role.parse().map_err(|e: anyhow::Error| Refusal::new(401, code::UNAUTHENTICATED, &format!("token {}: {e}", record.id)))?;
-    let applications = patterns(&record.applications).map_err(|e| Refusal::new(401, code::UNAUTHENTICATED, &format!("token {}: {e}", record.id)))?;
+    let role: Role = record.role.parse().map_err(|e: anyhow::Error| unauthenticated(&format!("token {}: {e}", record.id)))?;
+    let applications = patterns(&record.applications).map_err(|e| unauthenticated(&format!("token {}: {e}", record.id)))?;
     Ok(Caller { subject: record.subject, role, applications })
 }
 

@@ -150,9 +150,9 @@ async fn call(
     let bytes = match body(raw, s.max_body).await {
         Ok(bytes) => bytes,
         Err(refusal) => {
-            let written = cordon_api::method(&method).is_some();
+            let known = cordon_api::method(&method).is_some();
             return blocking(move || {
-                if written {
+                if known {
                     api::audit(store.as_ref(), "-", &method, "-", &peer.to_string(), Some(&refusal));
                 }
                 Err::<(), _>(refusal)
@@ -215,7 +215,7 @@ async fn snapshot_put(
             }
             api::check_reference("reference", &reference)?;
             let bytes = bytes?;
-            let digest = format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)));
+            let digest = cordon_store::snapshot_reference(&bytes);
             if digest != reference {
                 return Err(Refusal::bad(&format!("the archive's digest is {digest}, not {reference}; send the archive under its own digest")));
             }

@@ -42,6 +42,19 @@ pub use postgres::{DATABASE_URL_ENV, PostgresStore};
 /// Largest snapshot archive a shared store keeps (it is one row, read
 /// whole by each agent that runs it).
 pub const MAX_SNAPSHOT: usize = 128 << 20;
+
+/// The reference a snapshot `archive` is kept under in a shared store:
+/// `sha256:` and its digest, 64 lowercase hex digits (so it is also safe
+/// in a file name).
+pub fn snapshot_reference(archive: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{:x}", sha2::Sha256::digest(archive))
+}
+
+/// Whether `reference` is shaped like a [`snapshot_reference`].
+pub fn is_snapshot_reference(reference: &str) -> bool {
+    reference.strip_prefix("sha256:").is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
 pub use sqlite::SqliteStore;
 
 /// The state database inside a state directory.
