@@ -419,6 +419,56 @@ async fn the_api_is_described_and_health_needs_no_token() {
     assert_eq!((status, body["error"]["code"].as_str()), (405, Some("method_not_allowed")));
 }
 
+/// `cordon login` checks the token with the server, then keeps it in a
+/// credentials file only its owner may read, which later commands use
+/// with `--server` alone; a file others may read is refused, and an
+/// unknown token is neither accepted nor kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn login_keeps_the_token_in_a_private_credentials_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_, store, dir) = stores().remove(0);
+    let token = insert_token(store.as_ref(), "vic", "viewer", &["*"], None);
+    let files = tempfile::tempdir().unwrap();
+    let (good, unknown) = (files.path().join("good.token"), files.path().join("unknown.token"));
+    std::fs::write(&good, format!("{token}\n")).unwrap();
+    std::fs::write(&unknown, Token::generate().unwrap().reveal()).unwrap();
+    let credentials = files.path().join("config/cordon/credentials");
+    let api = start(store, dir).await;
+    let cordon = move |args: Vec<String>| {
+        let credentials = credentials.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(cordon_bin())
+                .args(&args)
+                .env("CORDON_CREDENTIALS", &credentials)
+                .env_remove("CORDON_SERVER")
+                .env_remove("CORDON_TOKEN")
+                .env_remove("CORDON_TOKEN_FILE")
+                .output()
+                .unwrap()
+        })
+    };
+    let args = |extra: &[&str]| -> Vec<String> { ["--server", &api.url].iter().chain(extra).map(|s| s.to_string()).collect() };
+    let file = files.path().join("config/cordon/credentials");
+
+    let out = cordon(args(&["login", "--token-file", unknown.to_str().unwrap()])).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not accept the token"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!file.exists(), "a refused token was kept");
+
+    let out = cordon(args(&["login", "--token-file", good.to_str().unwrap()])).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let kept: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(kept[&api.url].as_str(), Some(token.as_str()), "{kept}");
+    let listed = cordon(args(&["agents"])).await.unwrap();
+    assert!(listed.status.success(), "the kept token was not used: {}", String::from_utf8_lossy(&listed.stderr));
+
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = cordon(args(&["agents"])).await.unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("may be read by others (mode 644); run `chmod 600"), "{}", String::from_utf8_lossy(&refused.stderr));
+}
+
 /// A certificate authority and a server certificate for 127.0.0.1 it
 /// signed: (CA file, certificate file, key file).
 fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {

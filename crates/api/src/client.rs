@@ -102,7 +102,26 @@ pub fn read_credentials(path: &Path) -> Result<std::collections::BTreeMap<String
     serde_json::from_str(&text).with_context(|| format!("the credentials file {} is not a JSON object of server URL to token", path.display()))
 }
 
+/// The token in `file` (as `cordon token create` printed it).
+pub fn read_token_file(file: &Path) -> Result<Token> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the token file {}", file.display()))?;
+    Token::parse(&text).with_context(|| format!("the token file {}", file.display()))
+}
+
+/// Where the credentials file keeps the token for the servers `urls`:
+/// under the first, without a trailing slash.
+pub fn credentials_key(urls: &[Url]) -> String {
+    urls[0].as_str().trim_end_matches('/').to_string()
+}
+
 impl Server {
+    /// The servers `urls`, called with `token`, trusting the certificate
+    /// authorities of `$CORDON_CA_FILE` if it is set.
+    pub fn new(urls: Vec<Url>, token: Token) -> Server {
+        let ca_file = std::env::var_os(CA_FILE_ENV).filter(|s| !s.is_empty()).map(PathBuf::from);
+        Server { urls, token, ca_file }
+    }
+
     /// The server the environment names (`CORDON_SERVER`), with its token
     /// from `CORDON_TOKEN`, `CORDON_TOKEN_FILE` or the credentials file;
     /// `None` when no server is named.
@@ -112,19 +131,17 @@ impl Server {
         let token = if let Some(token) = std::env::var(TOKEN_ENV).ok().filter(|s| !s.is_empty()) {
             Token::parse(&token).with_context(|| format!("${TOKEN_ENV}"))?
         } else if let Some(file) = std::env::var_os(TOKEN_FILE_ENV).filter(|s| !s.is_empty()) {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read the token file {}", Path::new(&file).display()))?;
-            Token::parse(&text).with_context(|| format!("the token file {}", Path::new(&file).display()))?
+            read_token_file(Path::new(&file))?
         } else {
             let path = credentials_path().context("no home directory for the credentials file; set CORDON_TOKEN_FILE")?;
             let credentials = read_credentials(&path)?;
-            let key = urls[0].as_str().trim_end_matches('/');
-            let token = credentials.get(key).with_context(|| {
+            let key = credentials_key(&urls);
+            let token = credentials.get(&key).with_context(|| {
                 format!("no token for {key}: give --token-file (or ${TOKEN_ENV}), or run `cordon login --server {key} --token-file FILE`")
             })?;
             Token::parse(token).with_context(|| format!("the credentials file {} for {key}", path.display()))?
         };
-        let ca_file = std::env::var_os(CA_FILE_ENV).filter(|s| !s.is_empty()).map(PathBuf::from);
-        Ok(Some(Server { urls, token, ca_file }))
+        Ok(Some(Server::new(urls, token)))
     }
 }
 

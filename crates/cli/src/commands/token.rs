@@ -83,7 +83,7 @@ impl TokenCommand {
                     role: role.to_string(),
                     applications,
                     created_at: now,
-                    created_by: std::env::var("USER").unwrap_or_else(|_| "operator".into()),
+                    created_by: super::trigger::user(),
                     expires_at: expires.map(|d| now + d.as_millis() as u64),
                     revoked_at: None,
                 };

@@ -64,6 +64,11 @@ pub fn commander(store: &dyn StateStore, given: Option<String>) -> anyhow::Resul
             anyhow::bail!("--as is refused against a server: it records the subject of your token; drop --as")
         }
         Some(name) => Ok(name),
-        None => Ok(std::env::var("USER").unwrap_or_else(|_| "operator".to_string())),
+        None => Ok(user()),
     }
+}
+
+/// Who runs this command, as the machine says: `$USER`, else `operator`.
+pub fn user() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "operator".to_string())
 }
