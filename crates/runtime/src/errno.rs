@@ -4,8 +4,11 @@
 //! does: `No such file or directory (os error 44)`. The number is WASI's
 //! (ENOENT is 2 on Linux, 44 in WASI), so on the host it misleads, and the
 //! usual cause inside a sandbox — a host path where the plugin sees only
-//! its mounts — goes unsaid. [`explain`] rewrites each `(os error N)` in a
-//! stage's message into the WASI name and, where one helps, that hint.
+//! its mounts — goes unsaid. [`explain`] rewrites `(os error N)` in a
+//! stage's message into the WASI name and, where one helps, that hint —
+//! the first [`MOST`] of them only: the message is the plugin's, already
+//! checked against its result limit, and a plugin must not make the host
+//! keep many times that by repeating the pattern.
 
 use std::borrow::Cow;
 
@@ -31,7 +34,10 @@ fn name(errno: u32) -> Option<(&'static str, &'static str)> {
     })
 }
 
-/// `message` with every `(os error N)` said as `(WASI ENAME; hint)`.
+/// How many errors of one message are said in words.
+pub const MOST: usize = 4;
+
+/// `message` with its first [`MOST`] `(os error N)` said as `(WASI ENAME; hint)`.
 pub fn explain(message: &str) -> Cow<'_, str> {
     const OPEN: &str = "(os error ";
     if !message.contains(OPEN) {
@@ -39,7 +45,10 @@ pub fn explain(message: &str) -> Cow<'_, str> {
     }
     let mut out = String::with_capacity(message.len() + 64);
     let mut rest = message;
-    while let Some(at) = rest.find(OPEN) {
+    let mut said = 0;
+    while said < MOST
+        && let Some(at) = rest.find(OPEN)
+    {
         out.push_str(&rest[..at]);
         let after = &rest[at + OPEN.len()..];
         let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
@@ -47,6 +56,7 @@ pub fn explain(message: &str) -> Cow<'_, str> {
             (Some((errno, hint)), true) => {
                 out.push_str(&format!("(WASI {errno}{hint})"));
                 rest = &after[digits + 1..];
+                said += 1;
             }
             _ => {
                 out.push_str(OPEN);
@@ -73,5 +83,10 @@ mod tests {
         for same in ["x (os error 999)", "(os error )", "(os error 44", "(os error 44x)", "fine", "(os error 4444444444444)"] {
             assert_eq!(explain(same), same);
         }
+        // A plugin repeating the pattern gets only the first few said.
+        let flood = "(os error 44)".repeat(10_000);
+        let said = explain(&flood);
+        assert_eq!(said.matches("WASI ENOENT").count(), super::MOST);
+        assert!(said.len() < flood.len() + 512, "{} bytes from {}", said.len(), flood.len());
     }
 }
