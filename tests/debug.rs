@@ -237,6 +237,10 @@ async fn a_quick_sync_says_what_it_leaves_out_and_refuses_breakpoints_there() {
     let failed = host.store.deployments(Some("qs"), 1).unwrap().remove(0);
     assert_eq!(failed.status, DeploymentStatus::Failure);
     assert!(host.store.stages(&failed.id).unwrap().is_empty(), "no stage may run");
+    // A rollback stage in the plan is no place for a breakpoint either: it never pauses.
+    let out = world.cordon(&["plan", &dir, "--break-before", "TD_ROLLBACK"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("breakpoint `TD_ROLLBACK` (--break) names no stage this deployment runs"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 // ---- upload ----

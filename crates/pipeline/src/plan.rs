@@ -291,12 +291,13 @@ fn with_left_out(app: &AppConfig, strategy: Strategy, why: String, stages: &[Sta
 }
 
 /// Every breakpoint (`--break-*` and the application's `debug:`) must name
-/// a stage of the plan: one on a stage the strategy leaves out would never
-/// pause, and the deployment would run straight through.
+/// a forward stage of the plan: one on a stage the strategy leaves out, or
+/// on a rollback stage (breakpoints never pause those), would never pause,
+/// and the deployment would run straight through.
 fn check_planned_breakpoints(input: &PlanInput<'_>, strategy: Strategy, why: &str, stages: &[StageRecord]) -> Result<()> {
     let from_app = input.app.debug.clone().unwrap_or_default();
     for (source, reference) in input.trigger.breakpoints.references().map(|r| ("--break", r)).chain(from_app.references().map(|r| ("debug", r))) {
-        if !stages.iter().any(|s| s.id == *reference || s.name == *reference) {
+        if !stages.iter().any(|s| !s.rollback && (s.id == *reference || s.name == *reference)) {
             bail!(
                 "breakpoint `{reference}` ({source}) names no stage this deployment runs: the strategy is {} ({why}); deploy with --sync pipeline to run the configured pipeline, or drop the breakpoint",
                 strategy.as_str()
