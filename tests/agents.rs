@@ -88,7 +88,7 @@ async fn agents_killed_and_frozen_lose_nothing_and_write_nothing_late() {
         );
         for _ in 0..PER_APP {
             let info = TriggerInfo { commander: "soak".into(), ..Default::default() };
-            ids.push(cordon_pipeline::trigger(&host, &app, info).unwrap().id);
+            ids.push(cordon_pipeline::trigger(&host, &app, info).await.unwrap().id);
         }
     }
     let configs: Vec<PathBuf> =
@@ -267,7 +267,7 @@ async fn agents_run_only_the_deployments_they_may() {
     let mut expected = Vec::new();
     for _ in 0..3 {
         for (app, agent) in [(&to_prod, prod.id()), (&to_dev, dev.id()), (&waits, prod.id())] {
-            expected.push((cordon_pipeline::trigger(&host, app, TriggerInfo::default()).unwrap().id, agent));
+            expected.push((cordon_pipeline::trigger(&host, app, TriggerInfo::default()).await.unwrap().id, agent));
         }
     }
     for (id, agent) in &expected {
@@ -326,14 +326,14 @@ async fn snapshots_reach_agents_through_the_database() {
     let host = Arc::new(Host::open_with(engine().clone(), &AgentConfig::load(&trigger_config).unwrap()).await.unwrap());
     let app = world.app("far", "name: far\npipeline:\n  stages:\n    - { name: STEP, with: { sleep_ms: 1 } }\n");
     std::fs::write(app.join("index.html"), "v1").unwrap();
-    let first = cordon_pipeline::trigger(&host, &app, TriggerInfo::default()).unwrap();
+    let first = cordon_pipeline::trigger(&host, &app, TriggerInfo::default()).await.unwrap();
     std::fs::write(app.join("index.html"), "v2").unwrap();
-    let second = cordon_pipeline::trigger(&host, &app, TriggerInfo::default()).unwrap();
+    let second = cordon_pipeline::trigger(&host, &app, TriggerInfo::default()).await.unwrap();
     assert!(first.target_snapshot.starts_with("sha256:") && first.target_snapshot != second.target_snapshot, "{first:?}");
     // A source too large to keep in the database is refused, and nothing of it is recorded.
     let huge = world.app("huge", "name: huge\npipeline:\n  stages:\n    - { name: STEP }\n");
     std::fs::File::create(huge.join("disk.img")).unwrap().set_len(cordon_pipeline::snapshot::MAX_STORED as u64 + 1).unwrap();
-    let err = format!("{:#}", cordon_pipeline::trigger(&host, &huge, TriggerInfo::default()).unwrap_err());
+    let err = format!("{:#}", cordon_pipeline::trigger(&host, &huge, TriggerInfo::default()).await.unwrap_err());
     assert!(err.contains("larger than 128 MiB packed") && err.contains(&huge.canonicalize().unwrap().display().to_string()), "{err}");
     assert!(host.store.application("huge").unwrap().is_none() && host.store.deployments(Some("huge"), 1).unwrap().is_empty());
     std::fs::remove_dir_all(&huge).unwrap();
@@ -353,7 +353,7 @@ async fn snapshots_reach_agents_through_the_database() {
     // A snapshot row altered in the database fails its deployment, naming why.
     std::fs::rename(&hidden, &app).unwrap();
     std::fs::write(app.join("index.html"), "v3").unwrap();
-    let third = cordon_pipeline::trigger(&host, &app, TriggerInfo::default()).unwrap();
+    let third = cordon_pipeline::trigger(&host, &app, TriggerInfo::default()).await.unwrap();
     drop(agent);
     let database = url.rsplit('/').next().unwrap();
     cluster.psql_in(database, &format!("UPDATE snapshots SET archive = archive || '\\x00'::bytea WHERE digest = '{}'", third.target_snapshot));

@@ -50,7 +50,7 @@ fn status_of(host: &Host, d: &str, stage: &str) -> StageStatus {
 /// deployment and the serving task.
 async fn start(world: &World, host: &Arc<Host>, name: &str, yaml: &str, bp: Breakpoints) -> (String, tokio::task::JoinHandle<()>) {
     let app = world.app(name, yaml);
-    let d = cordon_pipeline::trigger(host, &app, breaking(bp)).unwrap();
+    let d = cordon_pipeline::trigger(host, &app, breaking(bp)).await.unwrap();
     let state = world.dir.path().join("state");
     let host = host.clone();
     (d.id, tokio::spawn(async move { serve_until_idle(&host, &state).await }))
@@ -205,7 +205,7 @@ async fn breakpoints_must_name_a_stage() {
     let world = World::new();
     let host = world.host().await;
     let app = world.app("bad", "name: bad\npipeline:\n  stages:\n    - { id: one, name: STEP }\n");
-    let err = cordon_pipeline::trigger(&host, &app, breaking(Breakpoints { break_before: vec!["nope".into()], ..Default::default() })).unwrap_err();
+    let err = cordon_pipeline::trigger(&host, &app, breaking(Breakpoints { break_before: vec!["nope".into()], ..Default::default() })).await.unwrap_err();
     assert!(format!("{err:#}").contains("breakpoint `nope` (--break) names no stage of the pipeline (stages: one)"), "{err:#}");
 }
 

@@ -534,7 +534,7 @@ async fn a_newer_backup_after_an_older_one_completes_history_and_the_running_sou
     let app = source.app("nw", "name: nw\npipeline:\n  stages:\n    - { name: STEP }\n");
     let state = source.agent_config().state_dir;
     deploy(&host, &state, &app, trigger()).await;
-    let queued = cordon_pipeline::trigger(&host, &app, trigger()).unwrap();
+    let queued = cordon_pipeline::trigger(&host, &app, trigger()).await.unwrap();
     let backup = |name: &str| {
         let path = source.dir.path().join(name);
         let out = Command::new(cordon_bin()).arg("--config").arg(&source.config).args(["transfer", "backup", "--output"]).arg(&path).output().unwrap();

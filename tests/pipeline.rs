@@ -220,7 +220,7 @@ async fn cancel_during_a_stage_rolls_back_and_cancel_during_rollback_stops_it() 
     let state = world.dir.path().join("state");
     let yaml = "name: c\nplanner: { alwaysUsePipeline: true }\npipeline:\n  stages:\n    - { name: TD_ROLLOUT, with: { sleep_ms: 20000, rollback_sleep_ms: 50 } }\n";
     let app = world.app("c1", yaml);
-    let d = cordon_pipeline::trigger(&host, &app, message("")).unwrap();
+    let d = cordon_pipeline::trigger(&host, &app, message("")).await.unwrap();
     let serving = tokio::spawn({
         let host = host.clone();
         let state = state.clone();
@@ -236,7 +236,7 @@ async fn cancel_during_a_stage_rolls_back_and_cancel_during_rollback_stops_it() 
 
     // Now the rollback itself takes long, and is cancelled too.
     let app = world.app("c2", &yaml.replace("rollback_sleep_ms: 50", "rollback_sleep_ms: 20000").replace("sleep_ms: 20000,", "fail: true,"));
-    let d = cordon_pipeline::trigger(&host, &app, message("")).unwrap();
+    let d = cordon_pipeline::trigger(&host, &app, message("")).await.unwrap();
     let serving = tokio::spawn({
         let host = host.clone();
         async move { serve_until_idle(&host, &state).await }
@@ -257,7 +257,7 @@ async fn cancel_interrupts_a_busy_plugin_at_once() {
     let host = world.host().await;
     let state = world.dir.path().join("state");
     let app = world.app("busy", "name: busy\npipeline:\n  stages:\n    - { name: SPIN }\n    - { name: STEP }\n");
-    let d = cordon_pipeline::trigger(&host, &app, message("")).unwrap();
+    let d = cordon_pipeline::trigger(&host, &app, message("")).await.unwrap();
     let serving = tokio::spawn({
         let host = host.clone();
         async move { serve_until_idle(&host, &state).await }
@@ -331,7 +331,7 @@ async fn approve_and_skip_from_a_second_process() {
         "ap",
         "name: ap\npipeline:\n  stages:\n    - { id: gate, name: STEP, with: { wait_for: approve, refuse_first: true, secret: token } }\n    - { id: soak, name: STEP, with: { sleep_ms: 30000 } }\n    - { name: STEP }\n",
     );
-    let d = cordon_pipeline::trigger(&host, &app, message("")).unwrap();
+    let d = cordon_pipeline::trigger(&host, &app, message("")).await.unwrap();
     let serving = tokio::spawn({
         let host = host.clone();
         async move { serve_until_idle(&host, &state).await }
@@ -496,7 +496,7 @@ async fn sigterm_lets_deployments_finish_then_hands_over_the_rest() {
     let short = world.app("short", "name: short\npipeline:\n  stages:\n    - { name: STEP, with: { marker: /marks/short, sleep_ms: 1500 } }\n");
     let long = world.app("long", "name: long\npipeline:\n  stages:\n    - { name: STEP, with: { marker: /marks/long, sleep_ms: 8000 } }\n");
 
-    let short_id = cordon_pipeline::trigger(&host, &short, message("")).unwrap().id;
+    let short_id = cordon_pipeline::trigger(&host, &short, message("")).await.unwrap().id;
     let mut agent = AgentProcess(
         agent_command(&world, &world.config)
             .args(["--grace", "20s"])
@@ -512,7 +512,7 @@ async fn sigterm_lets_deployments_finish_then_hands_over_the_rest() {
     assert!(signal(&agent.0, "-TERM"));
     let mut said = Vec::new();
     expect_line(&out, "agent stopping: claiming nothing more", Duration::from_secs(10), &mut said);
-    let long_id = cordon_pipeline::trigger(&host, &long, message("")).unwrap().id;
+    let long_id = cordon_pipeline::trigger(&host, &long, message("")).await.unwrap().id;
     assert!(exits_within(&mut agent.0, Duration::from_secs(30)).success());
     assert_eq!(host.store.deployment(&short_id).unwrap().unwrap().status, DeploymentStatus::Success, "the running deployment finished");
     assert!(world.marks("long").is_empty(), "a stopping agent claimed a deployment");
@@ -546,7 +546,7 @@ async fn twenty_concurrent_deployments_across_ten_applications() {
     for a in 0..10 {
         let app = world.app(&format!("app{a}"), &format!("name: app{a}\npipeline:\n  stages:\n    - {{ name: STEP, with: {{ sleep_ms: 200, marker: /marks/app{a} }} }}\n    - {{ name: STEP }}\n"));
         for _ in 0..2 {
-            ids.push(cordon_pipeline::trigger(&host, &app, message("")).unwrap().id);
+            ids.push(cordon_pipeline::trigger(&host, &app, message("")).await.unwrap().id);
         }
     }
     let started = Instant::now();

@@ -30,7 +30,7 @@ async fn wait_survives_an_agent_restart(guest: &str) {
     let world = World::custom(&[(guest, "executor")], |_| String::new());
     let host = world.host().await;
     let app = world.app("w", "name: w\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: 4 } }\n");
-    let d = cordon_pipeline::trigger(&host, &app, trigger()).unwrap();
+    let d = cordon_pipeline::trigger(&host, &app, trigger()).await.unwrap();
     let mut agent = start_agent(&world);
     until("WAIT to run", || host.store.stages(&d.id).unwrap().first().is_some_and(|s| s.status == StageStatus::Running)).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -49,18 +49,29 @@ async fn wait_survives_an_agent_restart(guest: &str) {
     assert!(logs.iter().any(|l| l.text.starts_with("resuming a wait")), "{guest}: {logs:?}");
 }
 
+/// Bad options fail the deployment before the stage does anything. The Rust
+/// WAIT describes its options, so `deploy` refuses them before anything is
+/// recorded; the Python twin does not export `options`, so its stage fails
+/// reading them.
 async fn wait_refuses_bad_options(guest: &str) {
     let world = World::custom(&[(guest, "executor")], |_| String::new());
     let host = world.host().await;
-    let app = world.app("w", "name: w\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: -1 } }\n");
-    let d = deploy(&host, &world.dir.path().join("state"), &app, trigger()).await;
-    assert_eq!(d.status, DeploymentStatus::Failure);
-    assert!(d.reason.contains("duration must be a number of seconds from 0 to 2592000"), "{guest}: {}", d.reason);
-    let app = world.app("w2", "name: w2\npipeline:\n  stages:\n    - { name: WAIT, with: { duratoin: 1 } }\n");
-    let d = deploy(&host, &world.dir.path().join("state"), &app, trigger()).await;
-    assert!(d.reason.contains("unknown field `duratoin`"), "{guest}: {}", d.reason);
+    let state = world.dir.path().join("state");
+    for (name, with, expected) in [("w", "{ duration: -1 }", "duration must be a number of seconds from 0 to 2592000"), ("w2", "{ duratoin: 1 }", "unknown field `duratoin`")] {
+        let app = world.app(name, &format!("name: {name}\npipeline:\n  stages:\n    - {{ name: WAIT, with: {with} }}\n"));
+        let reason = if guest == "wait" {
+            let refused = format!("{:#}", cordon_pipeline::trigger(&host, &app, trigger()).await.unwrap_err());
+            assert!(host.store.deployments(Some(name), 10).unwrap().is_empty(), "a refused deployment was recorded");
+            refused
+        } else {
+            let d = deploy(&host, &state, &app, trigger()).await;
+            assert_eq!(d.status, DeploymentStatus::Failure);
+            d.reason
+        };
+        assert!(reason.contains(expected), "{guest}: {reason}");
+    }
     let app = world.app("w3", "name: w3\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: 0.2 } }\n");
-    let d = deploy(&host, &world.dir.path().join("state"), &app, trigger()).await;
+    let d = deploy(&host, &state, &app, trigger()).await;
     assert_eq!(d.status, DeploymentStatus::Success, "{guest}: {d:?}");
 }
 
@@ -96,7 +107,7 @@ async fn approval_needs_distinct_listed_approvers_and_answers_each() {
     let host = world.host().await;
     let state = world.dir.path().join("state");
     let app = world.app("ap", "name: ap\npipeline:\n  stages:\n    - { id: gate, name: WAIT_APPROVAL, with: { approvers: [alice, bob], minApprovals: 2 } }\n");
-    let d = cordon_pipeline::trigger(&host, &app, trigger()).unwrap();
+    let d = cordon_pipeline::trigger(&host, &app, trigger()).await.unwrap();
     let serving = tokio::spawn({
         let host = host.clone();
         async move { serve_until_idle(&host, &state).await }
@@ -361,4 +372,62 @@ async fn files_readers_never_see_a_partial_tree_while_the_agent_is_killed_at_the
     let reads = reader.join().unwrap().unwrap();
     eprintln!("{reruns} of 4 stages ran again after the flip; {reads} whole reads");
     assert!(reruns > 0, "no kill landed between the flip and the recorded result: the test proved nothing");
+}
+
+/// Issue #18 items 1 and 4: options and settings are checked by the plugins
+/// themselves when a deployment is planned — `cordon plan` and `cordon
+/// deploy` refuse a misspelt or mistyped option, a value out of range, or a
+/// host path where the plugin takes a guest path, naming the file, the
+/// stage and the fix, before any stage runs; `plugin inspect` lists them.
+#[tokio::test]
+async fn options_and_settings_are_checked_when_planning_before_anything_runs() {
+    let world = files_world();
+    let www = mount(&world, "www");
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let stages = |second: &str| format!("name: site\npipeline:\n  stages:\n    - {{ id: first, name: WAIT, with: {{ duration: 0 }} }}\n    - {{ id: second, name: WAIT, with: {second} }}\n");
+    let cases = [
+        (stages("{ durtion: 5 }"), "stage `second` (WAIT of plugin `wait`) has invalid options: unknown field `durtion`, expected `duration`"),
+        (stages("{ duration: five }"), "invalid type: string \"five\", expected f64"),
+        (stages("{ duration: 1e9 }"), "duration must be a number of seconds from 0 to 2592000"),
+        (format!("name: site\nplugins:\n  files: {{ target: {} }}\n", www.display()), "plugins.files: invalid settings for plugin `files`: `target` must be the guest path of a mount"),
+        (format!("name: site\nplugins:\n  files: {{ target: {} }}\n", www.display()), "write `target: /www`"),
+        ("name: site\nplugins:\n  files: { target: /www, canary: /srv/canary }\n".to_string(), "`canary` must be the guest path of a mount, but \"/srv/canary\" is not granted"),
+        ("name: site\nplugins:\n  files: { target: /www, exclud: [] }\n".to_string(), "unknown field `exclud`"),
+        ("name: site\nplugins:\n  files: {}\n".to_string(), "missing field `target`"),
+    ];
+    for (yaml, expected) in &cases {
+        let app = world.app("site", yaml);
+        let file = path(&app.join("app.cordon.yaml"));
+        for command in ["plan", "deploy"] {
+            let out = world.cordon(&[command, &path(&app)]);
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert_eq!(out.status.code(), Some(2), "{command} {yaml}: {text}");
+            assert!(text.contains(&file) && text.contains(expected) && text.contains("cordon plugin inspect"), "{command}: expected {expected:?}: {text}");
+        }
+    }
+    // Nothing was recorded and no stage ran; the fixed configs plan.
+    let status = world.cordon(&["status", "--json"]);
+    assert!(status.status.success() && !String::from_utf8_lossy(&status.stdout).contains("site-"), "{status:?}");
+    for yaml in [stages("{ duration: 0.1 }"), "name: site\nplugins:\n  files: { target: /www, canary: /canary }\n".to_string()] {
+        let app = world.app("site", &yaml);
+        let out = world.cordon(&["plan", &path(&app)]);
+        assert!(out.status.success(), "{yaml}: {out:?}");
+    }
+    // A planner's stages are checked too: the quick sync of `files` has
+    // FILES_SYNC, whose options it makes itself and which take none.
+    let host = world.host().await;
+    let app = world.app("site", "name: site\nplugins:\n  files: { target: /www }\n");
+    let d = deploy(&host, &world.dir.path().join("state"), &app, trigger()).await;
+    assert_eq!(d.status, DeploymentStatus::Success, "{d:?}");
+    // The options are documented by the plugins themselves.
+    for (guest, expected) in [("wait", "duration"), ("files", "target"), ("http-check", "successThreshold"), ("approval", "minApprovals")] {
+        let out = world.cordon(&["plugin", "inspect", &path(&cordon_tests::guest(guest))]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text.lines().find(|l| l.trim_start().starts_with(expected)).unwrap_or_else(|| panic!("{guest}: no {expected}: {text}"));
+        assert!(line.contains(" — "), "{guest}: {expected} is not described: {line}");
+    }
+    let out = world.cordon(&["plugin", "inspect", &path(&cordon_tests::guest("wait"))]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("duration               number, double, ≥ 0.0, ≤ 2592000.0, default 10.0 — How long to wait, in seconds"), "{out:?}");
+    let out = world.cordon(&["plugin", "inspect", &path(&cordon_tests::guest("noop"))]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("options:   not described"), "{out:?}");
 }

@@ -71,7 +71,7 @@ async fn per_stage(config: &Path, app: &Path) -> f64 {
     let state = AgentConfig::load(config).unwrap().state_dir;
     let lock = AgentLock::try_acquire(&state).unwrap().unwrap();
     let start = Instant::now();
-    let record = cordon_pipeline::trigger(&host, app, TriggerInfo::default()).unwrap();
+    let record = cordon_pipeline::trigger(&host, app, TriggerInfo::default()).await.unwrap();
     serve(host.clone(), &lock, ServeScope { until: Some(record.id.clone()), ..Default::default() }).await.unwrap();
     let took = start.elapsed().as_secs_f64();
     let stages = host.store.stages(&record.id).unwrap();
@@ -96,7 +96,7 @@ async fn throughput(dir: &Path, cluster: &Cluster, agents: usize, run: usize) ->
     let apps: Vec<PathBuf> = (0..DEPLOYMENTS).map(|i| app(&base, &format!("m{i}"), STAGES_PER_DEPLOYMENT)).collect();
     let start = Instant::now();
     for app in &apps {
-        cordon_pipeline::trigger(&trigger, app, TriggerInfo::default()).unwrap();
+        cordon_pipeline::trigger(&trigger, app, TriggerInfo::default()).await.unwrap();
     }
     while !trigger.store.unfinished_deployments().unwrap().is_empty() {
         assert!(start.elapsed() < Duration::from_secs(300), "the agents did not finish");

@@ -80,7 +80,7 @@ fn main() {
         // The engine: trigger (snapshot), plan, run 1,000 stages, record all.
         let lock = AgentLock::try_acquire(&config.state_dir).unwrap().unwrap();
         let start = Instant::now();
-        let record = cordon_pipeline::trigger(&host, &app, TriggerInfo::default()).unwrap();
+        let record = cordon_pipeline::trigger(&host, &app, TriggerInfo::default()).await.unwrap();
         serve(host.clone(), &lock, ServeScope { until_idle: true, ..Default::default() }).await.unwrap();
         let ours = start.elapsed();
         let d = host.store.deployment(&record.id).unwrap().unwrap();

@@ -70,7 +70,7 @@ async fn per_stage(config: &Path, app: &Path, agent_store: Option<Arc<dyn StateS
     let agent = Arc::new(agent);
     let lock = AgentLock::try_acquire(&loaded.state_dir).unwrap().unwrap();
     let start = Instant::now();
-    let record = cordon_pipeline::trigger(&person, app, TriggerInfo::default()).unwrap();
+    let record = cordon_pipeline::trigger(&person, app, TriggerInfo::default()).await.unwrap();
     // The agent serves as `cordon agent` does; the person's view says when
     // it is done (an agent's token reads only what it holds).
     let serving = tokio::spawn(async move { serve(agent, &lock, ServeScope::default()).await });

@@ -398,7 +398,7 @@ pub async fn serve_until_idle(host: &Arc<Host>, state_dir: &Path) {
 
 /// Triggers a deployment of `app_dir` and runs it to its end.
 pub async fn deploy(host: &Arc<Host>, state_dir: &Path, app_dir: &Path, trigger: TriggerInfo) -> DeploymentRecord {
-    let record = cordon_pipeline::trigger(host, app_dir, trigger).unwrap();
+    let record = cordon_pipeline::trigger(host, app_dir, trigger).await.unwrap();
     serve_until_idle(host, state_dir).await;
     host.store.deployment(&record.id).unwrap().unwrap()
 }

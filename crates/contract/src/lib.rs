@@ -77,6 +77,16 @@ pub mod bindings {
         });
     }
 
+    /// The optional `options` export (the `described` world): looked up on
+    /// a stage or deployment plugin's instance, never required.
+    pub mod described {
+        wasmtime::component::bindgen!({
+            path: "../../wit",
+            world: "described",
+            exports: { default: async },
+        });
+    }
+
     pub mod migration_phase {
         wasmtime::component::bindgen!({
             path: "../../wit",

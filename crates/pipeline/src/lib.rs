@@ -185,11 +185,13 @@ pub fn deployment_info(d: &DeploymentRecord, app: &AppConfig, trigger: &TriggerI
     }
 }
 
-/// Validates the application in `app_dir`, snapshots it and queues a
-/// deployment. Nothing is written unless the config is valid.
-pub fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<DeploymentRecord> {
+/// Validates the application in `app_dir` — its config, and the options
+/// and settings it gives the plugins — snapshots it and queues a
+/// deployment. Nothing is written unless all of it is valid.
+pub async fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Result<DeploymentRecord> {
     let app = AppConfig::load(app_dir)?;
     plan::check_app(&app, &host.plugins)?;
+    plan::check_configured(&host.engine, &app, &host.plugins).await?;
     check_breakpoints(&app, &host.plugins, &trigger.breakpoints)?;
     let requires = app.requirements();
     // On the embedded database this agent config is the only agent; on a

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::config::{AppConfig, DEFAULT_STAGE_TIMEOUT};
 use cordon_runtime::engine::Engine;
 use cordon_runtime::call::RunError;
-use cordon_runtime::plugin::{Plugin, Plugins};
+use cordon_runtime::plugin::{Plugin, Plugins, Subject};
 use cordon_runtime::runner::{self, Deployment, PlanCall, PlannedStage, StageConfig, SyncStrategy};
 use cordon_runtime::sandbox::{LogSink, RunDirs};
 use cordon_store::{StageRecord, StageStatus};
@@ -250,6 +250,7 @@ pub async fn plan(input: &PlanInput<'_>) -> Result<Planned> {
     let app = input.app;
     check_app(app, input.plugins)?;
     let planners = app_planners(app, input.plugins);
+    check_settings(input.engine, app, &planners).await?;
     let (strategy, summary) = choose_strategy(input, &planners).await?;
     let mut versions = Vec::new();
     for planner in &planners {
@@ -262,6 +263,7 @@ pub async fn plan(input: &PlanInput<'_>) -> Result<Planned> {
         Strategy::QuickSync => quick_sync_stages(input, &planners).await?,
         Strategy::PipelineSync => pipeline_sync_stages(input).await?,
     };
+    check_stages(input, &planners, &stages).await?;
     let summary = with_left_out(app, strategy, summary, &stages);
     check_planned_breakpoints(input, strategy, &summary, &stages)?;
     let summary = PlanSummary {
@@ -273,6 +275,79 @@ pub async fn plan(input: &PlanInput<'_>) -> Result<Planned> {
         timeout_ms: app.deployment_timeout().as_millis() as u64,
     };
     Ok(Planned { summary, stages })
+}
+
+/// Has the plugins check what the plan gives them (see
+/// [`runner::check_options`]), so a misspelt or mistyped option, or a host
+/// path where a guest path belongs, fails the plan instead of a stage
+/// after earlier stages changed things: first the settings of the planners
+/// (before they are asked anything), then each stage's options and the
+/// settings of the plugins that perform them.
+async fn check_settings(engine: &Engine, app: &AppConfig, plugins: &[&Arc<Plugin>]) -> Result<()> {
+    for plugin in plugins {
+        let verdict = runner::check_options(engine, plugin, &Subject::Settings, &app.plugin_settings(&plugin.name))
+            .await
+            .map_err(|e| anyhow::anyhow!("plugin `{}` failed to check its settings: {e}", plugin.name))?;
+        if let Err(why) = verdict {
+            bail!(
+                "{}: plugins.{}: invalid settings for plugin `{}`: {why}; `cordon plugin inspect {}` lists the settings it takes",
+                app.file.display(),
+                plugin.name,
+                plugin.name,
+                plugin.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// See [`check_settings`].
+async fn check_stage(engine: &Engine, app: &AppConfig, plugin: &Plugin, id: &str, name: &str, options: &str) -> Result<()> {
+    let verdict = runner::check_options(engine, plugin, &Subject::Stage(name.to_string()), options)
+        .await
+        .map_err(|e| anyhow::anyhow!("plugin `{}` failed to check the options of stage `{id}`: {e}", plugin.name))?;
+    if let Err(why) = verdict {
+        bail!(
+            "{}: stage `{id}` ({name} of plugin `{}`) has invalid options: {why}; `cordon plugin inspect {}` lists the options it takes",
+            app.file.display(),
+            plugin.name,
+            plugin.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// See [`check_settings`]; `planners` were checked already.
+async fn check_stages(input: &PlanInput<'_>, planners: &[&Arc<Plugin>], stages: &[StageRecord]) -> Result<()> {
+    let mut executors: Vec<&Arc<Plugin>> = Vec::new();
+    let mut checked = std::collections::HashSet::new();
+    for stage in stages {
+        let plugin = input.plugins.get(&stage.plugin).with_context(|| format!("internal: stage `{}` names no loaded plugin", stage.id))?;
+        if !planners.iter().chain(&executors).any(|p| p.name == plugin.name) {
+            executors.push(plugin);
+        }
+        if checked.insert((&stage.plugin, &stage.name, &stage.options)) {
+            check_stage(input.engine, input.app, plugin, &stage.id, &stage.name, &stage.options).await?;
+        }
+    }
+    check_settings(input.engine, input.app, &executors).await
+}
+
+/// The same checks on the app config as written — the configured stages'
+/// `with:` and the settings of every plugin serving the application — so
+/// `cordon deploy` refuses, recording nothing, what its plan would fail on.
+/// Call after [`check_app`].
+pub async fn check_configured(engine: &Engine, app: &AppConfig, plugins: &Plugins) -> Result<()> {
+    let mut serving = app_planners(app, plugins);
+    for (i, stage) in app.stages().iter().enumerate() {
+        let plugin = plugins.route(&stage.name)?;
+        if !serving.iter().any(|p| p.name == plugin.name) {
+            serving.push(plugin);
+        }
+        let id = stage.id.clone().unwrap_or_else(|| format!("s{i}-{}", stage.name));
+        check_stage(engine, app, plugin, &id, &stage.name, &stage.with.to_string()).await?;
+    }
+    check_settings(engine, app, &serving).await
 }
 
 /// `why` (the strategy's reason), plus the configured stages the plan

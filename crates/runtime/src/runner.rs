@@ -18,7 +18,7 @@ use cordon_contract::bindings::planner::{
 };
 use crate::call::{Call, RunError, denials, with_denied, with_denials};
 use crate::engine::Engine;
-use crate::plugin::Plugin;
+use crate::plugin::{Plugin, Subject};
 use crate::sandbox::fs::{RUNNING, SCRATCH, TARGET};
 use crate::sandbox::{LogSink, MemoryServices, RunContext, RunDirs, StageLog, StageServices};
 
@@ -168,6 +168,34 @@ impl StageCall {
             sink,
             timeout: None,
         }
+    }
+}
+
+/// Checks `value` (JSON text), the options of `subject`, before a
+/// deployment uses them: the plugin reads them as its stage will (when it
+/// exports `options`), and every path its schema marks as a guest path must
+/// lie in its grants. `Ok(Err(why))` is a refusal, to show the operator;
+/// `Err` a call that failed. Plugins that describe nothing pass.
+pub async fn check_options(engine: &Engine, plugin: &Plugin, subject: &Subject, value: &str) -> Result<Result<(), String>, RunError> {
+    let Some((pre, export)) = plugin.options() else {
+        return Ok(Ok(()));
+    };
+    let mut run = Call::detached(engine.wasmtime(), &plugin.sandbox, RunDirs::default(), Arc::new(crate::sandbox::NullSink)).await?;
+    let Call { store, guard, .. } = &mut run;
+    let verdict = guard
+        .run(async {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            export.load(&mut *store, &instance)?.call_check(&mut *store, subject, value).await
+        })
+        .await?;
+    if let Err(why) = verdict {
+        run.check_size(why.len())?;
+        return Ok(Err(run.log().mask(&why)));
+    }
+    let schema = plugin.described.as_ref().and_then(|d| d.schema(subject));
+    match (schema, serde_json::from_str::<serde_json::Value>(value)) {
+        (Some(schema), Ok(value)) => Ok(crate::plugin::options::check_guest_paths(schema, &value, plugin.sandbox.grants())),
+        _ => Ok(Ok(())),
     }
 }
 

@@ -6,9 +6,12 @@
 //! `{{STAGE}}_ROLLBACK` (added when automatic rollback is on).
 
 use cordon_sdk_deployment::{Context, DeploymentPlugin, Outcome, PlanContext, PlannedStage, StageConfig, StagePlugin, SyncStrategy, planned};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+/// Its stages take no options (`with:`): anything given is refused when the
+/// deployment is planned.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct NoOptions {}
 

@@ -3,11 +3,16 @@
 //! Options (`with:` in the pipeline): `{"greeting": "hello", "fail": false}`.
 
 use cordon_sdk::{Context, Outcome, StagePlugin, log, metadata};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+/// The stage's options (`with:`). Cordon checks them when it plans a
+/// deployment, with this very type, and `cordon plugin inspect` lists them
+/// with these doc comments and defaults.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Options {
+    /// What to say.
     #[serde(default = "default_greeting")]
     greeting: String,
     /// Fail the stage, to see a failure (and a rollback) in a pipeline.

@@ -12,17 +12,22 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use cordon_sdk::{Context, Outcome, StagePlugin, commands, log, metadata};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 const APPROVED: &str = "approved-by";
 const POLL: Duration = Duration::from_millis(300);
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Options {
+    /// Who may approve (the commander names of `cordon approve`); empty:
+    /// anyone.
     #[serde(default)]
     approvers: Vec<String>,
+    /// How many different approvers must approve, at least 1.
     #[serde(default = "one")]
+    #[schemars(range(min = 1))]
     min_approvals: usize,
 }
 
@@ -36,17 +41,17 @@ impl StagePlugin for Approval {
     const STAGES: &'static [(&'static str, &'static str)] = &[("WAIT_APPROVAL", "Wait for approvals from listed approvers")];
     type Options = Options;
 
-    fn run(_ctx: &Context, o: Options) -> Outcome {
+    fn validate(o: &Options) -> Result<(), String> {
         if o.min_approvals == 0 {
-            return Outcome::Failure("invalid WAIT_APPROVAL options: minApprovals must be at least 1".into());
+            return Err("minApprovals must be at least 1".into());
         }
         if !o.approvers.is_empty() && o.approvers.len() < o.min_approvals {
-            return Outcome::Failure(format!(
-                "invalid WAIT_APPROVAL options: {} approvals needed but only {} approvers listed",
-                o.min_approvals,
-                o.approvers.len()
-            ));
+            return Err(format!("{} approvals needed but only {} approvers listed", o.min_approvals, o.approvers.len()));
         }
+        Ok(())
+    }
+
+    fn run(_ctx: &Context, o: Options) -> Outcome {
         let mut approved: BTreeSet<String> =
             metadata::stage_get(APPROVED).map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()).unwrap_or_default();
         let mut seen = BTreeSet::new();

@@ -26,15 +26,23 @@ use std::path::Path;
 
 use cordon_sdk::log::info;
 use cordon_sdk_deployment::{ArtifactVersion, Context, DeploymentPlugin, Outcome, PlanContext, PlannedStage, StageConfig, StagePlugin, SyncStrategy, planned};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use wasip2::filesystem::types::Descriptor;
 
-#[derive(Deserialize)]
+/// `plugins.files` in the app config.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Settings {
+    /// The directory served in production: the guest path of a read-write
+    /// mount (its `guest:`, not its host path).
+    #[schemars(extend("format" = "guest-mount"))]
     target: String,
+    /// The canary's directory, for the canary stages: another mount's guest path.
     #[serde(default)]
+    #[schemars(extend("format" = "guest-mount"))]
     canary: Option<String>,
+    /// Top-level names of the source not copied.
     #[serde(default = "default_exclude")]
     exclude: Vec<String>,
 }
@@ -172,7 +180,7 @@ fn perform(ctx: &Context) -> Result<String, String> {
 }
 
 /// The stages take no options.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct NoOptions {}
 
@@ -260,7 +268,7 @@ impl DeploymentPlugin for Files {
     }
 }
 
-cordon_sdk_deployment::deployment_plugin!(Files);
+cordon_sdk_deployment::deployment_plugin!(Files, settings: Settings);
 cordon_sdk::manifest! {
     name: "files",
     version: env!("CARGO_PKG_VERSION"),

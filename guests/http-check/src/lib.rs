@@ -19,24 +19,36 @@
 use std::time::{Duration, Instant};
 
 use cordon_sdk::{Context, Outcome, StagePlugin, blobs, log};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Options {
+    /// The URL to request; the agent's network grant must allow it.
     url: String,
+    /// The HTTP status a passing check answers with.
     #[serde(default = "ok_status")]
     expected_status: u16,
+    /// Text the body of a passing check contains.
     #[serde(default)]
     body_contains: Option<String>,
+    /// How many requests at most.
     #[serde(default = "three")]
+    #[schemars(range(min = 1))]
     tries: u32,
+    /// Seconds between requests.
     #[serde(default = "one_second")]
+    #[schemars(range(min = 0.0))]
     interval: f64,
+    /// How many checks must pass, at most `tries`.
     #[serde(default = "one")]
+    #[schemars(range(min = 1))]
     success_threshold: u32,
+    /// Compare with the last deployment's result and fail on a latency regression.
     #[serde(default)]
     compare_with_last: bool,
+    /// With `compareWithLast`: the largest allowed growth of the median latency, as a factor.
     #[serde(default = "regression")]
     max_latency_regression: f64,
 }
@@ -84,6 +96,13 @@ impl StagePlugin for HttpCheck {
     const STAGES: &'static [(&'static str, &'static str)] = &[("HTTP_CHECK", "Check a URL over HTTP until enough checks pass")];
     type Options = Options;
 
+    fn validate(o: &Options) -> Result<(), String> {
+        if o.tries == 0 || o.success_threshold == 0 || o.success_threshold > o.tries || !o.interval.is_finite() || o.interval < 0.0 {
+            return Err("need 1 <= successThreshold <= tries and interval >= 0".into());
+        }
+        Ok(())
+    }
+
     fn run(_ctx: &Context, options: Options) -> Outcome {
         check(options)
     }
@@ -98,9 +117,6 @@ cordon_sdk::manifest! {
 }
 
 fn check(o: Options) -> Outcome {
-    if o.tries == 0 || o.success_threshold == 0 || o.success_threshold > o.tries || !o.interval.is_finite() || o.interval < 0.0 {
-        return Outcome::Failure("invalid HTTP_CHECK options: need 1 <= successThreshold <= tries and interval >= 0".into());
-    }
     let mut passes = 0;
     let mut latencies = Vec::new();
     let mut last_status = None;

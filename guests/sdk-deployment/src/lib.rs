@@ -55,6 +55,9 @@ pub mod bindings {
     });
 }
 
+#[doc(hidden)]
+pub use cordon_sdk as __sdk;
+
 use bindings::exports::cordon::plugin::{execution, planning};
 use cordon_sdk::executor::cordon::plugin::types::Deployment;
 use cordon_sdk::executor::exports::cordon::plugin::execution as executor_execution;
@@ -139,10 +142,13 @@ pub fn strategy<P: DeploymentPlugin>(request: planning::PlanRequest) -> Result<p
 }
 
 /// Registers a [`DeploymentPlugin`] as the component's `stages`,
-/// `execution` and `planning` exports.
+/// `execution`, `planning` and `options` exports; `settings: Type`
+/// describes its per-application settings, as for
+/// [`cordon_sdk::stage_plugin!`].
 #[macro_export]
 macro_rules! deployment_plugin {
-    ($plugin:ty) => {
+    ($plugin:ty $(, settings: $settings:ty)? $(,)?) => {
+        $crate::__sdk::describe_options!($plugin $(, $settings)?);
         const _: () = {
             use $crate::bindings::exports::cordon::plugin::{execution, planning, stages};
             struct CordonDeploymentPlugin;

@@ -108,6 +108,7 @@ pub mod items;
 pub mod keys;
 pub mod manifest;
 pub mod migrate;
+pub mod options;
 pub mod stage;
 
 pub use host::{blobs, commands, log, metadata, secrets};

@@ -2,8 +2,13 @@
 //! register it with [`stage_plugin!`](crate::stage_plugin).
 //!
 //! ```
-//! #[derive(serde::Deserialize)]
-//! struct Options { greeting: String }
+//! /// Options of `HELLO`.
+//! #[derive(serde::Deserialize, schemars::JsonSchema)]
+//! #[serde(deny_unknown_fields)]
+//! struct Options {
+//!     /// What to say.
+//!     greeting: String,
+//! }
 //!
 //! struct Hello;
 //! impl cordon_sdk::StagePlugin for Hello {
@@ -18,9 +23,13 @@
 //! # fn main() {}
 //! ```
 //!
-//! Options arrive as the stage's `with:` mapping; if they do not parse, the
-//! stage fails with `invalid <STAGE> options: <why>` before `run` is called.
+//! Options arrive as the stage's `with:` mapping; if they do not parse (or
+//! [`StagePlugin::validate`] refuses them), the stage fails with
+//! `invalid <STAGE> options: <why>` before `run` is called. The same check
+//! runs when the host plans a deployment (see [`crate::options`]), so a
+//! bad option normally fails `cordon plan` instead.
 
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 
 use crate::executor::cordon::plugin::types::{Deployment, Stage, StageStatus};
@@ -103,25 +112,62 @@ impl Context {
 pub trait StagePlugin {
     /// `(name, description)` of each stage it performs.
     const STAGES: &'static [(&'static str, &'static str)];
-    /// The stages' options (`with:`), parsed with serde.
-    type Options: DeserializeOwned;
+    /// The stages' options (`with:`), parsed with serde and described with
+    /// schemars: doc comments, defaults and `deny_unknown_fields` all show
+    /// in `cordon plugin inspect` and are checked at plan time.
+    type Options: DeserializeOwned + JsonSchema;
     fn run(ctx: &Context, options: Self::Options) -> Outcome;
+    /// What the types cannot say (a range, a relation between fields):
+    /// checked at plan time and again before `run`.
+    fn validate(_options: &Self::Options) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Reads a stage's options as `run` gets them: parsed, then validated.
+#[doc(hidden)]
+pub fn parse_options<P: StagePlugin>(json: &str) -> Result<P::Options, String> {
+    let options = crate::options::parse::<P::Options>(json)?;
+    P::validate(&options)?;
+    Ok(options)
 }
 
 #[doc(hidden)]
 pub fn execute<P: StagePlugin>(request: StageRequest) -> StageResult {
-    let name = request.stage.name.clone();
-    let options = match serde_json::from_str::<P::Options>(&request.stage.options) {
+    let options = match parse_options::<P>(&request.stage.options) {
         Ok(o) => o,
-        Err(e) => return Outcome::Failure(format!("invalid {name} options: {e}")).into(),
+        Err(e) => return Outcome::Failure(format!("invalid {} options: {e}", request.stage.name)).into(),
     };
     P::run(&Context::new(request), options).into()
 }
 
-/// Registers a [`StagePlugin`] as the component's `stages` and `execution` exports.
+/// Registers a [`StagePlugin`] as the component's `stages`, `execution`
+/// and `options` exports. `settings: Type` describes the plugin's
+/// per-application settings too (what [`Context::settings`] reads), so
+/// they are checked at plan time:
+///
+/// ```
+/// #[derive(serde::Deserialize, schemars::JsonSchema)]
+/// struct Settings {
+///     /// Where to write, inside the sandbox.
+///     #[schemars(extend("format" = "guest-path"))]
+///     target: String,
+/// }
+/// struct Copy;
+/// impl cordon_sdk::StagePlugin for Copy {
+///     const STAGES: &'static [(&'static str, &'static str)] = &[("COPY", "Copies the source")];
+///     type Options = serde_json::Value;
+///     fn run(ctx: &cordon_sdk::Context, _: serde_json::Value) -> cordon_sdk::Outcome {
+///         ctx.settings::<Settings>().map(|s| format!("copied to {}", s.target)).into()
+///     }
+/// }
+/// cordon_sdk::stage_plugin!(Copy, settings: Settings);
+/// # fn main() {}
+/// ```
 #[macro_export]
 macro_rules! stage_plugin {
-    ($plugin:ty) => {
+    ($plugin:ty $(, settings: $settings:ty)? $(,)?) => {
+        $crate::describe_options!($plugin $(, $settings)?);
         const _: () = {
             struct CordonStagePlugin;
             impl $crate::executor::exports::cordon::plugin::stages::Guest for CordonStagePlugin {

@@ -7,14 +7,17 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cordon_sdk::{Context, Outcome, StagePlugin, log, metadata};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 const START_KEY: &str = "wait.start-unix-ms";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Options {
+    /// How long to wait, in seconds (fractions allowed), at most 30 days.
     #[serde(default = "default_duration")]
+    #[schemars(range(min = 0.0, max = 2592000.0))]
     duration: f64,
 }
 
@@ -35,10 +38,14 @@ impl StagePlugin for Wait {
     const STAGES: &'static [(&'static str, &'static str)] = &[("WAIT", "Wait for a duration; survives agent restarts")];
     type Options = Options;
 
-    fn run(_ctx: &Context, options: Options) -> Outcome {
+    fn validate(options: &Options) -> Result<(), String> {
         if !(options.duration.is_finite() && (0.0..=MAX_SECONDS).contains(&options.duration)) {
-            return Outcome::Failure(format!("invalid WAIT options: duration must be a number of seconds from 0 to {MAX_SECONDS} (30 days), not {}", options.duration));
+            return Err(format!("duration must be a number of seconds from 0 to {MAX_SECONDS} (30 days), not {}", options.duration));
         }
+        Ok(())
+    }
+
+    fn run(_ctx: &Context, options: Options) -> Outcome {
         let start = match metadata::stage_get(START_KEY).and_then(|v| v.parse::<u64>().ok()) {
             Some(start) => {
                 log::info(format!("resuming a wait that started at {start} (unix ms)"));

@@ -28,7 +28,7 @@ impl Deploy {
     pub async fn run(self, config_path: &Path) -> Result<ExitCode> {
         let config = super::load_with_plugins(config_path).await?;
         let host = Arc::new(Host::open(&config).await?);
-        let record = pipeline::trigger(&host, &self.app_dir, self.trigger.info(host.store.as_ref())?)?;
+        let record = pipeline::trigger(&host, &self.app_dir, self.trigger.info(host.store.as_ref())?).await?;
         let id = record.id.clone();
         println!("deployment {id} of {} queued", record.application);
         // With no agent alive, this command runs the deployment itself: on

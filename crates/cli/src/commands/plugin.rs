@@ -16,7 +16,7 @@ use cordon_runtime::engine::{Engine, EngineOptions};
 use cordon_registry::Publish;
 use cordon_runtime::plugin::artifact::OciReference;
 use cordon_runtime::plugin::config::is_loopback;
-use cordon_runtime::plugin::{AgentConfig, Manifest, Plugin, PluginConfig, StageInfo, signature};
+use cordon_runtime::plugin::{AgentConfig, Manifest, Plugin, PluginConfig, signature};
 
 use crate::print::escape;
 use crate::scaffold;
@@ -168,16 +168,74 @@ async fn inspect(file: &Path) -> Result<()> {
         }
     }
     if let Some(world) = worlds.iter().copied().find(|w| w.defines_stages()) {
+        let plugin = load_to_inspect(file, &bytes, world).await?;
         writeln!(out, "stages:")?;
-        for stage in list_stages(file, &bytes, world).await? {
+        for stage in &plugin.stages {
             writeln!(out, "  {:<20} {}", stage.name, escape(&stage.description))?;
+            if let Some(schema) = plugin.described.as_ref().and_then(|d| d.stages.get(&stage.name)) {
+                write_schema(&mut out, "options (with:)", schema)?;
+            }
+        }
+        match &plugin.described {
+            None => writeln!(out, "options:   not described (the plugin does not export `options`; they are checked only when a stage runs)")?,
+            Some(described) => match &described.settings {
+                Some(schema) => {
+                    writeln!(out, "settings:")?;
+                    write_schema(&mut out, "plugins.<name> in the app config", schema)?;
+                }
+                None => writeln!(out, "settings:  none")?,
+            },
         }
     }
     Ok(())
 }
 
-/// Loads the component with no grants to ask which stages it defines.
-async fn list_stages(file: &Path, bytes: &[u8], world: World) -> Result<Vec<StageInfo>> {
+/// One line per property of an options schema: name, type, whether it is
+/// required or its default, then its description (the field's doc comment).
+fn write_schema(out: &mut impl Write, title: &str, schema: &serde_json::Value) -> Result<()> {
+    let strict = schema.get("additionalProperties") == Some(&serde_json::Value::Bool(false));
+    writeln!(out, "    {title}{}", if strict { ", unknown fields refused:" } else { ":" })?;
+    let properties = schema.get("properties").and_then(|p| p.as_object());
+    let Some(properties) = properties.filter(|p| !p.is_empty()) else {
+        writeln!(out, "      none")?;
+        return Ok(());
+    };
+    let required: Vec<&str> = schema.get("required").and_then(|r| r.as_array()).map(|r| r.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+    for (name, property) in properties {
+        let mut facts = vec![type_of(property)];
+        if let Some(format) = property.get("format").and_then(|f| f.as_str()) {
+            facts.push(format.to_string());
+        }
+        for (key, word) in [("minimum", "≥"), ("maximum", "≤")] {
+            if let Some(bound) = property.get(key) {
+                facts.push(format!("{word} {bound}"));
+            }
+        }
+        if required.contains(&name.as_str()) {
+            facts.push("required".to_string());
+        } else if let Some(default) = property.get("default") {
+            facts.push(format!("default {default}"));
+        }
+        let description = property.get("description").and_then(|d| d.as_str()).unwrap_or("").replace('\n', " ");
+        let description = if description.is_empty() { String::new() } else { format!(" — {description}") };
+        writeln!(out, "      {:<22} {}{}", escape(name), escape(&facts.join(", ")), escape(&description))?;
+    }
+    Ok(())
+}
+
+/// A property's JSON type, as the schema gives it (`string`, `string|null`, a `$ref`'s name).
+fn type_of(property: &serde_json::Value) -> String {
+    match (property.get("type"), property.get("$ref").and_then(|r| r.as_str())) {
+        (Some(serde_json::Value::String(t)), _) => t.clone(),
+        (Some(serde_json::Value::Array(ts)), _) => ts.iter().filter_map(|t| t.as_str()).collect::<Vec<_>>().join("|"),
+        (None, Some(reference)) => reference.rsplit('/').next().unwrap_or(reference).to_string(),
+        _ => "any".to_string(),
+    }
+}
+
+/// Loads the component with no grants to ask which stages it defines and
+/// how it describes their options.
+async fn load_to_inspect(file: &Path, bytes: &[u8], world: World) -> Result<Plugin> {
     let engine = Engine::new(EngineOptions { cache_dir: None, pooling: false, ..Default::default() })?;
     let config = PluginConfig {
         name: "inspected".into(),
@@ -191,7 +249,7 @@ async fn list_stages(file: &Path, bytes: &[u8], world: World) -> Result<Vec<Stag
         signature_file: None,
         trust: Default::default(),
     };
-    Ok(Plugin::load_for_inspection(&engine, &config).await?.stages)
+    Plugin::load_for_inspection(&engine, &config).await
 }
 
 fn verify(config_path: &Path, file: &Path, public_keys: &[PathBuf]) -> Result<()> {

@@ -13,11 +13,13 @@
 //! component of the declared world and contract version, and that the
 //! grants give what its manifest requests → compile (or take
 //! from the cache) → pre-link against the host imports → for stage
-//! plugins, ask which stages it defines.
+//! plugins, ask which stages it defines and, when it exports `options`,
+//! the schemas of their options.
 
 pub mod artifact;
 pub mod config;
 pub mod manifest;
+pub mod options;
 pub mod signature;
 
 use std::collections::BTreeMap;
@@ -36,12 +38,14 @@ use cordon_contract::bindings::migration_phase::MigrationPhasePre;
 use cordon_contract::bindings::planner::PlannerPre;
 use cordon_contract::{self as contract, World};
 use cordon_contract::bindings::executor::exports::cordon::plugin::stages::GuestIndices as StagesIndices;
+use cordon_contract::bindings::described::exports::cordon::plugin::options::GuestIndices as OptionsIndices;
 
 use crate::call::{Call, RunError};
 use crate::engine::{Engine, Origin};
 use crate::sandbox::{NullSink, RunDirs, RunState, Sandbox};
 pub use config::{AgentConfig, PluginConfig};
 pub use manifest::Manifest;
+pub use options::{Described, Subject};
 
 /// Checks a component's static shape against the maxima of one plugin.
 fn check_shape(shape: &contract::Shape) -> Result<(), String> {
@@ -75,6 +79,9 @@ pub struct Plugin {
     pub stages: Vec<StageInfo>,
     /// What the plugin says it is and needs, when it carries a manifest.
     pub manifest: Option<Manifest>,
+    /// Its option schemas, when it exports `options`.
+    pub described: Option<Described>,
+    options: Option<OptionsIndices>,
     pre: InstancePre<RunState>,
     executor: Option<ExecutorPre<RunState>>,
     planner: Option<PlannerPre<RunState>>,
@@ -109,6 +116,11 @@ impl Plugin {
         self.migration_phase.as_ref()
     }
 
+    /// The instance pre-linked for this plugin and its `options` export, if any.
+    pub(crate) fn options(&self) -> Option<(&InstancePre<RunState>, &OptionsIndices)> {
+        self.options.as_ref().map(|o| (&self.pre, o))
+    }
+
     /// The error for a call this plugin's world does not offer.
     pub fn wrong_world(&self, lacks: &'static str) -> RunError {
         RunError::WrongWorld { plugin: self.name.clone(), world: self.world, lacks }
@@ -138,6 +150,42 @@ impl Plugin {
             return Err(RunError::Contract(format!("stage name {:?} must be non-empty ASCII letters, digits, '_' or '-'", bad.name)).into());
         }
         Ok(stages)
+    }
+
+    /// Asks the component for the schema of each stage's options and of its
+    /// settings; each must be a JSON object.
+    async fn describe(&self, engine: &Engine, options: &OptionsIndices) -> Result<Described, RunError> {
+        let mut run = Call::detached(engine.wasmtime(), &self.sandbox, RunDirs::default(), Arc::new(NullSink)).await?;
+        run.guard.timeout = run.guard.timeout.min(STAGES_TIMEOUT);
+        let subjects: Vec<Subject> = self.stages.iter().map(|s| Subject::Stage(s.name.clone())).chain([Subject::Settings]).collect();
+        let Call { store, guard, .. } = &mut run;
+        let answers = guard
+            .run(async {
+                let instance = self.pre.instantiate_async(&mut *store).await?;
+                let export = options.load(&mut *store, &instance)?;
+                let mut answers = Vec::new();
+                for subject in &subjects {
+                    answers.push(export.call_schema(&mut *store, subject).await?);
+                }
+                Ok(answers)
+            })
+            .await?;
+        run.check_size(answers.iter().flatten().map(String::len).sum())?;
+        let mut described = Described::default();
+        for (subject, answer) in subjects.into_iter().zip(answers) {
+            let Some(text) = answer else { continue };
+            let schema: serde_json::Value = serde_json::from_str(&text)
+                .ok()
+                .filter(serde_json::Value::is_object)
+                .ok_or_else(|| run.contract_error(format!("the schema of its {} is not a JSON object", options::subject_name(&subject))))?;
+            match subject {
+                Subject::Stage(name) => {
+                    described.stages.insert(name, schema);
+                }
+                Subject::Settings => described.settings = Some(schema),
+            }
+        }
+        Ok(described)
     }
 
     /// Loads the plugin `config` describes.
@@ -241,6 +289,8 @@ impl Plugin {
             origin,
             stages: Vec::new(),
             manifest,
+            described: None,
+            options: None,
             pre,
             executor,
             planner,
@@ -257,6 +307,12 @@ impl Plugin {
                 && let Some(extra) = m.stages.iter().find(|s| !plugin.stages.iter().any(|d| d.name == **s))
             {
                 bail!("plugin `{name}`: {file}: its manifest lists stage `{extra}`, which the component does not define");
+            }
+            if let Ok(options) = OptionsIndices::new(&plugin.pre) {
+                plugin.described = Some(
+                    plugin.describe(engine, &options).await.with_context(|| format!("plugin `{name}`: cannot read the schemas of its options"))?,
+                );
+                plugin.options = Some(options);
             }
         }
         Ok(plugin)
