@@ -7,11 +7,15 @@
 #    emptied.
 # 2. Version 2 has a broken page: the canary check fails and the automatic
 #    rollback restores the previous site, which is then shown being served.
+#
+# The agent runs a signed setup: it requires a signature on every plugin and
+# trusts one key, made here; the first-party plugins from dist/plugins are
+# copied and signed with it, as an operator signs the builds they run.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 STATE=$ROOT/.cordon-state/demo
 CORDON=$ROOT/target/debug/cordon
-GUESTS=$ROOT/guests/target/wasm32-wasip2/release
+DIST=$ROOT/dist/plugins
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 fetch() { python3 - "$1" <<'PY'
@@ -29,7 +33,13 @@ cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$
 trap cleanup EXIT
 
 rm -rf "$STATE"
-mkdir -p "$STATE/www/primary" "$STATE/www/canary" "$STATE/apps"
+mkdir -p "$STATE/www/primary" "$STATE/www/canary" "$STATE/apps" "$STATE/plugins"
+PLUGINS=$STATE/plugins
+"$CORDON" plugin keygen "$STATE/demo-key" >/dev/null
+for p in files http-check wait approval; do
+  cp "$DIST/$p.wasm" "$PLUGINS/"
+  "$CORDON" plugin sign "$PLUGINS/$p.wasm" --key "$STATE/demo-key" >/dev/null
+done
 PRIMARY=$(free_port)
 CANARY=$(free_port)
 python3 -m http.server --bind 127.0.0.1 --directory "$STATE/www/primary/current" "$PRIMARY" >/dev/null 2>&1 & PIDS+=($!)
@@ -37,29 +47,32 @@ python3 -m http.server --bind 127.0.0.1 --directory "$STATE/www/canary/current" 
 
 cat > "$STATE/agent.yaml" <<YAML
 state-dir: $STATE/state
+trusted-keys:
+  demo: "$(cat "$STATE/demo-key.pub")"
+require-signatures: true
 plugins:
   - name: files
-    path: $GUESTS/files.wasm
-    sha256: $(sha "$GUESTS/files.wasm")
+    path: $PLUGINS/files.wasm
+    sha256: $(sha "$PLUGINS/files.wasm")
     world: deployment
     grants:
       mounts:
         - { host: $STATE/www/primary, guest: /www, access: read-write }
         - { host: $STATE/www/canary, guest: /canary, access: read-write }
   - name: http-check
-    path: $GUESTS/http_check.wasm
-    sha256: $(sha "$GUESTS/http_check.wasm")
+    path: $PLUGINS/http-check.wasm
+    sha256: $(sha "$PLUGINS/http-check.wasm")
     world: executor
     grants:
       network: { allow: ["http://127.0.0.1:$PRIMARY", "http://127.0.0.1:$CANARY"] }
     limits: { timeout: 2m }
   - name: wait
-    path: $GUESTS/wait.wasm
-    sha256: $(sha "$GUESTS/wait.wasm")
+    path: $PLUGINS/wait.wasm
+    sha256: $(sha "$PLUGINS/wait.wasm")
     world: executor
   - name: approval
-    path: $GUESTS/approval.wasm
-    sha256: $(sha "$GUESTS/approval.wasm")
+    path: $PLUGINS/approval.wasm
+    sha256: $(sha "$PLUGINS/approval.wasm")
     world: executor
 YAML
 
@@ -78,6 +91,8 @@ for _ in $(seq 100); do
 done
 grep -q "agent serving" "$STATE/agent.log" || { echo "the agent did not start" >&2; cat "$STATE/agent.log" >&2; exit 1; }
 
+echo "== the agent requires signatures and trusts one key, demo:"
+for p in files http-check wait approval; do echo "   $("$CORDON" plugin verify "$PLUGINS/$p.wasm")"; done
 echo "== primary http://127.0.0.1:$PRIMARY/  canary http://127.0.0.1:$CANARY/"
 echo "== deployment 1: version 1 through the canary"
 "$CORDON" deploy "$STATE/apps/site" --message "site 1.0.0"

@@ -5,7 +5,7 @@
 //! state-dir: .cordon-state        # relative to this file
 //! plugins:
 //!   - name: wait
-//!     path: ../guests/target/wasm32-wasip2/release/wait.wasm
+//!     path: ../dist/plugins/wait.wasm
 //!     sha256: 9f2c…               # required: the component is refused if it differs
 //!     world: executor
 //!     grants:
