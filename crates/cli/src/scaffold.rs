@@ -5,7 +5,10 @@
 //! The template is plain files with `{{…}}` placeholders: the project's
 //! name, its crate name, the stage name derived from it, the SDK
 //! dependency lines, and the world and grants of its agent config. One
-//! source file per kind (`kinds/<kind>.rs`) becomes `src/lib.rs`.
+//! source file per kind (`kinds/<kind>.rs`) becomes `src/lib.rs`, and the
+//! kind's guide (`kinds/<kind>.md`) the README's "Run it" step, with the
+//! files it uses (`app/`, `try/`): every kind's README works when followed
+//! verbatim (`tests/publishing.rs` follows each).
 
 use std::path::{Path, PathBuf};
 
@@ -58,6 +61,32 @@ impl Kind {
             Kind::MigrationPhase => include_str!("../../../examples/plugin-template/kinds/migration-phase.rs"),
         }
     }
+
+    /// The README's "Run it" step for this kind.
+    fn guide(self) -> &'static str {
+        match self {
+            Kind::Stage => include_str!("../../../examples/plugin-template/kinds/stage.md"),
+            Kind::Deployment => include_str!("../../../examples/plugin-template/kinds/deployment.md"),
+            Kind::KeyFilter => include_str!("../../../examples/plugin-template/kinds/key-filter.md"),
+            Kind::ItemAction => include_str!("../../../examples/plugin-template/kinds/item-action.md"),
+            Kind::MigrationPhase => include_str!("../../../examples/plugin-template/kinds/migration-phase.md"),
+        }
+    }
+
+    /// The files the guide uses: (path in the project, template text).
+    fn try_files(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Kind::Stage => &[("app/app.cordon.yaml", include_str!("../../../examples/plugin-template/app/app.cordon.yaml"))],
+            Kind::Deployment => &[
+                ("app/app.cordon.yaml", include_str!("../../../examples/plugin-template/app/deployment.cordon.yaml")),
+                ("app/index.html", include_str!("../../../examples/plugin-template/app/index.html")),
+                ("target-dir/.keep", ""),
+            ],
+            Kind::KeyFilter => &[("try/keys.txt", include_str!("../../../examples/plugin-template/try/keys.txt"))],
+            Kind::ItemAction => &[("try/items.jsonl", include_str!("../../../examples/plugin-template/try/items.jsonl"))],
+            Kind::MigrationPhase => &[("try/migration.yaml", include_str!("../../../examples/plugin-template/try/migration.yaml"))],
+        }
+    }
 }
 
 /// The template's files other than the per-kind sources: (path, text).
@@ -67,7 +96,6 @@ const COMMON: [(&str, &str); 4] = [
     ("README.md", include_str!("../../../examples/plugin-template/README.md")),
     ("cordon.yaml", include_str!("../../../examples/plugin-template/cordon.yaml")),
 ];
-const APP: &str = include_str!("../../../examples/plugin-template/app/app.cordon.yaml");
 
 /// The SDK of the checkout this binary was built from, when it is still there.
 fn default_sdk() -> Option<PathBuf> {
@@ -119,7 +147,8 @@ pub fn new_plugin(request: &Request<'_>) -> Result<PathBuf> {
     };
     let stage = name.to_ascii_uppercase().replace('-', "_");
     let fill = |text: &str| {
-        text.replace("{{name}}", name)
+        text.replace("{{try}}", request.kind.guide().trim_end())
+            .replace("{{name}}", name)
             .replace("{{crate}}", &name.replace('-', "_"))
             .replace("{{STAGE}}", &stage)
             .replace("{{kind}}", request.kind.name())
@@ -130,12 +159,8 @@ pub fn new_plugin(request: &Request<'_>) -> Result<PathBuf> {
     };
     let mut files: Vec<(&str, String)> = COMMON.iter().map(|(path, text)| (*path, fill(text))).collect();
     files.push(("src/lib.rs", fill(request.kind.source())));
-    files.push((".gitignore", "/target\n/.cordon-state\n/target-dir\n*-key\n".to_string()));
-    match request.kind {
-        Kind::Stage => files.push(("app/app.cordon.yaml", fill(APP))),
-        Kind::Deployment => files.push(("target-dir/.keep", String::new())),
-        _ => {}
-    }
+    files.push((".gitignore", "/target\n/.cordon-state\n/target-dir\n*-key\n/keys\n/try/*.sqlite\n".to_string()));
+    files.extend(request.kind.try_files().iter().map(|(path, text)| (*path, fill(text))));
     let existed = dir.exists();
     let write = || -> Result<()> {
         for (path, text) in &files {
