@@ -655,3 +655,39 @@ fn a_follower_says_when_the_agent_is_gone() {
     follower.kill().unwrap();
     follower.wait().unwrap();
 }
+
+/// Issue #18 item 3: a running agent loaded its plugins when it started, so
+/// it cannot run a deployment that needs a plugin added to the config
+/// since. On the embedded database, whose only agent it is, `deploy`
+/// refuses such a deployment (exit 2, nothing recorded) naming the fix;
+/// on a shared one (where another agent may have the plugin) it is queued
+/// with a warning naming what the live agent lacks.
+#[tokio::test]
+async fn a_deployment_the_running_agent_cannot_run_is_refused_or_announced() {
+    let world = World::custom(&[("wait", "executor")], |_| String::new());
+    let host = world.host().await;
+    let _agent = start_agent(&world);
+    let started = Instant::now();
+    while !host.store.agents().unwrap().iter().any(|beat| cordon_pipeline::agent::silence(beat, cordon_store::now_ms()) < cordon_pipeline::agent::STALE) {
+        assert!(started.elapsed() < Duration::from_secs(30), "the agent never reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let newer = world.dir.path().join("newer.yaml");
+    let text = std::fs::read_to_string(&world.config).unwrap() + &cordon_tests::plugin_entry("spin", "executor", "");
+    std::fs::write(&newer, text).unwrap();
+    let app = world.app("s", "name: s\npipeline:\n  stages:\n    - { name: SPIN, timeout: 1s }\n");
+    let out = world.bare_command().arg("--config").arg(&newer).args(["deploy", app.to_str().unwrap(), "--detach"]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    if cordon_tests::on_postgres() {
+        assert!(out.status.success(), "{said}");
+        assert!(said.contains("no live agent may run this deployment") && said.contains("lacks stage SPIN"), "{said}");
+    } else {
+        assert_eq!(out.status.code(), Some(2), "{said}");
+        assert!(said.contains("the running agent cannot run this deployment") && said.contains("lacks stage SPIN") && said.contains("restart it"), "{said}");
+        assert!(host.store.deployments(Some("s"), 10).unwrap().is_empty(), "a refused deployment was recorded");
+    }
+    // What the running agent can run is queued as before.
+    let app = world.app("w", "name: w\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: 0 } }\n");
+    let out = world.bare_command().arg("--config").arg(&newer).args(["deploy", app.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

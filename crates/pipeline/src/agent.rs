@@ -43,13 +43,18 @@ pub fn silence(beat: &AgentBeat, now: u64) -> Duration {
 /// `None` while a live agent (one that reported within [`STALE`]) may
 /// run `deployment`; otherwise why nothing will, for a follower to say.
 pub fn nobody_runs(store: &dyn cordon_store::StateStore, deployment: &DeploymentRecord) -> Result<Option<Stale>> {
+    nobody_meets(store, &deployment.requires)
+}
+
+/// [`nobody_runs`] for a deployment that needs `requires`.
+pub fn nobody_meets(store: &dyn cordon_store::StateStore, requires: &cordon_store::Requirements) -> Result<Option<Stale>> {
     let now = now_ms();
     let agents = store.agents()?;
     let live: Vec<&AgentBeat> = agents.iter().filter(|beat| silence(beat, now) < STALE).collect();
     if live.is_empty() {
         return Ok(Some(Stale::Silent { last: agents.first().map(|beat| (beat.clone(), silence(beat, now))) }));
     }
-    let lacking: Vec<(String, Vec<String>)> = live.iter().map(|beat| (format!("{} ({})", beat.name, beat.id), deployment.requires.unmet_by(beat))).collect();
+    let lacking: Vec<(String, Vec<String>)> = live.iter().map(|beat| (format!("{} ({})", beat.name, beat.id), requires.unmet_by(beat))).collect();
     if lacking.iter().any(|(_, unmet)| unmet.is_empty()) {
         return Ok(None);
     }

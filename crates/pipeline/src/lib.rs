@@ -206,6 +206,21 @@ pub async fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Resul
             labels_text(&host.offer.labels)
         );
     }
+    // The embedded database has one agent. One that is running (it holds
+    // the state directory's lock) loaded its plugins when it started: a
+    // deployment needing a plugin or stage added to the config since would
+    // wait for ever, so it is refused here.
+    if !host.shared
+        && cordon_store::lock::AgentLock::try_acquire(&host.state_dir)?.is_none()
+        && let Some(agent::Stale::Ineligible { lacking }) = agent::nobody_meets(host.store.as_ref(), &requires)?
+    {
+        let each: Vec<String> = lacking.iter().map(|(agent, unmet)| format!("{agent} lacks {}", unmet.join(", "))).collect();
+        bail!(
+            "{}: the running agent cannot run this deployment ({}): it read the agent config when it started; restart it (`systemctl restart cordon-agent`, or stop `cordon agent` and start it again) so it loads the current config, then deploy again",
+            app.file.display(),
+            each.join("; ")
+        );
+    }
     let dir = std::fs::canonicalize(app_dir).with_context(|| format!("cannot resolve {}", app_dir.display()))?;
     let trigger_json = serde_json::to_string(&trigger)?;
     // The copy is made once. On the embedded store it is then placed under
