@@ -98,6 +98,19 @@ fn guest_text_cannot_drive_the_terminal() {
 
 /// An id that would become a path outside the state directory is refused
 /// before any file is created.
+/// An error quoting what a user or plugin wrote (here a path with an ANSI
+/// sequence in it) is printed with the control characters escaped.
+#[test]
+fn errors_cannot_drive_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "wait");
+    let app = dir.path().join("red\x1b[31mapp");
+    let out = cordon(&["--config", &cfg, "plan", app.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!stderr.contains('\x1b') && stderr.contains("red\\u{1b}[31mapp"), "{stderr:?}");
+}
+
 #[test]
 fn ids_that_would_leave_the_state_directory_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -304,6 +304,27 @@ async fn huge_return_value_is_refused() {
     assert!(outcome.message.len() < 1024);
 }
 
+/// The optional `options` export is a call like any other: schemas over the
+/// result limit together are refused while they are read (the plugin does
+/// not load), a check that never returns ends within the plan-time cap
+/// (10 s) though the plugin's own timeout is an hour, and the refusal's
+/// words come back masked, for the CLI to print escaped.
+#[tokio::test]
+async fn the_options_export_cannot_hold_the_host() {
+    let err = format!("{:#}", load("options-abuse", "").await.err().expect("four 300 KiB schemas loaded under a 1 MiB result limit"));
+    assert!(err.contains("cannot read the schemas of its options") && err.contains("above the plugin's limit of 1048576 bytes"), "{err}");
+    let plugin = load("options-abuse", "    limits: { result-bytes: 2MiB, timeout: 1h }\n").await.unwrap();
+    assert_eq!(plugin.described.as_ref().map(|d| d.stages.len()), Some(4));
+    let engine = cordon_tests::engine();
+    let subject = cordon_runtime::plugin::Subject::Stage("ABUSE_A".into());
+    let started = std::time::Instant::now();
+    let spun = beside_a_neighbour(cordon_runtime::runner::check_options(engine, &plugin, &subject, r#"{"spin": true}"#)).await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "the check ran {:?}", started.elapsed());
+    assert!(spun.as_ref().is_err_and(|e| e.to_string().contains("timed out after 10s")), "{spun:?}");
+    let refused = cordon_runtime::runner::check_options(engine, &plugin, &subject, "{}").await.unwrap();
+    assert_eq!(refused, Err("the options say \u{1b}[31mred\u{1b}[0m".to_string()));
+}
+
 #[tokio::test]
 async fn env_is_only_what_was_granted() {
     // SAFETY: set before any thread of this test reads the environment; the

@@ -139,7 +139,11 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote plugins' words and users' paths: control
+            // characters are shown escaped, line by line, never sent raw.
+            let text = format!("{e:#}");
+            let lines: Vec<_> = text.lines().map(print::escape).collect();
+            eprintln!("error: {}", lines.join("\n"));
             ExitCode::from(2)
         }
     }

@@ -135,6 +135,11 @@ impl Call {
         RunError::Contract(self.guard.log.mask(&message))
     }
 
+    /// The plugin's result limit, in bytes.
+    pub fn result_limit(&self) -> u64 {
+        self.result_limit
+    }
+
     /// Refuses answers larger than the plugin's result limit.
     pub fn check_size(&self, size: usize) -> Result<(), RunError> {
         if size as u64 > self.result_limit {

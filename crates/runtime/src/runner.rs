@@ -181,6 +181,8 @@ pub async fn check_options(engine: &Engine, plugin: &Plugin, subject: &Subject, 
         return Ok(Ok(()));
     };
     let mut run = Call::detached(engine.wasmtime(), &plugin.sandbox, RunDirs::default(), Arc::new(crate::sandbox::NullSink)).await?;
+    // A plan waits on this: a check gets seconds, not the stage's hour.
+    run.guard.timeout = run.guard.timeout.min(crate::plugin::CHECK_TIMEOUT);
     let Call { store, guard, .. } = &mut run;
     let verdict = guard
         .run(async {

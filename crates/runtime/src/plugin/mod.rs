@@ -58,8 +58,9 @@ fn check_shape(shape: &contract::Shape) -> Result<(), String> {
     Ok(())
 }
 
-/// How long a plugin may take to say which stages it defines.
-const STAGES_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a plugin may take to say which stages it defines, to describe
+/// its options, or to check options at plan time.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A stage a plugin defines.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +135,7 @@ impl Plugin {
             bail!("a {} plugin defines no stages", self.world);
         }
         let mut run = Call::detached(engine.wasmtime(), &self.sandbox, RunDirs::default(), Arc::new(NullSink)).await?;
-        run.guard.timeout = run.guard.timeout.min(STAGES_TIMEOUT);
+        run.guard.timeout = run.guard.timeout.min(CHECK_TIMEOUT);
         let stages_export = StagesIndices::new(&self.pre)?;
         let Call { store, guard, .. } = &mut run;
         let stages: Vec<StageInfo> = guard.run(async {
@@ -156,21 +157,29 @@ impl Plugin {
     /// settings; each must be a JSON object.
     async fn describe(&self, engine: &Engine, options: &OptionsIndices) -> Result<Described, RunError> {
         let mut run = Call::detached(engine.wasmtime(), &self.sandbox, RunDirs::default(), Arc::new(NullSink)).await?;
-        run.guard.timeout = run.guard.timeout.min(STAGES_TIMEOUT);
+        run.guard.timeout = run.guard.timeout.min(CHECK_TIMEOUT);
         let subjects: Vec<Subject> = self.stages.iter().map(|s| Subject::Stage(s.name.clone())).chain([Subject::Settings]).collect();
+        let limit = run.result_limit();
         let Call { store, guard, .. } = &mut run;
+        // Checked as they come: a plugin of many stages cannot make the
+        // host hold many large answers before the size is checked.
         let answers = guard
             .run(async {
                 let instance = self.pre.instantiate_async(&mut *store).await?;
                 let export = options.load(&mut *store, &instance)?;
-                let mut answers = Vec::new();
+                let (mut answers, mut size) = (Vec::new(), 0);
                 for subject in &subjects {
-                    answers.push(export.call_schema(&mut *store, subject).await?);
+                    let answer = export.call_schema(&mut *store, subject).await?;
+                    size += answer.as_ref().map_or(0, String::len);
+                    if size as u64 > limit {
+                        break;
+                    }
+                    answers.push(answer);
                 }
-                Ok(answers)
+                Ok((answers, size))
             })
-            .await?;
-        run.check_size(answers.iter().flatten().map(String::len).sum())?;
+            .await
+            .and_then(|(answers, size)| run.check_size(size).map(|()| answers))?;
         let mut described = Described::default();
         for (subject, answer) in subjects.into_iter().zip(answers) {
             let Some(text) = answer else { continue };
