@@ -431,3 +431,23 @@ async fn options_and_settings_are_checked_when_planning_before_anything_runs() {
     let out = world.cordon(&["plugin", "inspect", &path(&cordon_tests::guest("noop"))]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("options:   not described"), "{out:?}");
 }
+
+/// Issue #18 item 7: `stage run --app DIR` tries a stage that reads the
+/// application's settings (FILES_*) alone: the stage gets `plugins.files`
+/// of DIR's app config, and DIR is its source. Without it the stage has
+/// no settings and says so.
+#[tokio::test]
+async fn stage_run_takes_an_applications_settings() {
+    let world = files_world();
+    let app = world.app("site", "name: site\nplugins:\n  files: { target: /www }\n");
+    write_site(&app, "1.0.0", &[("index.html", "<h1>alone</h1>")]);
+    let app = app.to_str().unwrap().to_string();
+    let alone = world.cordon(&["stage", "run", "--plugin", "files", "--stage", "FILES_SYNC", "--source", &app]);
+    let said = String::from_utf8_lossy(&alone.stdout).into_owned();
+    assert_eq!(alone.status.code(), Some(1), "{said}");
+    assert!(said.contains("missing field `target`"), "{said}");
+    let run = world.cordon(&["stage", "run", "--plugin", "files", "--stage", "FILES_SYNC", "--app", &app]);
+    let said = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(run.status.success(), "{said}{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(std::fs::read_to_string(mount(&world, "www").join("current/index.html")).unwrap(), "<h1>alone</h1>");
+}

@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 
+use cordon_pipeline::config::AppConfig;
 use cordon_runtime::plugin::{AgentConfig, Plugin};
 use cordon_runtime::runner::{self, StageCall};
 use cordon_runtime::sandbox::RunDirs;
@@ -33,13 +34,20 @@ pub enum StageCommand {
         /// Directory mounted read-only as the running source (/running).
         #[arg(long)]
         running: Option<PathBuf>,
+        /// An application directory: the stage gets its settings for this
+        /// plugin (`plugins.<name>` of its app.cordon.yaml) and its name, and
+        /// the directory is the source unless --source says otherwise.
+        #[arg(long)]
+        app: Option<PathBuf>,
     },
 }
 
 impl StageCommand {
     pub async fn run(self, config_path: &Path) -> Result<ExitCode> {
-        let StageCommand::Run { plugin: plugin_name, stage, with, source, running } = self;
+        let StageCommand::Run { plugin: plugin_name, stage, with, source, running, app: app_dir } = self;
         let config = AgentConfig::load(config_path)?;
+        let app = app_dir.as_deref().map(AppConfig::load).transpose()?;
+        let source = source.or(app_dir);
         let plugin_config = config.plugin(&plugin_name)?;
         cordon_registry::fetch_plugin(&config, plugin_config).await?;
         if let Err(e) = serde_json::from_str::<serde_json::Value>(&with) {
@@ -68,7 +76,12 @@ impl StageCommand {
             running,
             scratch: Some(scratch.path().to_path_buf()),
         };
-        let call = StageCall::standalone(&stage, &with, dirs, Arc::new(PrintSink::Stdout));
+        let mut call = StageCall::standalone(&stage, &with, dirs, Arc::new(PrintSink::Stdout));
+        if let Some(app) = &app {
+            call.app_config = app.plugin_settings(&plugin_name);
+            call.deployment.application_id = app.name.clone();
+            call.deployment.application_name = app.name.clone();
+        }
         println!("{stage}: running plugin `{plugin_name}` (world {}, {})", plugin.world, plugin.origin);
         let started = Instant::now();
         let outcome = runner::execute_stage(&engine, &plugin, call).await;
