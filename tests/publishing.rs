@@ -61,7 +61,8 @@ fn from_plugin_new_to_a_signed_plugin_in_a_pipeline() {
 
     // Step 3: pin the build.
     let config = project.join("cordon.yaml");
-    edit(&config, "PASTE-THE-SHA256", &sha256_file(&project.join(wasm)));
+    ok(cordon(&project, &["--config", "cordon.yaml", "plugin", "pin", "hello-e2e"]));
+    assert!(std::fs::read_to_string(&config).unwrap().contains(&sha256_file(&project.join(wasm))));
 
     // Step 4: one stage, once.
     let staged = ok(cordon(&project, &["--config", "cordon.yaml", "stage", "run", "--plugin", "hello-e2e", "--stage", "HELLO_E2E", "--with", r#"{"greeting": "hi"}"#]));
@@ -121,7 +122,8 @@ fn tool_dir(dir: &Path) -> std::path::PathBuf {
     let shim = format!(
         "#!/bin/sh\nset -e\n[ -f Cargo.lock ] || cp {lock} Cargo.lock\nCARGO_TARGET_DIR={target} {cargo} \"$@\"\n\
          crate=$(sed -n 's/^name = \"\\(.*\\)\"/\\1/p' Cargo.toml | head -1 | tr - _)\n\
-         mkdir -p target/wasm32-wasip2/release\nmv {target}/wasm32-wasip2/release/$crate.wasm target/wasm32-wasip2/release/\n",
+         mkdir -p target/wasm32-wasip2/release\nrm -f target/wasm32-wasip2/release/$crate.wasm\n\
+         mv {target}/wasm32-wasip2/release/$crate.wasm target/wasm32-wasip2/release/\n",
         lock = root().join("guests/Cargo.lock").display(),
         target = root().join("guests/target").display(),
         cargo = env!("CARGO"),

@@ -80,10 +80,16 @@ pub enum PluginCommand {
     },
     /// Pin plugin NAME in the agent config: resolve REF (a tag) once to its
     /// digest, or without REF, re-pin the sha256 of its rebuilt local file.
+    ///
+    /// After a rebuild, `cargo build --release && cordon plugin pin NAME
+    /// --sign KEY` re-pins and re-signs it in one line.
     Pin {
         name: String,
         /// oci://REGISTRY/REPOSITORY:TAG (or @sha256:DIGEST).
         reference: Option<String>,
+        /// Sign the local file too, with this private key (`plugin keygen`).
+        #[arg(long)]
+        sign: Option<PathBuf>,
     },
 }
 
@@ -119,7 +125,7 @@ impl PluginCommand {
                 println!("digest: {}", pushed.source.digest);
                 println!("pin it in the agent config:\n    source: {}\n    sha256: {}", pushed.source, pushed.sha256);
             }
-            PluginCommand::Pin { name, reference } => pin(config, &name, reference.as_deref()).await?,
+            PluginCommand::Pin { name, reference, sign } => pin(config, &name, reference.as_deref(), sign.as_deref()).await?,
         }
         Ok(ExitCode::SUCCESS)
     }
@@ -275,9 +281,20 @@ fn verify(config_path: &Path, file: &Path, public_keys: &[PathBuf]) -> Result<()
 /// Rewrites plugin `name`'s pin in the agent config: `source` (when it
 /// comes from a registry) and `sha256`. The file is edited in place, its
 /// comments and layout kept, checked as a config before it is replaced.
-async fn pin(config_path: &Path, name: &str, reference: Option<&str>) -> Result<()> {
+async fn pin(config_path: &Path, name: &str, reference: Option<&str>, sign: Option<&Path>) -> Result<()> {
     let config = AgentConfig::load(config_path)?;
     let plugin = config.plugin(name)?;
+    if let Some(key) = sign {
+        if reference.is_some() || plugin.source.is_some() {
+            bail!("--sign signs a local file; a plugin from a registry is signed when it is pushed (`cordon plugin push --sign KEY`)");
+        }
+        if plugin.trust.signature_file != signature::signature_path(&plugin.path) {
+            bail!("plugin `{name}` has signature-file {}; sign with `cordon plugin sign` and place the signature there", plugin.trust.signature_file.display());
+        }
+        if !key.is_file() {
+            bail!("--sign {}: no such key file; make one with `cordon plugin keygen {}`", key.display(), key.display());
+        }
+    }
     let (source, sha) = match (reference, &plugin.source) {
         (Some(text), _) => {
             let reference = OciReference::parse(text).map_err(anyhow::Error::msg)?;
@@ -305,6 +322,10 @@ async fn pin(config_path: &Path, name: &str, reference: Option<&str>) -> Result<
     match &source {
         Some(source) => println!("pinned `{name}` to {source} (component sha256 {sha}) in {}", file.display()),
         None => println!("pinned `{name}` to sha256 {sha} of {} in {}", plugin.path.display(), file.display()),
+    }
+    if let Some(key) = sign {
+        let sig = signature::sign(&plugin.path, key)?;
+        println!("signed {} -> {}", plugin.path.display(), sig.display());
     }
     Ok(())
 }
