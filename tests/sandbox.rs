@@ -313,6 +313,9 @@ async fn huge_return_value_is_refused() {
 async fn the_options_export_cannot_hold_the_host() {
     let err = format!("{:#}", load("options-abuse", "").await.err().expect("four 300 KiB schemas loaded under a 1 MiB result limit"));
     assert!(err.contains("cannot read the schemas of its options") && err.contains("above the plugin's limit of 1048576 bytes"), "{err}");
+    let inspect = std::process::Command::new(cordon_tests::cordon_bin()).args(["plugin", "inspect"]).arg(cordon_tests::guest("options-abuse")).output().unwrap();
+    let said = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success() && said.contains("options:   cannot be read: returned 1228876 bytes, above the plugin's limit"), "{said}");
     let plugin = load("options-abuse", "    limits: { result-bytes: 2MiB, timeout: 1h }\n").await.unwrap();
     assert_eq!(plugin.described.as_ref().map(|d| d.stages.len()), Some(4));
     let engine = cordon_tests::engine();

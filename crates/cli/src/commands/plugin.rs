@@ -183,6 +183,9 @@ async fn inspect(file: &Path) -> Result<()> {
             }
         }
         match &plugin.described {
+            None if plugin.undescribed.is_some() => {
+                writeln!(out, "options:   cannot be read: {} (an agent refuses to load the plugin)", escape(plugin.undescribed.as_deref().unwrap_or_default()))?
+            }
             None => writeln!(out, "options:   not described (the plugin does not export `options`; they are checked only when a stage runs)")?,
             Some(described) => match &described.settings {
                 Some(schema) => {

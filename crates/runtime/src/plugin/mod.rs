@@ -82,6 +82,9 @@ pub struct Plugin {
     pub manifest: Option<Manifest>,
     /// Its option schemas, when it exports `options`.
     pub described: Option<Described>,
+    /// Why its schemas could not be read, when loaded for inspection (a
+    /// plugin loaded to run is refused instead).
+    pub undescribed: Option<String>,
     options: Option<OptionsIndices>,
     pre: InstancePre<RunState>,
     executor: Option<ExecutorPre<RunState>>,
@@ -199,16 +202,19 @@ impl Plugin {
 
     /// Loads the plugin `config` describes.
     pub async fn load(engine: &Engine, config: &PluginConfig) -> Result<Plugin> {
-        Self::load_with(engine, config, true).await
-    }
-
-    /// Loads a plugin only to look at it (`cordon plugin inspect`): its
-    /// manifest's requests are not held against the (empty) grants.
-    pub async fn load_for_inspection(engine: &Engine, config: &PluginConfig) -> Result<Plugin> {
         Self::load_with(engine, config, false).await
     }
 
-    async fn load_with(engine: &Engine, config: &PluginConfig, check_grants: bool) -> Result<Plugin> {
+    /// Loads a plugin only to look at it (`cordon plugin inspect`): its
+    /// manifest's requests are not held against the (empty) grants, and
+    /// schemas it cannot give are said in [`Plugin::undescribed`].
+    pub async fn load_for_inspection(engine: &Engine, config: &PluginConfig) -> Result<Plugin> {
+        Self::load_with(engine, config, true).await
+    }
+
+    /// `inspecting`: the manifest's requests are not held against the grants,
+    /// and option schemas that cannot be read are reported, not refused.
+    async fn load_with(engine: &Engine, config: &PluginConfig, inspecting: bool) -> Result<Plugin> {
         let name = &config.name;
         let file = config.path.display();
         let bytes = std::fs::read(&config.path).with_context(|| match &config.source {
@@ -249,7 +255,7 @@ impl Plugin {
             Some(bytes) => Some(Manifest::parse(bytes).map_err(|e| anyhow::anyhow!("plugin `{name}`: {file}: {e}"))?),
             None => None,
         };
-        if let Some(m) = manifest.as_ref().filter(|_| check_grants) {
+        if let Some(m) = manifest.as_ref().filter(|_| !inspecting) {
             let missing = m.missing_grants(&config.grants);
             if !missing.is_empty() {
                 bail!(
@@ -299,6 +305,7 @@ impl Plugin {
             stages: Vec::new(),
             manifest,
             described: None,
+            undescribed: None,
             options: None,
             pre,
             executor,
@@ -318,10 +325,14 @@ impl Plugin {
                 bail!("plugin `{name}`: {file}: its manifest lists stage `{extra}`, which the component does not define");
             }
             if let Ok(options) = OptionsIndices::new(&plugin.pre) {
-                plugin.described = Some(
-                    plugin.describe(engine, &options).await.with_context(|| format!("plugin `{name}`: cannot read the schemas of its options"))?,
-                );
-                plugin.options = Some(options);
+                match plugin.describe(engine, &options).await {
+                    Ok(described) => {
+                        plugin.described = Some(described);
+                        plugin.options = Some(options);
+                    }
+                    Err(e) if inspecting => plugin.undescribed = Some(e.to_string()),
+                    Err(e) => bail!("plugin `{name}`: cannot read the schemas of its options: {e}"),
+                }
             }
         }
         Ok(plugin)
