@@ -465,6 +465,10 @@ async fn sigkill_during_a_stage_then_resume_without_duplicates() {
     let s = stages(&host, id);
     assert_eq!(s.iter().map(|s| s.attempts).collect::<Vec<_>>(), vec![1, 2, 1]);
     if let Some(replicas) = &world.replicas {
+        // An agent of the server leaves retention to the server.
+        let out = agent_command(&world, &world.config).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("set `retention:` in the server's config"), "{stderr}");
         let audit = replicas.audit();
         let did = |subject: &str, action: &str| audit.iter().any(|e| e.subject == subject && e.action == action && e.outcome == "ok" && e.target.contains(id));
         assert!(did(cordon_tests::replicas::PERSON, "insert_deployment") && did("agent", "complete_success"), "{audit:#?}");
@@ -690,4 +694,65 @@ async fn a_deployment_the_running_agent_cannot_run_is_refused_or_announced() {
     let app = world.app("w", "name: w\npipeline:\n  stages:\n    - { name: WAIT, with: { duration: 0 } }\n");
     let out = world.bare_command().arg("--config").arg(&newer).args(["deploy", app.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Retention (`keep-deployments: 2`): after each deployment the agent
+/// deletes the application's finished deployments beyond the newest two,
+/// with their stages, logs and snapshot directories — never the last
+/// success, whose snapshot the next deployment runs against — and a new
+/// deployment never takes a deleted one's number. `cordon prune` applies
+/// it on demand (through a server, as an admin), and names what it deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_deletes_old_history_and_keeps_what_is_needed() {
+    let world = World::with(|_| "retention: { keep-deployments: 2 }\n".into());
+    let host = world.host().await;
+    let state = world.dir.path().join("state");
+    let yaml = |status: &str| format!("name: site\nplanner: {{ alwaysUsePipeline: true }}\npipeline:\n  stages:\n    - {{ id: one, name: STEP, with: {{ status: {status} }} }}\n");
+    let app = world.app("site", &yaml("success"));
+    let ids = |host: &Host| -> Vec<String> { host.store.deployments(Some("site"), 100).unwrap().into_iter().map(|d| d.id).collect() };
+    for status in ["success", "success", "failure", "failure", "failure"] {
+        std::fs::write(app.join("app.cordon.yaml"), yaml(status)).unwrap();
+        deploy(&host, &state, &app, message(status)).await;
+    }
+    assert_eq!(ids(&host), ["site-5", "site-4", "site-2"], "the newest two finished and the last success stay");
+    for gone in ["site-1", "site-3"] {
+        assert_eq!(host.store.deployment(gone).unwrap(), None);
+        // A server refuses to read rows of a deployment it does not know.
+        if world.replicas.is_none() {
+            assert!(host.store.stages(gone).unwrap().is_empty() && host.store.logs(gone, None, 0, 10).unwrap().is_empty());
+        }
+    }
+    let snapshots = state.join("snapshots");
+    let local = |id: &str| snapshots.join(id).exists();
+    if !cordon_tests::on_postgres() {
+        assert!(!local("site-1") && !local("site-3") && !snapshots.join("site-1.lock").exists());
+        assert!(local("site-2") && local("site-4") && local("site-5"));
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&snapshots).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // A new success: site-2 is no longer needed, and numbers go on.
+    std::fs::write(app.join("app.cordon.yaml"), yaml("success")).unwrap();
+    let sixth = deploy(&host, &state, &app, message("six")).await;
+    assert_eq!((sixth.id.as_str(), sixth.status), ("site-6", DeploymentStatus::Success));
+    assert_eq!(ids(&host), ["site-6", "site-5"]);
+    if !cordon_tests::on_postgres() {
+        assert!(!local("site-2") && local("site-6"));
+    }
+
+    let out = world.cordon(&["prune", "--keep", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("site: deleted 1 deployment(s) (site-5)"), "{stdout}");
+    assert_eq!(ids(&host), ["site-6"]);
+    let out = world.cordon(&["prune", "--keep", "3", "nope"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no application `nope`") && stderr.contains("cordon status"), "{stderr}");
+    if let Some(replicas) = &world.replicas {
+        let audit = replicas.audit();
+        assert!(audit.iter().any(|a| a.action == "delete_deployments" && a.target == "application site" && a.outcome == "ok"), "{audit:#?}");
+    }
+    // A later deployment still runs against the last success's snapshot.
+    let seventh = deploy(&host, &state, &app, message("seven")).await;
+    assert_eq!((seventh.id.as_str(), seventh.status), ("site-7", DeploymentStatus::Success));
 }

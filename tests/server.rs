@@ -133,6 +133,7 @@ fn example(method: &str, app: &str, n: usize) -> Value {
         "complete_success" => json!({"fence": fence, "reason": "x", "at": 1}),
         "replace_target_snapshot" => json!({"deployment": dep, "from": digest('b'), "to": digest('c')}),
         "claim" => json!({"deployment": dep, "agent": "h/1", "ttl_ms": 60000}),
+        "delete_deployments" => json!({"application": app, "ids": [dep], "grace_ms": 3_600_000}),
         "renew" => json!({"agent": "h/1", "fences": [], "ttl_ms": 60000}),
         "release" | "reset_running_stages" => json!({"fence": fence}),
         "refused_writes" | "lease" | "stages" => json!({"deployment": dep}),
@@ -673,4 +674,44 @@ fn people_and_agents_work_through_two_replicas_and_survive_losing_one() {
     assert!(audit.iter().any(|e| e.subject == "-" && e.outcome == "unauthenticated"), "the revoked token's attempt: {audit:#?}");
     assert!(has("agent-a", "claim", "ok") || has("agent-b", "claim", "ok"));
     drop(agents);
+}
+
+/// A server with `retention:` deletes each application's finished
+/// deployments beyond the newest N when it starts (and every ten minutes),
+/// records that in the audit log as `server`, and keeps unfinished ones;
+/// `keep-deployments: 0` is refused naming the file.
+#[test]
+fn a_server_with_retention_prunes_old_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let store = SqliteStore::open(&database_path(&state)).unwrap();
+    store.upsert_application("web", "/apps/web").unwrap();
+    for n in 1..=4 {
+        let id = format!("web-{n}");
+        store.insert_deployment(&DeploymentRecord::queued(&id, "web", "{}".into(), digest('a'), n)).unwrap();
+        let fence = store.claim(&id, "ag:h/1", Duration::from_secs(60)).unwrap().unwrap();
+        store.set_deployment_status(&fence, DeploymentStatus::Failure, "", n).unwrap();
+        store.release(&fence).unwrap();
+    }
+    store.insert_deployment(&DeploymentRecord::queued("web-5", "web", "{}".into(), digest('b'), 5)).unwrap();
+    let config = dir.path().join("server.yaml");
+    let yaml = |keep: usize| format!("listen: 127.0.0.1:0\nplain-http: true\nstate-dir: {}\nretention: {{ keep-deployments: {keep} }}\n", state.display());
+    std::fs::write(&config, yaml(0)).unwrap();
+    let err = format!("{:#}", cordon_server::config::ServerConfig::load(&config).unwrap_err());
+    assert!(err.contains(&config.display().to_string()) && err.contains("keep-deployments"), "{err}");
+
+    std::fs::write(&config, yaml(2)).unwrap();
+    let _server = start_replica(&config);
+    let ids = || -> Vec<String> { store.deployments(Some("web"), 10).unwrap().into_iter().map(|d| d.id).collect() };
+    let started = Instant::now();
+    while ids().len() > 3 && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ids(), ["web-5", "web-4", "web-3"]);
+    let audit = store.audit(0, 100).unwrap();
+    assert!(
+        audit.iter().any(|a| a.subject == "server" && a.action == "delete_deployments" && a.target == "application web: web-2, web-1 and 0 stored snapshot(s)"),
+        "{audit:#?}"
+    );
 }

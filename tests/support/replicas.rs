@@ -191,6 +191,7 @@ impl StateStore for Split {
         fn set_deployment_status(&self, fence: &Fence, status: DeploymentStatus, reason: &str, at: u64) -> Result<()>;
         fn complete_success(&self, fence: &Fence, reason: &str, at: u64) -> Result<()>;
         fn replace_target_snapshot(&self, deployment: &str, from: &str, to: &str) -> Result<bool>;
+        fn delete_deployments(&self, application: &str, ids: &[String], grace: Duration) -> Result<Deleted>;
         fn snapshot_put(&self, reference: &str, archive: &[u8]) -> Result<()>;
         fn snapshot_get(&self, reference: &str) -> Result<Option<Vec<u8>>>;
         fn claimable(&self) -> Result<Vec<DeploymentRecord>>;

@@ -344,6 +344,9 @@ impl StateStore for RemoteStore {
     fn replace_target_snapshot(&self, deployment: &str, from: &str, to: &str) -> Result<bool> {
         self.call(Call::ReplaceTargetSnapshot { deployment: s(deployment), from: s(from), to: s(to) })
     }
+    fn delete_deployments(&self, application: &str, ids: &[String], grace: Duration) -> Result<Deleted> {
+        self.call(Call::DeleteDeployments { application: s(application), ids: ids.to_vec(), grace_ms: grace.as_millis() as u64 })
+    }
     fn snapshot_put(&self, reference: &str, archive: &[u8]) -> Result<()> {
         self.send(Method::PUT, &format!("{SNAPSHOTS}/{reference}"), archive.to_vec(), true)?;
         Ok(())

@@ -68,6 +68,8 @@ enum Command {
     Agent(agent::Agent),
     /// The agents that report on this state: labels, stages, last heartbeat.
     Agents(agents::Agents),
+    /// Delete finished deployments beyond the newest N of each application, with their logs and snapshots.
+    Prune(prune::Prune),
     /// Select keys of a key space with a key-filter plugin.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -163,6 +165,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cancel(c) => c.run(config),
         Command::Agent(c) => c.run(config).await,
         Command::Agents(c) => c.run(config),
+        Command::Prune(c) => c.run(config),
         Command::Keys(c) => c.run(config).await,
         Command::Items(c) => c.run(config).await,
         Command::Debug(c) => c.run(config).await,

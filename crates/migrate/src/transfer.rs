@@ -325,7 +325,9 @@ pub fn restore(input: &Path, state_dir: &Path) -> Result<RestoreReport> {
                 let app = text(d, "application").to_string();
                 let taken = |id: &str| -> Result<bool> { Ok(tx.query_row("SELECT 1 FROM deployments WHERE id = ?1", [id], |_| Ok(())).optional()?.is_some()) };
                 let mut new = old.clone();
-                let mut n = tx.query_row("SELECT COUNT(*) FROM deployments WHERE application = ?1", [&app], |r| r.get::<_, i64>(0))? + 1;
+                // After the highest number, as new deployments are numbered.
+                let ids = tx.prepare("SELECT id FROM deployments WHERE application = ?1")?.query_map([&app], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+                let mut n = ids.iter().filter_map(|id| cordon_store::retention::number(&app, id)).max().unwrap_or(0) + 1;
                 while taken(&new)? {
                     new = format!("{app}-{n}");
                     n += 1;

@@ -21,7 +21,7 @@ use cordon_store::lock::{AgentLock, sweep_state_dir};
 use tokio::task::JoinSet;
 
 use cordon_store::{AgentBeat, DeploymentRecord, DeploymentStatus, Fence, Fenced, now_ms};
-use crate::{Host, run};
+use crate::{Host, retention, run};
 
 /// How often the agent looks for new deployments when its store cannot
 /// wake it.
@@ -295,5 +295,8 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
             other => other?,
         }
         host.store.release(&fence)?;
+        if let Some(keep) = host.retention {
+            retention::after(&host, id, keep);
+        }
     }
 }

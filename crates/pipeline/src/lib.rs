@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod debug;
 pub mod plan;
+pub mod retention;
 pub mod run;
 pub mod services;
 pub mod snapshot;
@@ -43,6 +44,8 @@ pub struct Host {
     pub lease: Duration,
     /// Most deployments the agent runs at once.
     pub max_deployments: usize,
+    /// Finished deployments kept per application (`None`: all).
+    pub retention: Option<std::num::NonZeroUsize>,
     /// What the agent says it is in its heartbeat (name, labels, the
     /// stages and plugins it has); its `id`, `pid` and times are filled in
     /// by the agent loop that beats.
@@ -127,14 +130,22 @@ impl Host {
         };
         offer.plugins.sort();
         let max_deployments = config.max_deployments;
-        Ok(Host { engine, plugins, store, state_dir: config.state_dir.clone(), shared, lease, max_deployments, offer })
+        let retention = config.retention.keep_deployments;
+        if retention.is_some() && store.through_server() {
+            bail!(
+                "{}: retention: the state is kept by the server this agent uses ({}); set `retention:` in the server's config instead",
+                config.source.display(),
+                store.describe()
+            );
+        }
+        Ok(Host { engine, plugins, store, state_dir: config.state_dir.clone(), shared, lease, max_deployments, retention, offer })
     }
 
     pub fn snapshot_dir(&self, deployment: &str) -> PathBuf {
         self.snapshots_dir().join(deployment)
     }
 
-    fn snapshots_dir(&self) -> PathBuf {
+    pub fn snapshots_dir(&self) -> PathBuf {
         snapshot::dir(&self.state_dir)
     }
 
@@ -232,7 +243,9 @@ pub async fn trigger(host: &Host, app_dir: &Path, trigger: TriggerInfo) -> Resul
     let stored = if host.shared { Some(snapshot::store(host.store.as_ref(), &staged.tree(), &dir)?) } else { None };
     // Only once the source is copied (and kept), so a refused one records nothing.
     host.store.upsert_application(&app.name, &dir.to_string_lossy())?;
-    let mut n = host.store.deployments(Some(&app.name), usize::MAX)?.len() + 1;
+    // After the highest number: retention may have deleted older ones, and
+    // a number is never given twice.
+    let mut n = host.store.deployments(Some(&app.name), usize::MAX)?.iter().filter_map(|d| cordon_store::retention::number(&app.name, &d.id)).max().unwrap_or(0) + 1;
     loop {
         let id = format!("{}-{n}", app.name);
         n += 1;

@@ -22,8 +22,7 @@ use anyhow::{Context, Result, bail};
 use cordon_store::StateStore;
 use cordon_store::lock::{Staging, open_lock_file, place, staging};
 
-/// How a stored snapshot's reference starts.
-const STORED: &str = "sha256:";
+use cordon_store::STORED_SNAPSHOT as STORED;
 pub use cordon_store::MAX_SNAPSHOT as MAX_STORED;
 
 /// The snapshots directory of a state directory: local snapshots, and
@@ -80,11 +79,10 @@ pub fn store(store: &dyn StateStore, tree: &Path, source: &Path) -> Result<Strin
 /// against its digest, extracted in a staging directory, placed by one
 /// rename) and read-only from then on.
 pub fn local(store: &dyn StateStore, reference: &str, snapshots: &Path) -> Result<PathBuf> {
-    let Some(hex) = reference.strip_prefix(STORED) else { return Ok(PathBuf::from(reference)) };
-    if !cordon_store::is_snapshot_reference(reference) {
-        bail!("the state store names a snapshot {reference:?} that is not a sha256 digest");
+    if !is_stored(reference) {
+        return Ok(PathBuf::from(reference));
     }
-    let dest = snapshots.join(format!("sha256-{hex}"));
+    let dest = cached(reference, snapshots).with_context(|| format!("the state store names a snapshot {reference:?} that is not a sha256 digest"))?;
     if dest.is_dir() {
         return Ok(dest);
     }
@@ -100,6 +98,13 @@ pub fn local(store: &dyn StateStore, reference: &str, snapshots: &Path) -> Resul
     // Another deployment of the same source may have placed it meanwhile.
     place(&tree, &dest)?;
     Ok(dest)
+}
+
+/// Where this machine keeps its copy of stored snapshot `reference`
+/// (`None` if the reference is not a well-formed digest).
+pub fn cached(reference: &str, snapshots: &Path) -> Option<PathBuf> {
+    let hex = reference.strip_prefix(STORED).filter(|_| cordon_store::is_snapshot_reference(reference))?;
+    Some(snapshots.join(format!("sha256-{hex}")))
 }
 
 /// A copy of an application directory, built in a staging directory of the
@@ -151,6 +156,11 @@ impl SourceLock {
         let mut name = snapshot.file_name().unwrap_or_default().to_os_string();
         name.push(".lock");
         SourceLock { path: snapshot.with_file_name(name), held: None }
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Holds the lock shared so stages may read; `false` while an upload

@@ -99,7 +99,7 @@ fn target_of(call: &Call) -> String {
     }
     match call {
         Application { name } | UpsertApplication { name, .. } => format!("application {name}"),
-        BlobGet { application, .. } => format!("application {application}"),
+        BlobGet { application, .. } | DeleteDeployments { application, .. } => format!("application {application}"),
         InsertDeployment { deployment } => format!("deployment {}", deployment.id),
         Deployment { id } => format!("deployment {id}"),
         Deployments { application: Some(a), .. } => format!("application {a}"),
@@ -274,6 +274,10 @@ impl Gate<'_> {
                 self.deployment(&deployment)?;
                 check_reference("to", &to)?;
                 json!(store.replace_target_snapshot(&deployment, &from, &to).map_err(s)?)
+            }
+            DeleteDeployments { application, ids, grace_ms } => {
+                self.application(&application)?;
+                json!(store.delete_deployments(&application, &ids, Duration::from_millis(grace_ms)).map_err(s)?)
             }
             Claimable {} => {
                 let all = store.claimable().map_err(s)?;

@@ -8,13 +8,20 @@
 //! state:
 //!   postgres: { url: postgres://cordon@db:5432/cordon, password-file: db.password }
 //! max-body: 16MiB
+//! retention: { keep-deployments: 50 }
 //! ```
+//!
+//! With `retention`, the server deletes each application's finished
+//! deployments beyond the newest `keep-deployments` (with their logs and
+//! stored snapshots) when it starts and every ten minutes; see
+//! `cordon_store::retention`. Agents using the server leave it to it.
 //!
 //! TLS is required unless `plain-http: true`, which is accepted only for a
 //! loopback `listen` address (a local reverse proxy, or tests): tokens
 //! never cross a network in the clear.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -39,6 +46,14 @@ struct Raw {
     state: RawState,
     #[serde(default = "default_max_body")]
     max_body: ByteSize,
+    #[serde(default)]
+    retention: RawRetention,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRetention {
+    keep_deployments: Option<NonZeroUsize>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -80,6 +95,8 @@ pub struct ServerConfig {
     /// Largest JSON request body; snapshot uploads may be up to
     /// [`cordon_store::MAX_SNAPSHOT`].
     pub max_body: usize,
+    /// Finished deployments kept per application (`None`: all).
+    pub retention: Option<NonZeroUsize>,
     state_dir: Option<PathBuf>,
     postgres: Option<RawPostgres>,
 }
@@ -114,6 +131,7 @@ impl ServerConfig {
             listen: raw.listen,
             tls,
             max_body,
+            retention: raw.retention.keep_deployments,
             state_dir: raw.state_dir.as_deref().map(resolve),
             postgres,
         })

@@ -237,6 +237,9 @@ pub async fn serve(config: &ServerConfig, store: Arc<dyn StateStore>) -> Result<
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     eprintln!("cordon server: listening on {scheme}://{} for {}", listener.local_addr()?, store.describe());
+    if let Some(keep) = config.retention {
+        tokio::spawn(retention(store.clone(), keep));
+    }
     let app = router(store, config.max_body);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -273,6 +276,37 @@ pub async fn serve(config: &ServerConfig, store: Arc<dyn StateStore>) -> Result<
     }
     eprintln!("cordon server: stopped accepting; requests under way finish");
     Ok(())
+}
+
+/// How often the server applies its retention.
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+
+/// Applies retention `keep` to every application now and every
+/// [`RETENTION_EVERY`]; what it deletes is in the audit log (subject
+/// `server`). Agents reach the server's state only through it, so there
+/// are no snapshot directories to remove here, only records and stored
+/// snapshots.
+async fn retention(store: Arc<dyn StateStore>, keep: std::num::NonZeroUsize) {
+    let mut every = tokio::time::interval(RETENTION_EVERY);
+    loop {
+        every.tick().await;
+        let store = store.clone();
+        let pass = tokio::task::spawn_blocking(move || -> Result<()> {
+            for app in store.applications()? {
+                let deleted = cordon_store::retention::prune(store.as_ref(), &app.name, keep, |_| Ok(()))?;
+                if !deleted.deployments.is_empty() || !deleted.snapshots.is_empty() {
+                    let target = format!("application {}: {} and {} stored snapshot(s)", app.name, deleted.deployments.join(", "), deleted.snapshots.len());
+                    api::audit(store.as_ref(), "server", "delete_deployments", &target, "retention", None);
+                }
+            }
+            Ok(())
+        });
+        match pass.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("retention: {e:#}"),
+            Err(e) => tracing::warn!("retention: {e}"),
+        }
+    }
 }
 
 /// The TLS acceptor of the certificate chain and key in `tls`'s files.

@@ -2,6 +2,7 @@
 //! temporary file) and against PostgreSQL (its own throwaway cluster), so
 //! the two cannot drift apart in what agents rely on.
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use super::*;
@@ -44,7 +45,70 @@ conformance!(
     text_with_nul_is_kept_readable_or_refused_alike,
     stored_snapshots_and_a_paused_target_swap,
     tokens_and_the_audit_log,
+    retention_deletes_finished_history_and_spares_the_rest,
 );
+
+/// Retention deletes an application's finished deployments beyond the
+/// newest (by number) with all their rows, never an unfinished one, the
+/// last success or another application's; stored snapshots go only when
+/// nothing names them and they are older than the grace.
+fn retention_deletes_finished_history_and_spares_the_rest(open: Open) {
+    let store = open();
+    let ran = |id: &str, app: &str, target: &str, running: &str, success: bool| {
+        store.insert_deployment(&DeploymentRecord::queued(id, app, "{}".into(), target.into(), 1)).unwrap();
+        let f = store.claim(id, "a", LEASE).unwrap().expect("claimable");
+        store.save_plan(&f, "{}", running, &[StageRecord { deployment: id.into(), ..stage("s1", 0) }], 2).unwrap();
+        store.start_stage(&f, "s1", 3).unwrap();
+        let line = LogRecord { seq: 0, deployment: id.into(), stage: "s1".into(), at_ms: 4, source: "plugin".into(), text: "hi".into() };
+        store.append_logs(&f, &[line]).unwrap();
+        store.metadata_put(&f, "s1", "k", "v").unwrap();
+        let command = CommandRecord { id: format!("c-{id}"), deployment: id.into(), stage: "s1".into(), kind: CommandKind::Approve,
+            commander: "ann".into(), created_at: 5, answer: None };
+        store.add_command(&command).unwrap();
+        if success { store.complete_success(&f, "", 6).unwrap() } else { store.set_deployment_status(&f, DeploymentStatus::Failure, "", 6).unwrap() }
+        store.release(&f).unwrap();
+    };
+    store.upsert_application("web", "/apps/web").unwrap();
+    store.upsert_application("api", "/apps/api").unwrap();
+    store.snapshot_put("sha256:two", b"2").unwrap();
+    ran("web-1", "web", "/snap/web-1", "", true);
+    ran("web-2", "web", "sha256:two", "/snap/web-1", false);
+    ran("web-3", "web", "/snap/web-3", "/snap/web-1", false);
+    ran("web-9", "web", "/snap/web-9", "/snap/web-1", true);
+    ran("web-10", "web", "/snap/web-10", "/snap/web-9", false);
+    ran("api-1", "api", "/snap/api-1", "", false);
+    store.insert_deployment(&DeploymentRecord::queued("web-11", "web", "{}".into(), "/snap/web-11".into(), 7)).unwrap();
+
+    // Keeping one: web-10 is the newest finished (by number, not by
+    // name), web-9 the last success, web-11 unfinished.
+    let mut removed = Vec::new();
+    let deleted = retention::prune(store.as_ref(), "web", NonZeroUsize::new(1).unwrap(), |r| {
+        removed.push(r.to_string());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(deleted.deployments, ["web-3", "web-2", "web-1"]);
+    assert_eq!(removed, ["/snap/web-1", "/snap/web-3"], "finished web-9 naming web-1 as its running source does not keep it");
+    assert!(deleted.snapshots.is_empty(), "sha256:two is younger than the grace");
+    for id in ["web-1", "web-2", "web-3"] {
+        assert_eq!(store.deployment(id).unwrap(), None);
+        assert!(store.stages(id).unwrap().is_empty() && store.logs(id, None, 0, 10).unwrap().is_empty());
+        assert!(store.metadata_entries(id, "s1").unwrap().is_empty() && store.commands(id, None).unwrap().is_empty());
+    }
+    let left: Vec<String> = store.deployments(None, 10).unwrap().into_iter().map(|d| d.id).collect();
+    assert_eq!(left, ["web-11", "api-1", "web-10", "web-9"]);
+
+    // The store refuses on its own what must stay, whatever it is asked.
+    let ids: Vec<String> = ["web-9", "web-11", "api-1", "nope"].map(String::from).to_vec();
+    assert_eq!(store.delete_deployments("web", &ids, Duration::ZERO).unwrap(), Deleted { deployments: vec![], snapshots: vec!["sha256:two".into()] });
+    assert_eq!(store.snapshot_get("sha256:two").unwrap(), None, "no longer named and past a zero grace");
+    assert_eq!(store.deployments(None, 10).unwrap().len(), 4);
+    let again = retention::prune(store.as_ref(), "web", NonZeroUsize::new(1).unwrap(), |_| panic!("nothing to remove")).unwrap();
+    assert_eq!(again, Deleted::default());
+    store.snapshot_put("sha256:young", b"y").unwrap();
+    assert!(store.delete_deployments("web", &[], Duration::from_secs(60)).unwrap().snapshots.is_empty());
+    assert!(store.snapshot_get("sha256:young").unwrap().is_some());
+}
 
 /// Tokens come back as stored and are revoked once; audit entries come
 /// back in order, each with its own sequence number.

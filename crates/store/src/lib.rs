@@ -22,6 +22,7 @@
 
 pub mod lock;
 pub mod postgres;
+pub mod retention;
 pub mod sqlite;
 #[cfg(test)]
 mod conformance;
@@ -43,17 +44,21 @@ pub use postgres::{DATABASE_URL_ENV, PostgresStore};
 /// whole by each agent that runs it).
 pub const MAX_SNAPSHOT: usize = 128 << 20;
 
+/// How the reference of a snapshot kept in the store starts (any other
+/// reference is a directory).
+pub const STORED_SNAPSHOT: &str = "sha256:";
+
 /// The reference a snapshot `archive` is kept under in a shared store:
 /// `sha256:` and its digest, 64 lowercase hex digits (so it is also safe
 /// in a file name).
 pub fn snapshot_reference(archive: &[u8]) -> String {
     use sha2::Digest;
-    format!("sha256:{:x}", sha2::Sha256::digest(archive))
+    format!("{STORED_SNAPSHOT}{:x}", sha2::Sha256::digest(archive))
 }
 
 /// Whether `reference` is shaped like a [`snapshot_reference`].
 pub fn is_snapshot_reference(reference: &str) -> bool {
-    reference.strip_prefix("sha256:").is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    reference.strip_prefix(STORED_SNAPSHOT).is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 pub use sqlite::SqliteStore;
 
@@ -445,6 +450,40 @@ const HEAD_OF_APPLICATION: &str = "d.status IN ('queued', 'running', 'rolling-ba
      AND NOT EXISTS (SELECT 1 FROM deployments e WHERE e.application = d.application
                      AND e.status IN ('queued', 'running', 'rolling-back') AND e.seq < d.seq)";
 
+/// SQL (the same in every backend): the deployment `$id` of application
+/// `$app` if it may be deleted — finished, and not its application's last
+/// success. Placeholders are the backend's.
+fn deletable(id: &str, app: &str) -> String {
+    format!(
+        "id = {id} AND application = {app} AND status IN ('success', 'failure', 'cancelled')
+         AND NOT EXISTS (SELECT 1 FROM applications WHERE name = {app} AND last_success = {id})"
+    )
+}
+
+/// The tables holding rows of a deployment (column `deployment`) besides
+/// `deployments` itself.
+const PER_DEPLOYMENT: [&str; 5] = ["stages", "logs", "metadata", "commands", "refused_writes"];
+
+/// SQL (the same in every backend): the stored snapshots stored before
+/// `{before}` (ms) that are no deployment's source, no unfinished one's
+/// running source and no application's running source.
+fn unreferenced_snapshots(before: &str) -> String {
+    format!(
+        "SELECT digest FROM snapshots s WHERE stored_at < {before}
+         AND NOT EXISTS (SELECT 1 FROM deployments d WHERE d.target_snapshot = s.digest
+                         OR (d.running_snapshot = s.digest AND d.status IN ('queued', 'running', 'rolling-back')))
+         AND NOT EXISTS (SELECT 1 FROM applications a WHERE a.running_snapshot = s.digest)"
+    )
+}
+
+/// What [`StateStore::delete_deployments`] deleted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Deleted {
+    pub deployments: Vec<String>,
+    /// Stored snapshots (`sha256:…`) that went with them.
+    pub snapshots: Vec<String>,
+}
+
 /// The columns every backend reads a deployment from, in this order.
 const DEPLOYMENT_COLUMNS: &str =
     "id, application, status, reason, trigger, plan, target_snapshot, running_snapshot, created_at, started_at, finished_at, requires";
@@ -542,6 +581,17 @@ pub trait StateStore: Send + Sync {
     /// storing one that is there already changes nothing.
     fn snapshot_put(&self, reference: &str, archive: &[u8]) -> Result<()>;
     fn snapshot_get(&self, reference: &str) -> Result<Option<Vec<u8>>>;
+
+    // Retention (see [`retention`]).
+    /// Deletes those of deployments `ids` that belong to `application`, are
+    /// finished and are not its last success, with everything recorded for
+    /// them (stages, logs, metadata, commands, refused writes); then the
+    /// stored snapshots no longer needed (no deployment's source, no
+    /// unfinished one's running source, no application's running source)
+    /// that were stored more than `grace` ago (a younger one may belong to
+    /// a deployment being queued).
+    /// One transaction; answers what went.
+    fn delete_deployments(&self, application: &str, ids: &[String], grace: std::time::Duration) -> Result<Deleted>;
 
     // Leases.
     /// Unfinished deployments an agent may claim now, oldest first: the

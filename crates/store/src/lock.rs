@@ -99,12 +99,14 @@ pub mod staging {
     pub const UPLOAD: &str = ".upload-";
     /// A backup being restored (the state directory).
     pub const RESTORE: &str = ".transfer-";
+    /// A snapshot retention let go, being removed (`snapshots/`).
+    pub const PRUNED: &str = ".pruned-";
 }
 
 /// Removes what killed commands left in `state_dir` (see [`staging`]);
 /// returns how many directories.
 pub fn sweep_state_dir(state_dir: &Path) -> Result<usize> {
-    Ok(sweep(&state_dir.join("snapshots"), &[staging::SNAPSHOT, staging::UPLOAD])? + sweep(state_dir, &[staging::RESTORE])?)
+    Ok(sweep(&state_dir.join("snapshots"), &[staging::SNAPSHOT, staging::UPLOAD, staging::PRUNED])? + sweep(state_dir, &[staging::RESTORE])?)
 }
 
 /// Removes the staging directories in `parent` whose command died (their

@@ -188,6 +188,8 @@ CREATE TABLE agents (
      BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
      CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit
          FOR EACH STATEMENT EXECUTE FUNCTION cordon_audit_append_only();",
+    // 6: when a snapshot was last stored (retention spares young ones).
+    "ALTER TABLE snapshots ADD COLUMN stored_at BIGINT NOT NULL DEFAULT 0;",
 ];
 
 const STAGE_COLUMNS: &str =
@@ -1093,9 +1095,38 @@ impl StateStore for PostgresStore {
         self.run(async move {
             client(&pool)
                 .await?
-                .execute("INSERT INTO snapshots (digest, archive) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING", &[&reference, &archive])
+                .execute(
+                    &format!(
+                        "INSERT INTO snapshots (digest, archive, stored_at) VALUES ($1, $2, {DB_NOW})
+                         ON CONFLICT (digest) DO UPDATE SET stored_at = excluded.stored_at"
+                    ),
+                    &[&reference, &archive],
+                )
                 .await?;
             Ok(())
+        })
+    }
+
+    fn delete_deployments(&self, application: &str, ids: &[String], grace: Duration) -> Result<Deleted> {
+        let (pool, application, ids) = (self.pool.clone(), application.to_string(), ids.to_vec());
+        let grace = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        self.run(async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            let mut deleted = Deleted::default();
+            for id in ids {
+                if tx.execute(&format!("DELETE FROM deployments WHERE {}", deletable("$1", "$2")), &[&id, &application]).await? == 1 {
+                    for table in PER_DEPLOYMENT {
+                        tx.execute(&format!("DELETE FROM {table} WHERE deployment = $1"), &[&id]).await?;
+                    }
+                    deleted.deployments.push(id);
+                }
+            }
+            let unreferenced = unreferenced_snapshots(&format!("{DB_NOW} - $1"));
+            let gone = tx.query(&format!("DELETE FROM snapshots WHERE digest IN ({unreferenced}) RETURNING digest"), &[&grace]).await?;
+            deleted.snapshots = gone.iter().map(|r| r.get(0)).collect();
+            tx.commit().await?;
+            Ok(deleted)
         })
     }
 

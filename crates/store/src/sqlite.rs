@@ -73,6 +73,8 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
      CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;",
+    // 8: when a snapshot was last stored (retention spares young ones).
+    "ALTER TABLE snapshots ADD COLUMN stored_at INTEGER NOT NULL DEFAULT 0;",
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -722,8 +724,32 @@ impl StateStore for SqliteStore {
     }
 
     fn snapshot_put(&self, reference: &str, archive: &[u8]) -> Result<()> {
-        self.conn().execute("INSERT INTO snapshots (digest, archive) VALUES (?1, ?2) ON CONFLICT (digest) DO NOTHING", params![reference, archive])?;
+        self.conn().execute(
+            "INSERT INTO snapshots (digest, archive, stored_at) VALUES (?1, ?2, ?3) ON CONFLICT (digest) DO UPDATE SET stored_at = excluded.stored_at",
+            params![reference, archive, now_ms() as i64],
+        )?;
         Ok(())
+    }
+
+    fn delete_deployments(&self, application: &str, ids: &[String], grace: Duration) -> Result<Deleted> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut deleted = Deleted::default();
+        for id in ids {
+            if tx.execute(&format!("DELETE FROM deployments WHERE {}", deletable("?1", "?2")), params![id, application])? == 1 {
+                for table in PER_DEPLOYMENT {
+                    tx.execute(&format!("DELETE FROM {table} WHERE deployment = ?1"), [id])?;
+                }
+                deleted.deployments.push(id.clone());
+            }
+        }
+        let before = now_ms().saturating_sub(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)) as i64;
+        deleted.snapshots = tx.prepare(&unreferenced_snapshots("?1"))?.query_map([before], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        for digest in &deleted.snapshots {
+            tx.execute("DELETE FROM snapshots WHERE digest = ?1", [digest])?;
+        }
+        tx.commit()?;
+        Ok(deleted)
     }
 
     fn snapshot_get(&self, reference: &str) -> Result<Option<Vec<u8>>> {

@@ -14,6 +14,7 @@ pub mod logs;
 pub mod migrate;
 pub mod plan;
 pub mod plugin;
+pub mod prune;
 pub mod server;
 pub mod stage;
 pub mod status;

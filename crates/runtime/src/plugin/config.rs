@@ -17,6 +17,9 @@
 //!     limits: { memory: 128MiB, timeout: 10m, log-bytes: 4MiB, result-bytes: 1MiB }
 //! ```
 //!
+//! `retention: { keep-deployments: N }` bounds the history kept per
+//! application (default: everything is kept).
+//!
 //! `state:` chooses where the state lives: by default the embedded SQLite
 //! database in `state-dir` (one agent); `state: { postgres: { url,
 //! password-file, lease } }` (or `$CORDON_DATABASE_URL`, which wins) a
@@ -77,6 +80,9 @@ pub struct AgentConfig {
     /// `app.cordon.yaml`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How much history the agent keeps (default: all of it).
+    #[serde(default)]
+    pub retention: Retention,
     /// The file this config was read from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -104,6 +110,16 @@ pub struct PostgresConfig {
     /// after it dies, another agent takes its deployments over this late.
     #[serde(default = "default_lease", with = "humantime_serde")]
     pub lease: std::time::Duration,
+}
+
+/// `retention:` of the agent config: after each deployment, the agent
+/// deletes its application's finished deployments beyond the newest
+/// `keep-deployments` ones, with their logs and snapshots (see
+/// `cordon_store::retention`).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Retention {
+    pub keep_deployments: Option<std::num::NonZeroUsize>,
 }
 
 fn default_max_deployments() -> usize {
@@ -382,6 +398,8 @@ mod tests {
             ("state-dir: s\nname: 'prod eu'\n".to_string(), "name \"prod eu\" must be"),
             ("state-dir: s\nlabels: {env: 'prod/eu'}\n".to_string(), "labels: label value \"prod/eu\""),
             ("state-dir: s\nlabels: {'': prod}\n".to_string(), "label key \"\""),
+            ("state-dir: s\nretention: {keep-deployments: 0}\n".to_string(), "keep-deployments"),
+            ("state-dir: s\nretention: {keep: 3}\n".to_string(), "unknown field `keep`"),
         ];
         for (yaml, expected) in cases {
             let err = format!("{:#}", parse(&yaml).unwrap_err());
