@@ -189,6 +189,9 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
         host.store.expire_leases()?;
     }
     let mut running: JoinSet<Result<DeploymentStatus>> = JoinSet::new();
+    // Retention passes under way (left to finish, or to the next start's
+    // sweep, when the agent stops).
+    let mut pruning: JoinSet<()> = JoinSet::new();
     let mut held: HashMap<tokio::task::Id, Held> = HashMap::new();
     let mut beat = Beat::new(&host.offer);
     let mut renewed = std::time::Instant::now();
@@ -222,13 +225,14 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
                 held.values().filter(|h| h.fence == lost).for_each(|h| h.task.abort());
             }
         }
+        while pruning.try_join_next().is_some() {}
         if let Some(until) = &scope.until {
             let done = host.store.deployment(until)?.is_none_or(|d| d.status.is_final());
-            if done && running.is_empty() {
+            if done && running.is_empty() && pruning.is_empty() {
                 return Ok(());
             }
         }
-        if scope.until_idle && running.is_empty() && host.store.unfinished_deployments()?.is_empty() {
+        if scope.until_idle && running.is_empty() && pruning.is_empty() && host.store.unfinished_deployments()?.is_empty() {
             return Ok(());
         }
         let claimable = if handover.is_none() && held.len() < host.max_deployments { host.store.claimable()? } else { Vec::new() };
@@ -263,6 +267,7 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
         let nap = handover.map_or(poll, |at| poll.min(at.saturating_duration_since(tokio::time::Instant::now())));
         let finished = tokio::select! {
             Some(joined) = running.join_next_with_id() => Some(joined),
+            Some(_) = pruning.join_next(), if !pruning.is_empty() => None,
             () = notified => None,
             () = asked_to_stop => None,
             _ = tokio::time::sleep(nap) => None,
@@ -296,7 +301,11 @@ pub async fn serve(host: Arc<Host>, _lock: &AgentLock, scope: ServeScope) -> Res
         }
         host.store.release(&fence)?;
         if let Some(keep) = host.retention {
-            retention::after(&host, id, keep);
+            // Off the loop: removing large snapshot trees must not delay
+            // lease renewals. Two prunes of one application may overlap;
+            // each step of one tolerates the other.
+            let (host, id) = (host.clone(), id.clone());
+            pruning.spawn_blocking(move || retention::after(&host, &id, keep));
         }
     }
 }
