@@ -69,7 +69,10 @@ lint: toolchain
 	cd guests && $(CARGO) clippy --release --target $(GUEST_TARGET) --workspace -- -D warnings
 
 # The SDK's own tests and doc examples run natively: wit-bindgen's bindings
-# compile on any target, so every example in the SDK docs is built.
+# compile on any target, so every example in the SDK docs is built. Its
+# bindings are checked against wit/ (sdk/tests/bindings.rs), its docs must
+# build without warnings, and `cargo package` must build both SDK crates
+# from their packaged files alone, as crates.io would.
 # The pipeline end-to-end tests run three times: on the embedded SQLite
 # state, on PostgreSQL (CORDON_TEST_STATE=postgres: each test world gets a
 # fresh database of a throwaway cluster), and through two `cordon server`
@@ -82,6 +85,8 @@ test: guests host lint
 	CORDON_TEST_STATE=postgres $(CARGO) test -p cordon-tests $(PIPELINE_TESTS)
 	CORDON_TEST_STATE=server $(CARGO) test -p cordon-tests $(PIPELINE_TESTS)
 	cd guests && $(CARGO) test -p cordon-sdk -p cordon-sdk-deployment
+	cd guests && RUSTDOCFLAGS="-D warnings" $(CARGO) doc -q -p cordon-sdk -p cordon-sdk-deployment --no-deps
+	cd guests && $(CARGO) package -q --allow-dirty -p cordon-sdk -p cordon-sdk-deployment
 
 bench: guests host
 	$(CARGO) bench -p cordon-tests

@@ -97,6 +97,11 @@ const COMMON: [(&str, &str); 4] = [
     ("cordon.yaml", include_str!("../../../examples/plugin-template/cordon.yaml")),
 ];
 
+/// The SDK version a project asks for: the one built with this binary, for
+/// the contract it implements. Cargo refuses an SDK at `path` whose version
+/// does not match, naming both.
+const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// The SDK of the checkout this binary was built from, when it is still there.
 fn default_sdk() -> Option<PathBuf> {
     let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests/sdk");
@@ -135,11 +140,11 @@ pub fn new_plugin(request: &Request<'_>) -> Result<PathBuf> {
     if !sdk.join("Cargo.toml").is_file() {
         bail!("--sdk {}: no Cargo.toml there; pass the guests/sdk directory of a Cordon checkout", sdk.display());
     }
-    let mut sdk_lines = format!("cordon-sdk = {{ path = {:?} }}", sdk.display().to_string());
+    let mut sdk_lines = format!("cordon-sdk = {{ version = \"{SDK_VERSION}\", path = {:?} }}", sdk.display().to_string());
     if request.kind == Kind::Deployment {
         let deployment = sdk.parent().map(|p| p.join("sdk-deployment")).filter(|p| p.join("Cargo.toml").is_file());
         let deployment = deployment.with_context(|| format!("{}: no sdk-deployment crate beside the SDK; pass --sdk of a full Cordon checkout", sdk.display()))?;
-        sdk_lines.push_str(&format!("\ncordon-sdk-deployment = {{ path = {:?} }}", deployment.display().to_string()));
+        sdk_lines.push_str(&format!("\ncordon-sdk-deployment = {{ version = \"{SDK_VERSION}\", path = {:?} }}", deployment.display().to_string()));
     }
     let grants = match request.kind {
         Kind::Deployment => "    grants:\n      mounts:\n        - { host: target-dir, guest: /target, access: read-write }\n",
@@ -200,6 +205,12 @@ mod tests {
     }
 
     #[test]
+    fn projects_ask_for_the_sdk_version_of_the_checkout() {
+        let guests = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests/Cargo.toml")).unwrap();
+        assert!(guests.contains(&format!("\nversion = \"{SDK_VERSION}\"\n")), "guests/Cargo.toml's version differs from the host's {SDK_VERSION}");
+    }
+
+    #[test]
     fn fills_every_placeholder_for_every_kind() {
         let tmp = tempfile::tempdir().unwrap();
         for kind in [Kind::Stage, Kind::Deployment, Kind::KeyFilter, Kind::ItemAction, Kind::MigrationPhase] {
@@ -214,6 +225,8 @@ mod tests {
             }
             let lib = std::fs::read_to_string(dir.join("src/lib.rs")).unwrap();
             assert!(lib.contains("hello-there"), "{kind:?}");
+            let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+            assert!(manifest.contains(&format!("cordon-sdk = {{ version = \"{SDK_VERSION}\", path = ")), "{manifest}");
             let config = std::fs::read_to_string(dir.join("cordon.yaml")).unwrap();
             assert!(config.contains(&format!("world: {}", kind.world())), "{config}");
         }

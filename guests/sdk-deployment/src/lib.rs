@@ -38,21 +38,7 @@
 /// The raw bindings of the `deployment` world, for plugins that need to
 /// implement the exports themselves (register with `bindings::export_deployment!`).
 pub mod bindings {
-    wit_bindgen::generate!({
-        path: "../../wit",
-        world: "deployment",
-        pub_export_macro: true,
-        export_macro_name: "export_deployment",
-        default_bindings_module: "cordon_sdk_deployment::bindings",
-        with: {
-            "cordon:plugin/types@0.1.0": cordon_sdk::executor::cordon::plugin::types,
-            "cordon:plugin/log@0.1.0": cordon_sdk::executor::cordon::plugin::log,
-            "cordon:plugin/metadata@0.1.0": cordon_sdk::executor::cordon::plugin::metadata,
-            "cordon:plugin/commands@0.1.0": cordon_sdk::executor::cordon::plugin::commands,
-            "cordon:plugin/blobs@0.1.0": cordon_sdk::executor::cordon::plugin::blobs,
-            "cordon:plugin/secrets@0.1.0": cordon_sdk::executor::cordon::plugin::secrets,
-        },
-    });
+    include!("bindings/deployment.rs");
 }
 
 #[doc(hidden)]

@@ -41,13 +41,7 @@
 
 /// The `executor` world: performs stages, may call the stage host services.
 pub mod executor {
-    wit_bindgen::generate!({
-        path: "../../wit",
-        world: "executor",
-        pub_export_macro: true,
-        export_macro_name: "export_executor",
-        default_bindings_module: "cordon_sdk::executor",
-    });
+    include!("bindings/executor.rs");
 
     use exports::cordon::plugin::{execution::StageResult, stages::StageDefinition};
     use cordon::plugin::types::StageStatus;
@@ -65,37 +59,17 @@ pub mod executor {
 
 /// The `key-filter` world: batched key selection, no host imports.
 pub mod key_filter {
-    wit_bindgen::generate!({
-        path: "../../wit",
-        world: "key-filter",
-        pub_export_macro: true,
-        export_macro_name: "export_key_filter",
-        default_bindings_module: "cordon_sdk::key_filter",
-    });
+    include!("bindings/key_filter.rs");
 }
 
 /// The `item-action` world: rewrites JSON items.
 pub mod item_action {
-    wit_bindgen::generate!({
-        path: "../../wit",
-        world: "item-action",
-        pub_export_macro: true,
-        export_macro_name: "export_item_action",
-        default_bindings_module: "cordon_sdk::item_action",
-        with: { "cordon:plugin/log@0.1.0": crate::executor::cordon::plugin::log },
-    });
+    include!("bindings/item_action.rs");
 }
 
 /// The `migration-phase` world: one host-driven step of a migration.
 pub mod migration_phase {
-    wit_bindgen::generate!({
-        path: "../../wit",
-        world: "migration-phase",
-        pub_export_macro: true,
-        export_macro_name: "export_migration_phase",
-        default_bindings_module: "cordon_sdk::migration_phase",
-        with: { "cordon:plugin/log@0.1.0": crate::executor::cordon::plugin::log },
-    });
+    include!("bindings/migration_phase.rs");
 }
 
 /// Outgoing HTTP through `wasi:http`, the only way a plugin reaches the

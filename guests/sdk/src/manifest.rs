@@ -1,4 +1,4 @@
-//! The plugin manifest, built at compile time by [`manifest!`](crate::manifest)
+//! The plugin manifest, built at compile time by [`manifest!`](crate::manifest!)
 //! from the plugin's own declarations, so stage names are written once (in
 //! `StagePlugin::STAGES`) and the contract version is the SDK's.
 

@@ -21,13 +21,7 @@ use serde::de::DeserializeOwned;
 
 /// The raw bindings of the `described` world (the `options` export).
 pub mod bindings {
-    wit_bindgen::generate!({
-        path: "../../wit",
-        world: "described",
-        pub_export_macro: true,
-        export_macro_name: "export_described",
-        default_bindings_module: "cordon_sdk::options::bindings",
-    });
+    include!("bindings/described.rs");
 }
 
 pub use bindings::exports::cordon::plugin::options::Subject;
