@@ -697,7 +697,8 @@ async fn a_deployment_the_running_agent_cannot_run_is_refused_or_announced() {
 /// with their stages, logs and snapshot directories — never the last
 /// success, whose snapshot the next deployment runs against — and a new
 /// deployment never takes a deleted one's number. `cordon prune` applies
-/// it on demand (through a server, as an admin), and names what it deleted.
+/// it on demand (through a server, as an admin), and names what it deleted
+/// (with `--dry-run`, what it would delete).
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_deletes_old_history_and_keeps_what_is_needed() {
     let world = World::with(|_| "retention: { keep-deployments: 2 }\n".into());
@@ -736,6 +737,11 @@ async fn retention_deletes_old_history_and_keeps_what_is_needed() {
         assert!(!local("site-2") && local("site-6"));
     }
 
+    let out = world.cordon(&["prune", "--keep", "1", "--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("site: would delete 1 deployment(s) (site-5) and 1 snapshot(s) only they use"), "{stdout}");
+    assert_eq!(ids(&host), ["site-6", "site-5"], "a dry run deletes nothing");
     let out = world.cordon(&["prune", "--keep", "1"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));

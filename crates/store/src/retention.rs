@@ -36,8 +36,24 @@ pub fn number(application: &str, id: &str) -> Option<u64> {
     id.strip_prefix(application)?.strip_prefix('-')?.parse().ok()
 }
 
+/// What retention would delete of one application now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Deployment ids, newest first.
+    pub deployments: Vec<String>,
+    /// Snapshot references only those deployments name.
+    pub snapshots: Vec<String>,
+}
+
+/// What retention `keep` would delete of `application` (`cordon prune
+/// --dry-run` shows it); reads only.
+pub fn plan(store: &dyn StateStore, application: &str, keep: NonZeroUsize) -> Result<Plan> {
+    let (go, snapshots) = doomed(store, application, keep)?;
+    Ok(Plan { deployments: go.into_iter().map(|d| d.id).collect(), snapshots })
+}
+
 /// The finished deployments of `application` that retention `keep` lets
-/// go, oldest last, and the snapshot references only they name.
+/// go, newest first, and the snapshot references only they name.
 fn doomed(store: &dyn StateStore, application: &str, keep: NonZeroUsize) -> Result<(Vec<DeploymentRecord>, Vec<String>)> {
     let mut all = store.deployments(Some(application), usize::MAX)?;
     all.sort_by_key(|d| std::cmp::Reverse(number(application, &d.id)));
@@ -69,12 +85,11 @@ fn doomed(store: &dyn StateStore, application: &str, keep: NonZeroUsize) -> Resu
 /// the embedded store; a stored one is deleted by the store itself) before
 /// the records go. Answers what was deleted.
 pub fn prune(store: &dyn StateStore, application: &str, keep: NonZeroUsize, mut remove: impl FnMut(&str) -> Result<()>) -> Result<Deleted> {
-    let (go, snapshots) = doomed(store, application, keep)?;
-    for reference in snapshots.iter().filter(|r| !r.starts_with(crate::STORED_SNAPSHOT)) {
+    let plan = plan(store, application, keep)?;
+    for reference in plan.snapshots.iter().filter(|r| !r.starts_with(crate::STORED_SNAPSHOT)) {
         remove(reference)?;
     }
-    let ids: Vec<String> = go.into_iter().map(|d| d.id).collect();
-    store.delete_deployments(application, &ids, SNAPSHOT_GRACE)
+    store.delete_deployments(application, &plan.deployments, SNAPSHOT_GRACE)
 }
 
 #[cfg(test)]

@@ -22,6 +22,10 @@ pub struct Prune {
     /// unfinished deployments are always kept besides.
     #[arg(long)]
     keep: Option<NonZeroUsize>,
+    /// Only say what would be deleted; delete nothing (needs no admin
+    /// role through a server).
+    #[arg(long)]
+    dry_run: bool,
     /// Only these applications (default: all).
     applications: Vec<String>,
 }
@@ -48,14 +52,28 @@ impl Prune {
         }
         let chosen = if self.applications.is_empty() { known } else { self.applications };
         for application in chosen {
+            if self.dry_run {
+                let plan = cordon_store::retention::plan(store.as_ref(), &application, keep)?;
+                println!(
+                    "{application}: would delete {} deployment(s) ({}) and {} snapshot(s) only they use; would keep the newest {keep} finished, the last success and unfinished ones",
+                    plan.deployments.len(),
+                    listed(&plan.deployments),
+                    plan.snapshots.len()
+                );
+                continue;
+            }
             let deleted = retention::prune(store.as_ref(), snapshots.as_deref(), &application, keep)?;
-            let ids = if deleted.deployments.is_empty() { "none".to_string() } else { deleted.deployments.join(", ") };
             println!(
-                "{application}: deleted {} deployment(s) ({ids}) and {} stored snapshot(s); kept the newest {keep} finished, the last success and unfinished ones",
+                "{application}: deleted {} deployment(s) ({}) and {} stored snapshot(s); kept the newest {keep} finished, the last success and unfinished ones",
                 deleted.deployments.len(),
+                listed(&deleted.deployments),
                 deleted.snapshots.len()
             );
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+fn listed(ids: &[String]) -> String {
+    if ids.is_empty() { "none".to_string() } else { ids.join(", ") }
 }
