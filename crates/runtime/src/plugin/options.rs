@@ -9,6 +9,7 @@
 //! plugin's `check` reads them with the very code its stage will, which is
 //! stricter than any schema and says what is wrong in the plugin's terms.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 
 use serde_json::Value;
@@ -57,30 +58,116 @@ fn path_kind(schema: &Value) -> Option<PathKind> {
     match schema.get("format").and_then(Value::as_str) {
         Some("guest-path") => Some(PathKind::InGrant),
         Some("guest-mount") => Some(PathKind::Mount),
-        _ => schema.get("items").and_then(path_kind),
+        _ => None,
     }
 }
 
-/// Checks every top-level property the schema marks as a guest path (a
-/// string, or an array of strings) against the grants; the error names the
-/// property, the value and the guest path to use — most often the operator
-/// wrote the host side of a mount.
+/// Schema steps (`$ref`, `anyOf`, …) followed in a row without descending
+/// into the value: the schema is the plugin's, and `{"$ref": "#"}` must not
+/// loop.
+const MAX_HOPS: usize = 16;
+
+/// Schema nodes one check may visit: alternatives of alternatives multiply,
+/// and the walk runs in the host, outside the plugin's budgets.
+const MAX_VISITS: usize = 100_000;
+
+/// Checks every string the schema marks as a guest path — at any depth:
+/// in nested objects (`properties`, `additionalProperties`), arrays
+/// (`items`), definitions (`$ref` to `#/...`, which is how schemars writes
+/// nested types) and alternatives (`anyOf`/`oneOf`: one must accept the
+/// value; `allOf`: all) — against the grants. The error names the field
+/// (`sites[1].root`), the value and the guest path to use: most often the
+/// operator wrote the host side of a mount.
 pub fn check_guest_paths(schema: &Value, value: &Value, grants: &Grants) -> Result<(), String> {
-    let (Some(properties), Some(given)) = (schema.get("properties").and_then(Value::as_object), value.as_object()) else {
-        return Ok(());
-    };
-    for (key, property) in properties {
-        let Some(kind) = path_kind(property) else { continue };
-        let paths: Vec<&str> = match given.get(key) {
-            Some(Value::String(s)) => vec![s.as_str()],
-            Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
-            _ => continue,
-        };
-        for path in paths {
-            check_path(key, path, &kind, grants)?;
+    let walk = Walk { root: schema, grants, visits: Cell::new(0) };
+    let checked = walk.check(schema, value, "", 0);
+    if walk.visits.get() > MAX_VISITS {
+        return Err(format!("the plugin's option schema is too intricate to check its guest paths (over {MAX_VISITS} steps); its author should simplify it"));
+    }
+    checked
+}
+
+struct Walk<'a> {
+    root: &'a Value,
+    grants: &'a Grants,
+    visits: Cell<usize>,
+}
+
+impl Walk<'_> {
+    fn check(&self, schema: &Value, value: &Value, at: &str, hops: usize) -> Result<(), String> {
+        self.visits.set(self.visits.get() + 1);
+        if self.visits.get() > MAX_VISITS {
+            // The caller says why.
+            return Err(String::new());
+        }
+        if hops < MAX_HOPS {
+            let reference = schema.get("$ref").and_then(Value::as_str);
+            if let Some(target) = reference.and_then(|r| r.strip_prefix('#')).and_then(|pointer| self.root.pointer(pointer)) {
+                self.check(target, value, at, hops + 1)?;
+            }
+            for branch in schema.get("allOf").and_then(Value::as_array).into_iter().flatten() {
+                self.check(branch, value, at, hops + 1)?;
+            }
+            for alternatives in ["anyOf", "oneOf"] {
+                let Some(branches) = schema.get(alternatives).and_then(Value::as_array) else { continue };
+                // Among the branches for this kind of value (`Option<T>` is
+                // `anyOf: [T, {"type": "null"}]`), one must accept it.
+                let mut refusal = None;
+                for branch in branches.iter().filter(|b| self.admits(b, value, hops + 1)) {
+                    match self.check(branch, value, at, hops + 1) {
+                        Ok(()) => {
+                            refusal = None;
+                            break;
+                        }
+                        Err(e) => _ = refusal.get_or_insert(e),
+                    }
+                }
+                if let Some(e) = refusal {
+                    return Err(e);
+                }
+            }
+        }
+        match value {
+            Value::String(path) => match path_kind(schema) {
+                Some(kind) => check_path(at, path, &kind, self.grants),
+                None => Ok(()),
+            },
+            Value::Array(items) => match schema.get("items").filter(|s| s.is_object()) {
+                Some(item) => items.iter().enumerate().try_for_each(|(i, v)| self.check(item, v, &format!("{at}[{i}]"), 0)),
+                None => Ok(()),
+            },
+            Value::Object(fields) => fields.iter().try_for_each(|(key, v)| {
+                let field = schema.get("properties").and_then(|p| p.get(key)).or_else(|| schema.get("additionalProperties").filter(|s| s.is_object()));
+                match field {
+                    Some(field) => self.check(field, v, &if at.is_empty() { key.clone() } else { format!("{at}.{key}") }, 0),
+                    None => Ok(()),
+                }
+            }),
+            _ => Ok(()),
         }
     }
-    Ok(())
+
+    /// Whether `schema`'s `type` (through `$ref`s) allows `value`'s JSON
+    /// type; a schema that names no type allows any.
+    fn admits(&self, schema: &Value, value: &Value, hops: usize) -> bool {
+        let reference = schema.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix('#'));
+        if let (Some(target), true) = (reference.and_then(|pointer| self.root.pointer(pointer)), hops < MAX_HOPS) {
+            return self.admits(target, value, hops + 1);
+        }
+        let is = |name: &str| match value {
+            Value::Null => name == "null",
+            Value::Bool(_) => name == "boolean",
+            Value::Number(n) => name == "number" || (name == "integer" && (n.is_i64() || n.is_u64())),
+            Value::String(_) => name == "string",
+            Value::Array(_) => name == "array",
+            Value::Object(_) => name == "object",
+        };
+        match schema.get("type") {
+            Some(Value::String(name)) => is(name),
+            Some(Value::Array(names)) => names.iter().filter_map(Value::as_str).any(is),
+            _ => true,
+        }
+    }
 }
 
 fn check_path(key: &str, path: &str, kind: &PathKind, grants: &Grants) -> Result<(), String> {
@@ -155,6 +242,41 @@ mod tests {
         assert!(err.contains("write `logs: /www/logs`"), "{err}");
         let err = check_guest_paths(&schema(), &json!({"extra": ["/scratch", "/etc"]}), &grants()).unwrap_err();
         assert!(err.contains("\"/etc\" is not granted") && err.contains("/www (host /srv/www)"), "{err}");
+    }
+
+    /// The shapes schemars writes for nested types: `$ref`s into `$defs`,
+    /// `Option<T>` as `anyOf` with null, maps as `additionalProperties`.
+    #[test]
+    fn guest_paths_are_checked_at_any_depth() {
+        let schema = json!({
+            "type": "object",
+            "properties": {
+                "sites": {"type": "array", "items": {"$ref": "#/$defs/Site"}},
+                "backup": {"anyOf": [{"$ref": "#/$defs/Site"}, {"type": "null"}]},
+                "byName": {"type": "object", "additionalProperties": {"$ref": "#/$defs/Site"}}
+            },
+            "$defs": {"Site": {"type": "object", "properties": {"root": {"type": "string", "format": "guest-path"}}}}
+        });
+        let ok = json!({"sites": [{"root": "/www/a"}], "backup": null, "byName": {"x": {"root": "/scratch/x"}}});
+        assert_eq!(check_guest_paths(&schema, &ok, &grants()), Ok(()));
+        let err = check_guest_paths(&schema, &json!({"sites": [{"root": "/www/a"}, {"root": "/srv/www/b"}]}), &grants()).unwrap_err();
+        assert!(err.contains("`sites[1].root` must be a path inside") && err.contains("write `sites[1].root: /www/b`"), "{err}");
+        let err = check_guest_paths(&schema, &json!({"backup": {"root": "/etc"}}), &grants()).unwrap_err();
+        assert!(err.contains("`backup.root`") && err.contains("\"/etc\" is not granted"), "{err}");
+        let err = check_guest_paths(&schema, &json!({"byName": {"x": {"root": "/srv/www"}}}), &grants()).unwrap_err();
+        assert!(err.contains("`byName.x.root`"), "{err}");
+    }
+
+    /// The schema is the plugin's: references that loop, and alternatives
+    /// of alternatives, end (the walk runs in the host).
+    #[test]
+    fn a_hostile_schema_cannot_make_the_walk_loop_or_explode() {
+        let value = json!({"a": {"b": ["c"]}});
+        assert_eq!(check_guest_paths(&json!({"$ref": "#"}), &value, &grants()), Ok(()));
+        assert_eq!(check_guest_paths(&json!({"allOf": [{"$ref": "#"}]}), &value, &grants()), Ok(()));
+        let wide = json!({"anyOf": vec![json!({"$ref": "#"}); 50], "format": "guest-path"});
+        let err = check_guest_paths(&wide, &json!("/etc"), &grants()).unwrap_err();
+        assert!(err.contains("too intricate"), "{err}");
     }
 
     #[test]
