@@ -199,13 +199,15 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 /// A world with the `files` plugin and its two mounts, `www` and `canary`.
 fn files_world() -> World {
     World::with(|dir| {
-        let (www, canary) = (dir.join("www"), dir.join("canary"));
-        std::fs::create_dir_all(&www).unwrap();
-        std::fs::create_dir_all(&canary).unwrap();
+        let (www, canary, archive) = (dir.join("www"), dir.join("canary"), dir.join("archive"));
+        for dir in [&www, &canary, &archive] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
         let grants = format!(
-            "    grants:\n      mounts:\n        - {{ host: {}, guest: /www, access: read-write }}\n        - {{ host: {}, guest: /canary, access: read-write }}\n",
+            "    grants:\n      mounts:\n        - {{ host: {}, guest: /www, access: read-write }}\n        - {{ host: {}, guest: /canary, access: read-write }}\n        - {{ host: {}, guest: /archive, access: read-only }}\n",
             www.display(),
-            canary.display()
+            canary.display(),
+            archive.display()
         );
         plugin_entry("files", "deployment", &grants)
     })
@@ -376,8 +378,9 @@ async fn files_readers_never_see_a_partial_tree_while_the_agent_is_killed_at_the
 
 /// Issue #18 items 1 and 4: options and settings are checked by the plugins
 /// themselves when a deployment is planned — `cordon plan` and `cordon
-/// deploy` refuse a misspelt or mistyped option, a value out of range, or a
-/// host path where the plugin takes a guest path, naming the file, the
+/// deploy` refuse a misspelt or mistyped option, a value out of range, a
+/// host path where the plugin takes a guest path, or a read-only mount
+/// where it writes, naming the file, the
 /// stage and the fix, before any stage runs; `plugin inspect` lists them.
 #[tokio::test]
 async fn options_and_settings_are_checked_when_planning_before_anything_runs() {
@@ -392,6 +395,7 @@ async fn options_and_settings_are_checked_when_planning_before_anything_runs() {
         (format!("name: site\nplugins:\n  files: {{ target: {} }}\n", www.display()), "plugins.files: invalid settings for plugin `files`: `target` must be the guest path of a mount"),
         (format!("name: site\nplugins:\n  files: {{ target: {} }}\n", www.display()), "write `target: /www`"),
         ("name: site\nplugins:\n  files: { target: /www, canary: /srv/canary }\n".to_string(), "`canary` must be the guest path of a mount, but \"/srv/canary\" is not granted"),
+        ("name: site\nplugins:\n  files: { target: /archive }\n".to_string(), "\"/archive\" is granted read-only: set `access: read-write` on the mount"),
         ("name: site\nplugins:\n  files: { target: /www, exclud: [] }\n".to_string(), "unknown field `exclud`"),
         ("name: site\nplugins:\n  files: {}\n".to_string(), "missing field `target`"),
     ];

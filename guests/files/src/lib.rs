@@ -36,11 +36,11 @@ use wasip2::filesystem::types::Descriptor;
 struct Settings {
     /// The directory served in production: the guest path of a read-write
     /// mount (its `guest:`, not its host path).
-    #[schemars(extend("format" = "guest-mount"))]
+    #[schemars(extend("format" = "guest-mount-rw"))]
     target: String,
     /// The canary's directory, for the canary stages: another mount's guest path.
     #[serde(default)]
-    #[schemars(extend("format" = "guest-mount"))]
+    #[schemars(extend("format" = "guest-mount-rw"))]
     canary: Option<String>,
     /// Top-level names of the source not copied.
     #[serde(default = "default_exclude")]

@@ -14,8 +14,9 @@
 //! a host path there gets the guest path to use instead):
 //! `#[schemars(extend("format" = "guest-path"))]` for a path in some
 //! granted directory, `#[schemars(extend("format" = "guest-mount"))]` for
-//! exactly a mount's guest path — at any depth (nested structs, lists,
-//! maps, `Option`s).
+//! exactly a mount's guest path, and `guest-path-rw` / `guest-mount-rw`
+//! where the plugin writes (a read-write mount, or `/scratch`) — at any
+//! depth (nested structs, lists, maps, `Option`s).
 
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;

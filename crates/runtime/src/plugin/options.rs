@@ -3,7 +3,8 @@
 //! read once when the plugin loads (for `cordon plugin inspect`), and the
 //! checks a plan runs before any stage does — the plugin's own (its serde
 //! types, so nothing drifts) and the host's, that every path the schema
-//! marks as a guest path lies in a directory the plugin is granted.
+//! marks as a guest path lies in a directory the plugin is granted, with
+//! write access where the schema says the plugin writes.
 //!
 //! The host does not validate values against the schema itself: the
 //! plugin's `check` reads them with the very code its stage will, which is
@@ -15,7 +16,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::sandbox::Grants;
-use crate::sandbox::fs::{RUNNING, SCRATCH, TARGET};
+use crate::sandbox::fs::{Access, Mount, RUNNING, SCRATCH, TARGET};
 
 pub use cordon_contract::bindings::described::exports::cordon::plugin::options::Subject;
 
@@ -47,19 +48,23 @@ pub fn subject_name(subject: &Subject) -> String {
 }
 
 /// A string in the value that must be a path inside the sandbox.
-enum PathKind {
-    /// `"format": "guest-path"`: in a granted directory.
-    InGrant,
-    /// `"format": "guest-mount"`: exactly a mount's guest path.
-    Mount,
+struct PathKind {
+    /// Exactly a mount's guest path (`guest-mount…`), or anywhere in a
+    /// granted directory (`guest-path…`).
+    mount: bool,
+    /// The plugin writes there (`…-rw`): a read-write mount, or `/scratch`.
+    writable: bool,
 }
 
 fn path_kind(schema: &Value) -> Option<PathKind> {
-    match schema.get("format").and_then(Value::as_str) {
-        Some("guest-path") => Some(PathKind::InGrant),
-        Some("guest-mount") => Some(PathKind::Mount),
-        _ => None,
-    }
+    let (mount, writable) = match schema.get("format").and_then(Value::as_str)? {
+        "guest-path" => (false, false),
+        "guest-path-rw" => (false, true),
+        "guest-mount" => (true, false),
+        "guest-mount-rw" => (true, true),
+        _ => return None,
+    };
+    Some(PathKind { mount, writable })
 }
 
 /// Schema steps (`$ref`, `anyOf`, …) followed in a row without descending
@@ -172,23 +177,29 @@ impl Walk<'_> {
 
 fn check_path(key: &str, path: &str, kind: &PathKind, grants: &Grants) -> Result<(), String> {
     let trimmed = path.trim_end_matches('/');
-    let within = |dir: &str| trimmed == dir || trimmed.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'));
-    let ok = match kind {
-        // The plugin opens it by name among its preopened directories.
-        PathKind::Mount => grants.mounts.iter().any(|m| m.guest == path),
-        PathKind::InGrant => grants.mounts.iter().any(|m| within(m.guest.trim_end_matches('/'))) || [TARGET, RUNNING, SCRATCH].into_iter().any(within),
+    let within = |dir: &str| trimmed == dir || trimmed.strip_prefix(dir.trim_end_matches('/')).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    // The plugin opens a mount by name among its preopened directories.
+    let names = |m: &Mount| if kind.mount { m.guest == path } else { within(&m.guest) };
+    let fixed = |dirs: &[&str]| !kind.mount && dirs.iter().any(|d| within(d));
+    let granted = grants.mounts.iter().any(names) || fixed(&[TARGET, RUNNING, SCRATCH]);
+    let what = match kind.mount {
+        true => "the guest path of a mount",
+        false => "a path inside the plugin's sandbox",
     };
-    if ok {
-        return Ok(());
+    if granted {
+        if !kind.writable || grants.mounts.iter().any(|m| names(m) && m.access == Access::ReadWrite) || fixed(&[SCRATCH]) {
+            return Ok(());
+        }
+        let fix = match grants.mounts.iter().find(|m| names(m)) {
+            Some(m) => format!("set `access: read-write` on the mount {} → {} in the agent config", m.host.display(), m.guest),
+            None => format!("{TARGET} and {RUNNING} are read-only; use {SCRATCH} or a read-write mount"),
+        };
+        return Err(format!("`{key}` must be {what} the plugin may write to, but {path:?} is granted read-only: {fix}"));
     }
-    let what = match kind {
-        PathKind::Mount => "the guest path of a mount",
-        PathKind::InGrant => "a path inside the plugin's sandbox",
-    };
     let host_side = grants.mounts.iter().find(|m| {
         let host = m.host.to_string_lossy();
         let host = host.trim_end_matches('/');
-        trimmed == host || (matches!(kind, PathKind::InGrant) && trimmed.strip_prefix(host).is_some_and(|rest| rest.starts_with('/')))
+        trimmed == host || (!kind.mount && trimmed.strip_prefix(host).is_some_and(|rest| rest.starts_with('/')))
     });
     let fix = match host_side {
         Some(m) => {
@@ -208,7 +219,6 @@ fn check_path(key: &str, path: &str, kind: &PathKind, grants: &Grants) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::fs::{Access, Mount};
     use serde_json::json;
 
     fn grants() -> Grants {
@@ -242,6 +252,32 @@ mod tests {
         assert!(err.contains("write `logs: /www/logs`"), "{err}");
         let err = check_guest_paths(&schema(), &json!({"extra": ["/scratch", "/etc"]}), &grants()).unwrap_err();
         assert!(err.contains("\"/etc\" is not granted") && err.contains("/www (host /srv/www)"), "{err}");
+    }
+
+    /// `…-rw`: the plugin writes there, so a read-only grant is refused at
+    /// plan time instead of failing the stage with EROFS.
+    #[test]
+    fn a_path_written_to_needs_a_writable_grant() {
+        let mut grants = grants();
+        grants.mounts.push(Mount { host: "/srv/archive".into(), guest: "/archive".into(), access: Access::ReadOnly, quota: None });
+        let schema = json!({"properties": {
+            "target": {"type": "string", "format": "guest-mount-rw"},
+            "out": {"type": "string", "format": "guest-path-rw"}
+        }});
+        for ok in [json!({"target": "/www"}), json!({"out": "/www/logs"}), json!({"out": "/scratch/x"})] {
+            assert_eq!(check_guest_paths(&schema, &ok, &grants), Ok(()), "{ok}");
+        }
+        let err = check_guest_paths(&schema, &json!({"target": "/archive"}), &grants).unwrap_err();
+        assert!(err.contains("`target` must be the guest path of a mount the plugin may write to") && err.contains("set `access: read-write` on the mount /srv/archive → /archive"), "{err}");
+        let err = check_guest_paths(&schema, &json!({"out": "/archive/x"}), &grants).unwrap_err();
+        assert!(err.contains("granted read-only") && err.contains("/srv/archive"), "{err}");
+        let err = check_guest_paths(&schema, &json!({"out": "/source/x"}), &grants).unwrap_err();
+        assert!(err.contains("/source and /running are read-only; use /scratch"), "{err}");
+        let err = check_guest_paths(&schema, &json!({"target": "/srv/www"}), &grants).unwrap_err();
+        assert!(err.contains("write `target: /www`"), "{err}");
+        // Without `-rw`, reading is all the plugin asks for.
+        let read = json!({"properties": {"from": {"type": "string", "format": "guest-mount"}}});
+        assert_eq!(check_guest_paths(&read, &json!({"from": "/archive"}), &grants), Ok(()));
     }
 
     /// The shapes schemars writes for nested types: `$ref`s into `$defs`,
