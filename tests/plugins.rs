@@ -196,7 +196,8 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-/// A world with the `files` plugin and its two mounts, `www` and `canary`.
+/// A world with the `files` plugin and its mounts: `www` and `canary`
+/// read-write, `archive` read-only.
 fn files_world() -> World {
     World::with(|dir| {
         let (www, canary, archive) = (dir.join("www"), dir.join("canary"), dir.join("archive"));

@@ -140,11 +140,13 @@ pub fn new_plugin(request: &Request<'_>) -> Result<PathBuf> {
     if !sdk.join("Cargo.toml").is_file() {
         bail!("--sdk {}: no Cargo.toml there; pass the guests/sdk directory of a Cordon checkout", sdk.display());
     }
-    let mut sdk_lines = format!("cordon-sdk = {{ version = \"{SDK_VERSION}\", path = {:?} }}", sdk.display().to_string());
+    let dependency = |name: &str, path: &Path| format!("{name} = {{ version = \"{SDK_VERSION}\", path = {:?} }}", path.display().to_string());
+    let mut sdk_lines = dependency("cordon-sdk", &sdk);
     if request.kind == Kind::Deployment {
         let deployment = sdk.parent().map(|p| p.join("sdk-deployment")).filter(|p| p.join("Cargo.toml").is_file());
         let deployment = deployment.with_context(|| format!("{}: no sdk-deployment crate beside the SDK; pass --sdk of a full Cordon checkout", sdk.display()))?;
-        sdk_lines.push_str(&format!("\ncordon-sdk-deployment = {{ version = \"{SDK_VERSION}\", path = {:?} }}", deployment.display().to_string()));
+        sdk_lines.push('\n');
+        sdk_lines.push_str(&dependency("cordon-sdk-deployment", &deployment));
     }
     let grants = match request.kind {
         Kind::Deployment => "    grants:\n      mounts:\n        - { host: target-dir, guest: /target, access: read-write }\n",

@@ -108,8 +108,7 @@ impl Walk<'_> {
             return Err(String::new());
         }
         if hops < MAX_HOPS {
-            let reference = schema.get("$ref").and_then(Value::as_str);
-            if let Some(target) = reference.and_then(|r| r.strip_prefix('#')).and_then(|pointer| self.root.pointer(pointer)) {
+            if let Some(target) = self.referenced(schema) {
                 self.check(target, value, at, hops + 1)?;
             }
             for branch in schema.get("allOf").and_then(Value::as_array).into_iter().flatten() {
@@ -154,11 +153,17 @@ impl Walk<'_> {
         }
     }
 
+    /// The schema `schema`'s `$ref` names inside this document, if any
+    /// (`#/$defs/Site`; references to other documents are not followed).
+    fn referenced(&self, schema: &Value) -> Option<&Value> {
+        let pointer = schema.get("$ref")?.as_str()?.strip_prefix('#')?;
+        self.root.pointer(pointer)
+    }
+
     /// Whether `schema`'s `type` (through `$ref`s) allows `value`'s JSON
     /// type; a schema that names no type allows any.
     fn admits(&self, schema: &Value, value: &Value, hops: usize) -> bool {
-        let reference = schema.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix('#'));
-        if let (Some(target), true) = (reference.and_then(|pointer| self.root.pointer(pointer)), hops < MAX_HOPS) {
+        if let (Some(target), true) = (self.referenced(schema), hops < MAX_HOPS) {
             return self.admits(target, value, hops + 1);
         }
         let is = |name: &str| match value {
@@ -179,7 +184,7 @@ impl Walk<'_> {
 
 fn check_path(key: &str, path: &str, kind: &PathKind, grants: &Grants) -> Result<(), String> {
     let trimmed = path.trim_end_matches('/');
-    let within = |dir: &str| trimmed == dir || trimmed.strip_prefix(dir.trim_end_matches('/')).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    let within = |dir: &str| trimmed.strip_prefix(dir.trim_end_matches('/')).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
     // The plugin opens a mount by name among its preopened directories.
     let names = |m: &Mount| if kind.mount { m.guest == path } else { within(&m.guest) };
     let fixed = |dirs: &[&str]| !kind.mount && dirs.iter().any(|d| within(d));
